@@ -1,0 +1,374 @@
+"""Collection commands: ingest, check, list, show, stats."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from covidcxr.cli.output import FORMATS, write_mapping, write_rows
+from covidcxr.errors import IngestRefusedError
+from covidcxr.ingest.mapping import load_mapping
+from covidcxr.ingest.report import Report
+from covidcxr.schema.values import Severity
+from covidcxr.store import queries
+from covidcxr.store.db import Store, open_store
+
+LIST_TABLE_COLUMNS = (
+    "record_id",
+    "source",
+    "patient_id",
+    "filename",
+    "image_status",
+    "view",
+    "modality",
+    "finding",
+    "sex",
+    "age_years",
+    "offset_days",
+    "flags",
+)
+
+
+def add_store_options(parser: argparse.ArgumentParser) -> None:
+    """``--db`` and ``--data-dir``, shared by every command that opens the store."""
+    parser.add_argument(
+        "--db",
+        metavar="URL",
+        help="database URL (sqlite:///file, postgresql://...) or SQLite path; "
+        "default: $COVIDCXR_DB or covidcxr.sqlite in the data directory",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="where blobs and reports live; default: $COVIDCXR_DATA_DIR or the user data directory",
+    )
+
+
+def store_from(args: argparse.Namespace) -> Store:
+    """Open the store named by ``--db``/``--data-dir``."""
+    return open_store(args.db, args.data_dir)
+
+
+def add_source_options(parser: argparse.ArgumentParser) -> None:
+    """Options naming a source: path, metadata file, mapping, name, workers."""
+    parser.add_argument(
+        "path", help="source folder (metadata.csv, images/, annotations/) or its metadata CSV"
+    )
+    parser.add_argument(
+        "--metadata",
+        metavar="FILE",
+        help="another metadata file of the source, e.g. metadata-latest.csv",
+    )
+    parser.add_argument(
+        "--mapping", metavar="TOML", help="mapping file for a source with other columns or values"
+    )
+    parser.add_argument("--name", help="source name in the store (default: folder name)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes for decoding images (default: one per CPU)",
+    )
+
+
+def add_filter_options(parser: argparse.ArgumentParser) -> None:
+    """The record filters shared by list, stats and export."""
+    group = parser.add_argument_group("filters (repeat an option to allow several values)")
+    group.add_argument(
+        "--finding",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="finding at any level: COVID-19, viral, Pneumonia/Bacterial, ...",
+    )
+    group.add_argument(
+        "--view",
+        action="append",
+        default=[],
+        help="PA, AP, AP Supine, AP Erect, L, Axial, Coronal, or frontal",
+    )
+    group.add_argument("--modality", action="append", default=[], help="X-ray or CT")
+    group.add_argument("--sex", action="append", default=[], help="M or F")
+    group.add_argument("--age-min", type=float, metavar="YEARS")
+    group.add_argument("--age-max", type=float, metavar="YEARS")
+    group.add_argument("--source", action="append", default=[], metavar="NAME")
+    group.add_argument("--patient", action="append", default=[], metavar="ID")
+    group.add_argument(
+        "--image-status", action="append", default=[], choices=("stored", "missing", "rejected")
+    )
+    for name, what in (
+        ("severity", "severity scores"),
+        ("mask", "a lung mask"),
+        ("box", "lung boxes"),
+    ):
+        group.add_argument(
+            f"--has-{name}",
+            dest=f"has_{name}",
+            action="store_const",
+            const=True,
+            help=f"only images with {what}",
+        )
+        group.add_argument(
+            f"--no-{name}",
+            dest=f"has_{name}",
+            action="store_const",
+            const=False,
+            help=f"only images without {what}",
+        )
+    for name in queries.OUTCOME_FIELDS:
+        group.add_argument(
+            f"--{name.replace('_', '-')}", dest=f"outcome_{name}", metavar="Y|N|unknown"
+        )
+    group.add_argument(
+        "--flag",
+        action="append",
+        default=[],
+        help="record flag: pediatric, shared_image, has_warnings",
+    )
+
+
+def filter_from(args: argparse.Namespace) -> queries.RecordFilter:
+    """Build a :class:`RecordFilter` from parsed filter options."""
+    outcomes = {
+        name: queries.parse_outcome(getattr(args, f"outcome_{name}"))
+        for name in queries.OUTCOME_FIELDS
+        if getattr(args, f"outcome_{name}") is not None
+    }
+    return queries.RecordFilter(
+        findings=args.finding,
+        views=args.view,
+        modalities=args.modality,
+        sexes=args.sex,
+        age_min=args.age_min,
+        age_max=args.age_max,
+        sources=args.source,
+        patients=args.patient,
+        image_status=args.image_status,
+        has_severity=args.has_severity,
+        has_mask=args.has_mask,
+        has_box=args.has_box,
+        outcomes=outcomes,
+        flags=args.flag,
+    )
+
+
+def _print_report_summary(report: Report, *, show: int, out: Any) -> None:
+    counts = report.counts
+    out.write(
+        f"  rows {counts.get('rows', 0)}, rejected {counts.get('rows_rejected', 0)}; "
+        f"records {counts.get('records', 0)}; patients {counts.get('patients', 0)}\n"
+        f"  images referenced {counts.get('images_referenced', 0)}: "
+        f"stored {counts.get('images_stored', 0)}, missing {counts.get('images_missing', 0)}, "
+        f"rejected {counts.get('images_rejected', 0)}; "
+        f"unreferenced files {counts.get('images_unreferenced', 0)}\n"
+        f"  annotations: severity {counts.get('annotations_severity', 0)}, "
+        f"lung masks {counts.get('annotations_lung_mask', 0)}, "
+        f"lung boxes {counts.get('annotations_lung_box', 0)}\n"
+    )
+    for severity in Severity:
+        by_code = report.by_code(severity)
+        total = sum(by_code.values())
+        detail = ", ".join(f"{code} {n}" for code, n in by_code.most_common())
+        out.write(f"  {severity}s {total}" + (f": {detail}" if detail else "") + "\n")
+    shown = [i for i in report.issues if i.severity is not Severity.INFO][:show]
+    if shown:
+        out.write(f"  first {len(shown)} errors/warnings:\n")
+        for issue in shown:
+            out.write(f"    {issue}\n")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    """covidcxr ingest."""
+    from covidcxr.ingest.pipeline import ingest_source
+
+    mapping = load_mapping(args.mapping) if args.mapping else None
+    with store_from(args) as store:
+        try:
+            outcome = ingest_source(
+                args.path,
+                store,
+                metadata=args.metadata,
+                mapping=mapping,
+                name=args.name,
+                strict=args.strict,
+                workers=args.workers,
+                report_dir=args.report_dir,
+            )
+        except IngestRefusedError as exc:
+            print(f"covidcxr ingest: refused: {exc}", file=sys.stderr)
+            if isinstance(exc.report, Report):
+                _print_report_summary(exc.report, show=args.show, out=sys.stderr)
+            return 1
+        spec, counts = outcome.scan.spec, outcome.summary.counts
+        out = sys.stdout
+        out.write(f"ingested {spec.name} ({spec.metadata}) into {store.url}\n")
+        _print_report_summary(outcome.scan.report, show=args.show, out=out)
+        out.write(
+            f"  store: records added {counts['records_added']}, updated "
+            f"{counts['records_updated']}, removed {counts['records_removed']}, unchanged "
+            f"{counts['records_unchanged']}; images added {counts['images_added']}; "
+            f"annotations added {counts['annotations_added']}, removed "
+            f"{counts['annotations_removed']}\n"
+        )
+        if not outcome.summary.changed:
+            out.write("  nothing changed (this input was already ingested)\n")
+        out.write(f"  report: {outcome.report_json} and {outcome.report_csv.name}\n")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """covidcxr check: validate without writing; exit 1 when the check fails."""
+    from covidcxr.ingest.pipeline import check_source
+
+    mapping = load_mapping(args.mapping) if args.mapping else None
+    scan = check_source(
+        args.path, metadata=args.metadata, mapping=mapping, name=args.name, workers=args.workers
+    )
+    report = scan.report
+    if args.format == "json":
+        write_mapping(report.as_dict(), "json")
+    elif args.format == "csv":
+        sys.stdout.write(report.to_csv_text())
+    else:
+        print(f"checked {scan.spec.name} ({scan.spec.metadata})")
+        _print_report_summary(report, show=args.show, out=sys.stdout)
+    if args.report:
+        stem = Path(args.report)
+        json_path, csv_path = report.write(stem.parent, stem.name)
+        print(f"report written: {json_path}, {csv_path}", file=sys.stderr)
+    failing = report.errors + (report.warnings if args.fail_on == "warning" else [])
+    if args.fail_on == "never" or not failing:
+        if args.format == "table":
+            print("check passed")
+        return 0
+    if args.format == "table":
+        print(f"check failed: {len(failing)} issue(s) at or above {args.fail_on}")
+    return 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """covidcxr list."""
+    with store_from(args) as store, store.read() as conn:
+        rows = queries.list_records(conn, filter_from(args), limit=args.limit)
+    write_rows(rows, queries.LIST_COLUMNS, args.format, table_columns=LIST_TABLE_COLUMNS)
+    if args.format == "table":
+        print(f"{len(rows)} record(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """covidcxr show: every record of an image or a patient, with image and annotations."""
+    with store_from(args) as store, store.read() as conn:
+        rows = queries.find_records(conn, args.key)
+        shas = [r["image_sha256"] for r in rows if r["image_sha256"]]
+        images = queries.image_details(conn, shas)
+        annotations = queries.annotations_for(conn, shas)
+        blob_paths = {sha: str(store.blobs.path(sha)) for sha in shas}
+    shown = []
+    for row in rows:
+        sha = row["image_sha256"]
+        item = {k: v for k, v in row.items() if v not in (None, [], "")}
+        if sha:
+            item["image"] = {**images.get(sha, {}), "path": blob_paths[sha]}
+            item["annotations"] = annotations.get(sha, [])
+        shown.append(item)
+    if args.format == "json":
+        write_mapping({"records": shown}, "json")
+    else:
+        for item in shown:
+            print(
+                f"record #{item['record_id']}  {item['source']}:{item['patient_id']}  "
+                f"{item.get('folder', '')}/{item['filename']}"
+            )
+            write_mapping(
+                {k: v for k, v in item.items() if k not in ("record_id", "source", "patient_id")},
+                "table",
+            )
+            print()
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """covidcxr stats."""
+    with store_from(args) as store, store.read() as conn:
+        data = queries.stats(conn, filter_from(args))
+    write_mapping(data, args.format)
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add the collection commands."""
+    ingest = subparsers.add_parser(
+        "ingest",
+        help="import a source (metadata, images, annotations) into the store",
+        description="Import every metadata row, image, severity score, lung mask and lung "
+        "box of a source. Idempotent: running it again changes nothing.",
+    )
+    add_source_options(ingest)
+    add_store_options(ingest)
+    ingest.add_argument(
+        "--strict", action="store_true", help="refuse the whole ingest if any error is found"
+    )
+    ingest.add_argument(
+        "--report-dir",
+        metavar="DIR",
+        help="where the JSON and CSV report go (default: DATA_DIR/reports)",
+    )
+    ingest.add_argument(
+        "--show",
+        type=int,
+        default=10,
+        metavar="N",
+        help="print the first N errors/warnings (default 10)",
+    )
+    ingest.set_defaults(handler=cmd_ingest)
+
+    check = subparsers.add_parser(
+        "check",
+        help="validate a source without writing anything (exit 1 on failure)",
+        description="The same validation as ingest, writing nothing: unique rows, every "
+        "image referenced, every referenced image present and decodable, format matches "
+        "extension, values in range, pediatric patients flagged.",
+    )
+    add_source_options(check)
+    check.add_argument("--format", choices=FORMATS, default="table")
+    check.add_argument(
+        "--fail-on",
+        choices=("error", "warning", "never"),
+        default="error",
+        help="lowest severity that fails the check (default: error)",
+    )
+    check.add_argument("--report", metavar="STEM", help="also write STEM.json and STEM.csv")
+    check.add_argument(
+        "--show",
+        type=int,
+        default=20,
+        metavar="N",
+        help="print the first N errors/warnings (default 20)",
+    )
+    check.set_defaults(handler=cmd_check)
+
+    listing = subparsers.add_parser("list", help="list records (one per metadata row)")
+    add_filter_options(listing)
+    add_store_options(listing)
+    listing.add_argument("--format", choices=FORMATS, default="table")
+    listing.add_argument("--limit", type=int, metavar="N")
+    listing.set_defaults(handler=cmd_list)
+
+    show = subparsers.add_parser("show", help="everything about one image or patient")
+    show.add_argument(
+        "key",
+        metavar="IMAGE_OR_PATIENT",
+        help="sha256 (8+ hex digits), file name, #RECORD_ID, or [SOURCE:]PATIENT",
+    )
+    add_store_options(show)
+    show.add_argument("--format", choices=("table", "json"), default="table")
+    show.set_defaults(handler=cmd_show)
+
+    stats = subparsers.add_parser("stats", help="counts by source, view, finding, outcome")
+    add_filter_options(stats)
+    add_store_options(stats)
+    stats.add_argument("--format", choices=("table", "json"), default="table")
+    stats.set_defaults(handler=cmd_stats)

@@ -1,0 +1,1 @@
+"""Reading sources into the store: tables, mappings, scans, reports, duplicates."""

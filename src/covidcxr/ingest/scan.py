@@ -1,0 +1,754 @@
+"""Scanning a source: everything ``check`` and ``ingest`` know about it, nothing written.
+
+A scan reads the metadata table, parses every row through the schema, resolves
+and safely decodes every referenced image, reads the annotations of the upstream
+layout (severity scores, lung masks, lung boxes), and reports every problem with
+file, row, column, value and reason. ``check`` prints the report; ``ingest``
+copies the files into the blob store and hands the scan to
+:func:`covidcxr.store.writer.write_scan`. A scan itself writes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from covidcxr.errors import MappingError, MetadataError
+from covidcxr.imaging.decode import DEFAULT_MAX_PIXELS, ImageInfo, extension_matches
+from covidcxr.ingest.files import FileJob, process_files
+from covidcxr.ingest.mapping import SourceMapping
+from covidcxr.ingest.report import Action, Report
+from covidcxr.ingest.table import Table, read_table
+from covidcxr.schema.columns import BY_NAME, COLUMNS, Kind, match_headers
+from covidcxr.schema.record import MetadataRecord, parse_record
+from covidcxr.schema.values import Severity, looks_like_formula
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METADATA = "metadata.csv"
+ANNOTATIONS_DIR = "annotations"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jpe"})
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a source is and how to read it."""
+
+    name: str
+    root: Path
+    metadata: Path
+    kind: str
+    mapping: SourceMapping | None = None
+
+    @property
+    def default_folder(self) -> str | None:
+        """Folder of images for rows that name none (from the mapping)."""
+        return self.mapping.images if self.mapping else None
+
+    def display(self, path: Path) -> str:
+        """``path`` relative to the source root when inside it."""
+        try:
+            return str(path.relative_to(self.root))
+        except ValueError:
+            return str(path)
+
+
+def resolve_source(
+    path: str | os.PathLike[str],
+    *,
+    metadata: str | os.PathLike[str] | None = None,
+    mapping: SourceMapping | None = None,
+    name: str | None = None,
+) -> SourceSpec:
+    """Work out the source root, metadata file and name from what the user gave.
+
+    Args:
+        path: the source folder (upstream layout: ``metadata.csv``, ``images/``,
+            ``annotations/``) or its metadata CSV.
+        metadata: another metadata file (relative to the folder, or a path), e.g.
+            ``metadata-latest.csv``.
+        mapping: a mapping for sources in another layout.
+        name: the source name in the store (default: mapping's name or folder name).
+
+    Raises:
+        MetadataError: the folder or metadata file does not exist.
+    """
+    given = Path(path).expanduser()
+    if given.is_file():
+        root, default_metadata = given.parent, given
+    elif given.is_dir():
+        meta_name = (mapping.metadata if mapping and mapping.metadata else None) or DEFAULT_METADATA
+        root, default_metadata = given, given / meta_name
+    else:
+        raise MetadataError(f"resolve_source: {given} does not exist")
+    root = root.resolve()
+    if metadata is not None:
+        candidate = Path(metadata).expanduser()
+        metadata_path = candidate if candidate.is_absolute() else root / candidate
+        if not metadata_path.is_file() and candidate.is_file():
+            metadata_path = candidate.resolve()
+    else:
+        metadata_path = default_metadata
+    if not metadata_path.is_file():
+        raise MetadataError(
+            f"resolve_source: no metadata file {metadata_path}; give the folder of a "
+            "collection with a metadata.csv, or the CSV itself, or --metadata FILE"
+        )
+    source_name = name or (mapping.name if mapping and mapping.name else None) or root.name
+    return SourceSpec(
+        name=source_name,
+        root=root,
+        metadata=metadata_path.resolve(),
+        kind="mapped" if mapping is not None else "upstream",
+        mapping=mapping,
+    )
+
+
+@dataclass
+class ScannedRecord:
+    """A record from one metadata row, with the state of its image."""
+
+    line: int
+    record: MetadataRecord
+    extra: dict[str, Any]
+    image_status: str = "missing"
+    image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class ScannedImage:
+    """A decodable image file (content-addressed) and where it was read."""
+
+    sha256: str
+    path: Path
+    info: ImageInfo
+    phash: str | None
+    phash_center: str | None
+
+
+@dataclass(frozen=True)
+class ScannedAnnotation:
+    """An annotation resolved to the image it describes."""
+
+    image_sha256: str
+    kind: str
+    annotator: str
+    file: str
+    label: str = ""
+    geographic_mean: float | None = None
+    opacity_mean: float | None = None
+    mask_sha256: str | None = None
+    mask_path: Path | None = None
+    mask_values: str | None = None
+    box: tuple[float, float, float, float] | None = None
+
+
+@dataclass
+class ScanResult:
+    """Everything a scan found (a scan writes nothing)."""
+
+    spec: SourceSpec
+    metadata_sha256: str
+    records: list[ScannedRecord] = field(default_factory=list)
+    images: dict[str, ScannedImage] = field(default_factory=dict)
+    annotations: list[ScannedAnnotation] = field(default_factory=list)
+    report: Report = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.report = Report(self.spec.name, str(self.spec.root))
+
+
+def _header_map(table: Table, spec: SourceSpec, result: ScanResult) -> dict[str, int]:
+    """Our column name -> index in the table, honouring the mapping."""
+    report, file = result.report, spec.display(table.path)
+    index = {h: i for i, h in enumerate(table.headers)}
+    columns: dict[str, int] = {}
+    mapped = dict(spec.mapping.columns) if spec.mapping else {}
+    for name, header in mapped.items():
+        if header not in index:
+            raise MappingError(
+                f"scan: the mapping names column {header!r} for {name}, but {file} has no "
+                f"such column; its columns are: {', '.join(table.headers)}"
+            )
+        columns[name] = index[header]
+    used = set(mapped.values())
+    for header, column in match_headers(h for h in table.headers if h not in used).items():
+        if column.name in columns:
+            report.add(
+                Severity.INFO,
+                "unused_column",
+                f"column {header!r} also names {column.upstream}; the mapping's "
+                "choice is used, this one is kept in extra values",
+                file=file,
+                row=1,
+                column=header,
+            )
+            continue
+        columns[column.name] = index[header]
+    for header in table.headers:
+        if header not in used and index[header] not in columns.values():
+            report.add(
+                Severity.INFO,
+                "unknown_column",
+                f"column {header!r} is not in the schema; its values are kept as "
+                "extra values of each record",
+                file=file,
+                row=1,
+                column=header,
+            )
+    constants = spec.mapping.constants if spec.mapping else {}
+    for column in COLUMNS:
+        if column.required and column.name not in columns and column.name not in constants:
+            raise MetadataError(
+                f"scan: {file} has no {column.upstream} column (required); its columns are: "
+                f"{', '.join(table.headers)}; name it with a mapping file "
+                f'([columns] {column.name} = "...")'
+            )
+    return columns
+
+
+def _map_value(raw: str, column: str, mapping: SourceMapping | None) -> str:
+    if mapping is None or column not in mapping.values or column == "finding":
+        return raw
+    table = mapping.values[column]
+    if raw in table:
+        return table[raw]
+    return table.get(raw.strip(), raw)
+
+
+def _read_records(spec: SourceSpec, table: Table, result: ScanResult) -> None:
+    report, file = result.report, spec.display(table.path)
+    report.extend(table.issues)
+    columns = _header_map(table, spec, result)
+    mapping = spec.mapping
+    constants = dict(mapping.constants) if mapping else {}
+    known_indexes = set(columns.values())
+    seen_keys: dict[tuple[str, str], int] = {}
+    for row in table.rows:
+        report.count("rows")
+        cells = {name: _map_value(row.cells[i], name, mapping) for name, i in columns.items()}
+        cells.update(constants)
+        parsed = parse_record(
+            cells,
+            finding_separator=mapping.finding_separator if mapping else None,
+            finding_map=mapping.finding_map if mapping else None,
+            default_folder=spec.default_folder,
+        )
+        for problem in parsed.problems:
+            column = BY_NAME[problem.column].upstream if problem.column in BY_NAME else ""
+            report.add(
+                problem.severity,
+                problem.code,
+                problem.message,
+                file=file,
+                row=row.line,
+                column=column,
+                value=problem.value,
+                action=problem.action,
+            )
+        if parsed.record is None:
+            report.count("rows_rejected")
+            continue
+        record = parsed.record
+        key = (record.patient_id, record.relative_path)
+        if key in seen_keys:
+            report.add(
+                Severity.ERROR,
+                "duplicate_row",
+                f"patient {record.patient_id} and file {record.relative_path} are "
+                f"already listed on line {seen_keys[key]}; this row is skipped",
+                file=file,
+                row=row.line,
+                column="filename",
+                value=record.filename,
+                action=Action.ROW_SKIPPED,
+            )
+            report.count("rows_rejected")
+            continue
+        seen_keys[key] = row.line
+        extra: dict[str, Any] = {
+            header: row.cells[i]
+            for i, header in enumerate(table.headers)
+            if i not in known_indexes and row.cells[i].strip()
+        }
+        if row.overflow:
+            extra["_overflow"] = [c for c in row.overflow if c.strip()]
+        for text_column in COLUMNS:
+            value = getattr(record, text_column.name)
+            if (
+                text_column.kind is Kind.TEXT
+                and isinstance(value, str)
+                and looks_like_formula(value)
+            ):
+                report.add(
+                    Severity.INFO,
+                    "formula_like_value",
+                    "text starts like a spreadsheet formula; exports prefix it "
+                    "with ' so spreadsheets do not run it",
+                    file=file,
+                    row=row.line,
+                    column=text_column.upstream,
+                    value=value,
+                )
+        result.records.append(ScannedRecord(row.line, record, extra))
+
+
+def _flag_shared_images(result: ScanResult, file: str) -> None:
+    by_path: dict[str, list[ScannedRecord]] = defaultdict(list)
+    for scanned in result.records:
+        by_path[scanned.record.relative_path].append(scanned)
+    for path, group in by_path.items():
+        if len(group) < 2:
+            continue
+        patients = sorted({s.record.patient_id for s in group})
+        lines = [s.line for s in group]
+        for scanned in group:
+            scanned.record.flags.add("shared_image")
+        result.report.add(
+            Severity.WARNING,
+            "shared_image",
+            f"file {path} is referenced by {len(group)} rows (lines "
+            f"{', '.join(map(str, lines))}; patients {', '.join(patients)}): stored once, "
+            "listed once per row; check whether these are the same patient",
+            file=file,
+            row=lines[1],
+            column="filename",
+            value=path,
+        )
+
+
+def _safe_file(root: Path, relative: str) -> Path | None:
+    """``root/relative`` if it stays inside ``root`` after resolving links."""
+    candidate = (root / relative).resolve()
+    return candidate if candidate.is_relative_to(root) else None
+
+
+def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) -> None:
+    spec, report = result.spec, result.report
+    file = spec.display(spec.metadata)
+    jobs: list[FileJob] = []
+    by_path: dict[str, list[ScannedRecord]] = defaultdict(list)
+    for scanned in result.records:
+        by_path[scanned.record.relative_path].append(scanned)
+    for relative, group in by_path.items():
+        first = group[0]
+        target = _safe_file(spec.root, relative)
+        if target is None:
+            for scanned in group:
+                scanned.image_status = "rejected"
+            report.add(
+                Severity.ERROR,
+                "unsafe_path",
+                f"{relative} resolves outside the source folder (a symbolic link?); not read",
+                file=file,
+                row=first.line,
+                column="filename",
+                value=relative,
+                action=Action.IMAGE_REJECTED,
+            )
+            continue
+        if not target.is_file():
+            report.add(
+                Severity.WARNING,
+                "image_missing",
+                f"image {relative} is not in the source folder; the record is kept "
+                "and flagged image-missing",
+                file=file,
+                row=first.line,
+                column="filename",
+                value=relative,
+                action=Action.IMAGE_MISSING,
+            )
+            continue
+        jobs.append(FileJob(str(target), relative))
+    report.counts["images_referenced"] = len(by_path)
+    for outcome in process_files(jobs, workers=workers, max_pixels=max_pixels):
+        group = by_path[outcome.job.name]
+        if outcome.info is None or outcome.sha256 is None:
+            for scanned in group:
+                scanned.image_status = "rejected"
+            report.add(
+                Severity.ERROR,
+                outcome.error_code or "undecodable",
+                outcome.error_message or "cannot decode",
+                file=outcome.job.name,
+                row=None,
+                action=Action.IMAGE_REJECTED,
+            )
+            continue
+        if not extension_matches(outcome.job.name, outcome.info.format):
+            report.add(
+                Severity.WARNING,
+                "format_mismatch",
+                f"{outcome.job.name} holds {outcome.info.format} bytes; its extension "
+                "says otherwise (decoded by content)",
+                file=outcome.job.name,
+            )
+        result.images.setdefault(
+            outcome.sha256,
+            ScannedImage(
+                outcome.sha256,
+                Path(outcome.job.path),
+                outcome.info,
+                outcome.phash,
+                outcome.phash_center,
+            ),
+        )
+        for scanned in group:
+            scanned.image_status = "stored"
+            scanned.image_sha256 = outcome.sha256
+    for status in ("stored", "missing", "rejected"):
+        report.counts[f"images_{status}"] = sum(
+            1 for group in by_path.values() if group[0].image_status == status
+        )
+    _report_unreferenced(result, by_path.keys())
+
+
+def _report_unreferenced(result: ScanResult, referenced: Any) -> None:
+    spec = result.spec
+    referenced_set = set(referenced)
+    folders = {str(Path(p).parent) for p in referenced_set}
+    count = 0
+    for folder in sorted(folders):
+        directory = spec.root / folder if folder != "." else spec.root
+        if not directory.is_dir() or not directory.resolve().is_relative_to(spec.root):
+            continue
+        for entry in sorted(directory.iterdir()):
+            relative = entry.name if folder == "." else f"{folder}/{entry.name}"
+            if (
+                entry.is_file()
+                and entry.suffix.lower() in IMAGE_EXTENSIONS
+                and relative not in referenced_set
+            ):
+                count += 1
+                result.report.add(
+                    Severity.WARNING,
+                    "unreferenced_image",
+                    f"{relative} is in the source folder but no metadata row "
+                    "references it; not stored",
+                    file=relative,
+                    action=Action.FILE_SKIPPED,
+                )
+    result.report.counts["images_unreferenced"] = count
+
+
+# ---------------------------------------------------------------- annotations
+
+
+@dataclass
+class _ImageIndex:
+    """Stored images of this scan by file name and by stem (for masks)."""
+
+    by_name: dict[str, str]
+    by_stem: dict[str, str]
+    sizes: dict[str, tuple[int, int]]
+
+    @classmethod
+    def build(cls, result: ScanResult) -> _ImageIndex:
+        by_name: dict[str, str] = {}
+        by_stem: dict[str, str] = {}
+        for scanned in result.records:
+            if scanned.image_sha256 is None:
+                continue
+            name = Path(scanned.record.filename).name
+            by_name[name] = scanned.image_sha256
+            by_stem[Path(name).stem] = scanned.image_sha256
+        sizes = {sha: (img.info.width, img.info.height) for sha, img in result.images.items()}
+        return cls(by_name, by_stem, sizes)
+
+
+def _read_severity(path: Path, result: ScanResult, index: _ImageIndex) -> None:
+    spec, report = result.spec, result.report
+    file = spec.display(path)
+    table = read_table(path, display_name=file)
+    report.extend(table.issues)
+    headers = {h.lower(): i for i, h in enumerate(table.headers)}
+    needed = ("filename", "geographic_mean", "opacity_mean")
+    if any(h not in headers for h in needed):
+        report.add(
+            Severity.ERROR,
+            "bad_annotation_file",
+            f"expected columns {', '.join(needed)}; found {', '.join(table.headers)}",
+            file=file,
+            row=1,
+            action=Action.FILE_SKIPPED,
+        )
+        return
+    limits = {"geographic_mean": 8.0, "opacity_mean": 6.0}
+    for row in table.rows:
+        name = row.cells[headers["filename"]].strip()
+        scores: dict[str, float] = {}
+        for column, high in limits.items():
+            text = row.cells[headers[column]].strip()
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not 0 <= value <= high:
+                report.add(
+                    Severity.WARNING,
+                    "bad_severity",
+                    f"{column} must be a number in 0..{high:g}; score skipped",
+                    file=file,
+                    row=row.line,
+                    column=column,
+                    value=text,
+                    action=Action.ANNOTATION_SKIPPED,
+                )
+                break
+            scores[column] = value
+        else:
+            sha = index.by_name.get(name)
+            if sha is None:
+                report.add(
+                    Severity.WARNING,
+                    "annotation_image_missing",
+                    f"severity score for {name}, which is not a stored image; skipped",
+                    file=file,
+                    row=row.line,
+                    column="filename",
+                    value=name,
+                    action=Action.ANNOTATION_SKIPPED,
+                )
+                continue
+            result.annotations.append(
+                ScannedAnnotation(
+                    sha,
+                    "severity",
+                    path.stem,
+                    file,
+                    geographic_mean=scores["geographic_mean"],
+                    opacity_mean=scores["opacity_mean"],
+                )
+            )
+
+
+def _read_masks(
+    directory: Path,
+    suffix: str,
+    annotator: str,
+    result: ScanResult,
+    index: _ImageIndex,
+    workers: int | None,
+    max_pixels: int,
+) -> None:
+    spec, report = result.spec, result.report
+    jobs: list[FileJob] = []
+    targets: dict[str, str] = {}
+    for entry in sorted(directory.iterdir()):
+        if entry.suffix.lower() != ".png" or not entry.name.endswith(suffix):
+            continue
+        file = spec.display(entry)
+        stem = entry.name[: -len(suffix)]
+        sha = index.by_stem.get(stem)
+        if sha is None:
+            report.add(
+                Severity.WARNING,
+                "annotation_image_missing",
+                f"lung mask for image {stem}.*, which is not a stored image; skipped",
+                file=file,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        targets[file] = sha
+        jobs.append(FileJob(str(entry), file, kind="mask"))
+    for outcome in process_files(jobs, workers=workers, max_pixels=max_pixels):
+        file = outcome.job.name
+        if outcome.info is None or outcome.sha256 is None:
+            report.add(
+                Severity.WARNING,
+                outcome.error_code or "undecodable",
+                f"lung mask unusable: {outcome.error_message}",
+                file=file,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        sha = targets[file]
+        size = (outcome.info.width, outcome.info.height)
+        if size != index.sizes[sha]:
+            report.add(
+                Severity.WARNING,
+                "mask_size_mismatch",
+                f"mask is {size[0]}x{size[1]}, its image is "
+                f"{index.sizes[sha][0]}x{index.sizes[sha][1]}; skipped",
+                file=file,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        result.annotations.append(
+            ScannedAnnotation(
+                sha,
+                "lung_mask",
+                annotator,
+                file,
+                mask_sha256=outcome.sha256,
+                mask_path=Path(outcome.job.path),
+                mask_values=outcome.mask_values,
+            )
+        )
+
+
+def _read_boxes(path: Path, result: ScanResult, index: _ImageIndex) -> None:
+    spec, report = result.spec, result.report
+    file = spec.display(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        images = {img["id"]: img for img in doc["images"]}
+        categories = {cat["id"]: cat["name"] for cat in doc["categories"]}
+        annotations = doc["annotations"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        report.add(
+            Severity.ERROR,
+            "bad_annotation_file",
+            f"not a COCO annotation file ({exc.__class__.__name__}: {exc}); skipped",
+            file=file,
+            action=Action.FILE_SKIPPED,
+        )
+        return
+    for number, item in enumerate(annotations, start=1):
+        where = f"annotations[{number - 1}]"
+        image = images.get(item.get("image_id"))
+        bbox = item.get("bbox")
+        if image is None:
+            report.add(
+                Severity.WARNING,
+                "bad_box",
+                f"{where}: unknown image_id {item.get('image_id')!r}; skipped",
+                file=file,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        name = str(image.get("file_name", ""))
+        sha = index.by_name.get(name)
+        if sha is None:
+            report.add(
+                Severity.WARNING,
+                "annotation_image_missing",
+                f"{where}: lung box for {name}, which is not a stored image; skipped",
+                file=file,
+                value=name,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, int | float) for v in bbox)
+            or bbox[2] <= 0
+            or bbox[3] <= 0
+        ):
+            report.add(
+                Severity.WARNING,
+                "bad_box",
+                f"{where}: bbox {bbox!r} for {name} is "
+                "not [x, y, width, height] with a positive size; skipped",
+                file=file,
+                value=name,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        width, height = index.sizes[sha]
+        x, y, w, h = (float(v) for v in bbox)
+        if (image.get("width"), image.get("height")) != (width, height) or (
+            x < 0 or y < 0 or x + w > width + 1 or y + h > height + 1
+        ):
+            report.add(
+                Severity.WARNING,
+                "box_outside_image",
+                f"{where}: box {bbox} for {name} does not fit the stored "
+                f"{width}x{height} image; skipped",
+                file=file,
+                value=name,
+                action=Action.ANNOTATION_SKIPPED,
+            )
+            continue
+        label = str(categories.get(item.get("category_id"), item.get("category_id")))
+        result.annotations.append(
+            ScannedAnnotation(sha, "lung_box", path.stem, file, label=label, box=(x, y, w, h))
+        )
+
+
+def _read_annotations(result: ScanResult, workers: int | None, max_pixels: int) -> None:
+    folder = result.spec.root / ANNOTATIONS_DIR
+    if not folder.is_dir():
+        return
+    index = _ImageIndex.build(result)
+    readers: Mapping[str, Callable[[Path], None]] = {
+        "covid-severity-scores.csv": lambda p: _read_severity(p, result, index),
+        "lungVAE-masks": lambda p: _read_masks(
+            p, "_mask.png", "lungVAE", result, index, workers, max_pixels
+        ),
+        "v7labs-lung-masks": lambda p: _read_masks(
+            p, ".png", "v7labs", result, index, workers, max_pixels
+        ),
+        "imageannotation_ai_lung_bounding_boxes.json": lambda p: _read_boxes(p, result, index),
+    }
+    for entry in sorted(folder.iterdir()):
+        reader = readers.get(entry.name)
+        if reader is None:
+            result.report.add(
+                Severity.INFO,
+                "annotation_not_read",
+                f"{entry.name} is not an annotation format this tool reads",
+                file=result.spec.display(entry),
+                action=Action.FILE_SKIPPED,
+            )
+            continue
+        reader(entry)
+    for kind in ("severity", "lung_mask", "lung_box"):
+        result.report.counts[f"annotations_{kind}"] = sum(
+            1 for a in result.annotations if a.kind == kind
+        )
+
+
+def scan_source(
+    spec: SourceSpec,
+    *,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> ScanResult:
+    """Read and validate a whole source.
+
+    Args:
+        spec: the source (see :func:`resolve_source`).
+        workers: processes for image decoding (None: one per CPU).
+        max_pixels: decompression-bomb limit per image.
+
+    Raises:
+        MetadataError: the metadata file cannot be read at all, or lacks a
+            required column.
+        MappingError: the mapping names a column the file lacks.
+    """
+    encoding = spec.mapping.encoding if spec.mapping else None
+    delimiter = spec.mapping.delimiter if spec.mapping else ","
+    metadata_bytes = spec.metadata.read_bytes()
+    result = ScanResult(spec, hashlib.sha256(metadata_bytes).hexdigest())
+    table = read_table(
+        spec.metadata,
+        encoding=encoding,
+        delimiter=delimiter,
+        display_name=spec.display(spec.metadata),
+    )
+    _read_records(spec, table, result)
+    _flag_shared_images(result, spec.display(spec.metadata))
+    _resolve_images(result, workers, max_pixels)
+    _read_annotations(result, workers, max_pixels)
+    report = result.report
+    report.counts["records"] = len(result.records)
+    report.counts["patients"] = len({s.record.patient_id for s in result.records})
+    report.counts["pediatric_records"] = sum(1 for s in result.records if s.record.is_pediatric)
+    log.info(
+        "scanned %s: %d rows, %d records, %d issues",
+        spec.name,
+        report.counts.get("rows", 0),
+        len(result.records),
+        len(report.issues),
+    )
+    return result

@@ -1,0 +1,289 @@
+"""Reading metadata tables (CSV) the way real collections write them.
+
+Real files have: a UTF-8 byte-order mark or another encoding (cp1252, latin-1,
+UTF-16), ``#`` comment lines above the header, a header ending with a comma (an
+unnamed trailing column), headers with commas inside brackets written without
+quotes (NIH's ``OriginalImage[Width,Height]``), unquoted commas that spill text
+into the unnamed column, short rows, broken quotes. :func:`read_table` reads all of
+that, keeps every value, and reports each oddity with its line number instead of
+failing or guessing.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidcxr.errors import MetadataError
+from covidcxr.ingest.report import Action, Issue
+from covidcxr.schema.values import Severity
+
+FALLBACK_ENCODINGS = ("cp1252", "latin-1")
+MAX_FIELD_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class TableRow:
+    """One data row: ``cells`` aligned with the table's headers."""
+
+    line: int
+    cells: tuple[str, ...]
+    overflow: tuple[str, ...] = ()
+
+
+@dataclass
+class Table:
+    """A decoded CSV table with the problems met while reading it."""
+
+    path: Path
+    encoding: str
+    headers: list[str]
+    rows: list[TableRow] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
+
+
+def _decode(data: bytes, path: Path, encoding: str | None, issues: list[Issue]) -> tuple[str, str]:
+    """Decode ``data``; without an explicit encoding try UTF-8, then fall back."""
+    if encoding is not None:
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise MetadataError(
+                f"read_table: {path}: line {line} is not valid {encoding} "
+                f"(byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                "fix the file or give the right encoding"
+            ) from exc
+        except LookupError as exc:
+            raise MetadataError(f"read_table: unknown encoding {encoding!r} for {path}") from exc
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return data.decode("utf-16"), "utf-16"
+    try:
+        return data.decode("utf-8-sig"), "utf-8"
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        first_bad = exc.start
+    for fallback in FALLBACK_ENCODINGS:
+        try:
+            text = data.decode(fallback)
+        except UnicodeDecodeError:
+            continue
+        issues.append(
+            Issue(
+                Severity.WARNING,
+                "not_utf8",
+                f"file is not UTF-8 (first bad byte 0x{data[first_bad]:02x} on line {line}); "
+                f"read as {fallback}: check accented names, or give the encoding in a mapping",
+                str(path),
+                line,
+            )
+        )
+        return text, fallback
+    raise AssertionError("latin-1 decodes every byte")  # pragma: no cover
+
+
+def _merge_bracket_headers(headers: list[str]) -> list[str]:
+    """Undo commas inside brackets in an unquoted header.
+
+    ``OriginalImage[Width``, ``Height]`` -> ``OriginalImage[Width]``,
+    ``OriginalImage[Height]``: the rows hold one value per part, so the column
+    count stays the same.
+    """
+    merged: list[str] = []
+    index = 0
+    while index < len(headers):
+        head = headers[index]
+        if "[" in head and "]" not in head:
+            end = index + 1
+            while end < len(headers) and "]" not in headers[end]:
+                end += 1
+            if end < len(headers):
+                prefix, first = head.split("[", 1)
+                parts = [first, *headers[index + 1 : end], headers[end].split("]", 1)[0]]
+                merged.extend(f"{prefix}[{part.strip()}]" for part in parts)
+                index = end + 1
+                continue
+        merged.append(head)
+        index += 1
+    return merged
+
+
+def read_table(
+    path: str | os.PathLike[str],
+    *,
+    encoding: str | None = None,
+    delimiter: str = ",",
+    comment_prefix: str = "#",
+    display_name: str | None = None,
+) -> Table:
+    """Read a CSV metadata table, reporting rather than failing on bad rows.
+
+    Args:
+        path: the CSV file.
+        encoding: the file's encoding; None tries UTF-8 (with or without BOM,
+            UTF-16 with BOM), then cp1252 and latin-1 with a warning.
+        delimiter: the field separator.
+        comment_prefix: lines starting with this above the header are comments.
+        display_name: how issues name the file (default: the path).
+
+    Returns:
+        the table; rows that could not be read are left out and reported.
+
+    Raises:
+        MetadataError: the file is missing, empty, or undecodable with the
+            given encoding.
+    """
+    path = Path(path)
+    name = display_name or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise MetadataError(f"read_table: cannot read {name}: {exc.strerror or exc}") from exc
+    issues: list[Issue] = []
+    text, used = _decode(data, path, encoding, issues)
+    issues = [Issue(i.severity, i.code, i.message, name, i.row) for i in issues]
+    if not text.strip():
+        raise MetadataError(f"read_table: {name} is empty: expected a header line and rows")
+
+    lines = text.splitlines(keepends=True)
+    comments: list[str] = []
+    start = 0
+    while start < len(lines) and (
+        lines[start].startswith(comment_prefix) or not lines[start].strip()
+    ):
+        if lines[start].strip():
+            comments.append(lines[start].strip())
+        start += 1
+    if start == len(lines):
+        raise MetadataError(f"read_table: {name} has only comments, no header line")
+
+    reader = csv.reader(
+        io.StringIO("".join(lines[start:]), newline=""), delimiter=delimiter, strict=True
+    )
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    raw_headers = next(reader)
+    headers = _merge_bracket_headers([h.strip() for h in raw_headers])
+    if len(headers) != len(raw_headers):  # pragma: no cover - merge keeps the count
+        raise AssertionError("bracket merge changed the column count")
+    if headers != [h.strip() for h in raw_headers]:
+        issues.append(
+            Issue(
+                Severity.INFO,
+                "split_header",
+                "header cells with unquoted commas inside brackets were re-joined: "
+                + ", ".join(h for h in headers if "[" in h),
+                name,
+                start + 1,
+            )
+        )
+    # A header ending with a comma (upstream metadata.csv) adds one unnamed column.
+    while headers and headers[-1] == "":
+        headers.pop()
+    seen: dict[str, int] = {}
+    for index, header in enumerate(headers):
+        if header == "":
+            headers[index] = f"column_{index + 1}"
+            issues.append(
+                Issue(
+                    Severity.WARNING,
+                    "unnamed_column",
+                    f"column {index + 1} has no header; named {headers[index]}",
+                    name,
+                    start + 1,
+                    headers[index],
+                )
+            )
+        elif header in seen:
+            headers[index] = f"{header}.{seen[header] + 1}"
+            issues.append(
+                Issue(
+                    Severity.WARNING,
+                    "duplicate_header",
+                    f"header {header!r} appears more than once; this one is "
+                    f"read as {headers[index]!r}",
+                    name,
+                    start + 1,
+                    header,
+                )
+            )
+        seen[header] = seen.get(header, 0) + 1
+    table = Table(path, used, headers, issues=issues, comments=comments)
+
+    width = len(headers)
+    line_offset = start  # physical lines before the header
+    previous_end = 1
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            first = line_offset + previous_end + 1
+            last = line_offset + reader.line_num
+            span = f"line {first}" if first == last else f"lines {first}-{last}"
+            table.issues.append(
+                Issue(
+                    Severity.ERROR,
+                    "malformed_csv",
+                    f"{span} could not be read as CSV ({exc}); check the quotes on that line",
+                    name,
+                    first,
+                    action=Action.ROW_SKIPPED,
+                )
+            )
+            previous_end = reader.line_num
+            continue
+        line = line_offset + previous_end + 1
+        previous_end = reader.line_num
+        if not cells or all(not c.strip() for c in cells):
+            continue
+        if any("\x00" in c for c in cells):
+            table.issues.append(
+                Issue(
+                    Severity.ERROR,
+                    "nul_byte",
+                    "row contains a NUL byte (a corrupt or binary file?)",
+                    name,
+                    line,
+                    action=Action.ROW_SKIPPED,
+                )
+            )
+            continue
+        if len(cells) < width:
+            table.issues.append(
+                Issue(
+                    Severity.ERROR,
+                    "short_row",
+                    f"row has {len(cells)} fields, the header has {width}: "
+                    "a line break inside an unquoted value, or missing commas?",
+                    name,
+                    line,
+                    action=Action.ROW_SKIPPED,
+                )
+            )
+            continue
+        overflow = tuple(c for c in cells[width:])
+        if any(c.strip() for c in overflow):
+            spill = [c for c in overflow if c.strip()]
+            table.issues.append(
+                Issue(
+                    Severity.WARNING,
+                    "overflow_values",
+                    f"{len(spill)} value(s) beyond the last named column "
+                    f"({headers[-1]!r}): probably an unquoted comma; "
+                    "kept in the record's extra values",
+                    name,
+                    line,
+                    column=headers[-1],
+                    value=spill[0],
+                )
+            )
+        else:
+            overflow = ()
+        table.rows.append(TableRow(line, tuple(cells[:width]), overflow))
+    return table

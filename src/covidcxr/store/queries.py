@@ -1,0 +1,451 @@
+"""Queries over the store: filtered listings, one image or patient, statistics.
+
+Everything returns plain dicts keyed by our column names (the same names as the
+CSV and JSON output), so the CLI, the exports and the ML layers share them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, Select, and_, func, literal, or_, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from covidcxr.errors import MetadataError
+from covidcxr.schema.findings import resolve_node
+from covidcxr.schema.values import FRONTAL_VIEWS, parse_flag, parse_modality, parse_sex, parse_view
+from covidcxr.store.tables import (
+    Annotation,
+    Finding,
+    Image,
+    Observation,
+    Patient,
+    Record,
+    Source,
+)
+
+OUTCOME_FIELDS = (
+    "survival",
+    "intubated",
+    "intubation_present",
+    "went_icu",
+    "in_icu",
+    "needed_supplemental_o2",
+    "extubated",
+)
+
+
+@dataclass
+class RecordFilter:
+    """A selection of records. Empty fields do not filter.
+
+    Attributes:
+        findings: finding nodes at any level (``COVID-19``, ``viral``,
+            ``Pneumonia/Bacterial``); a record matches if any of its findings is
+            the node or below it.
+        views: views (``PA``, ``AP Supine``; ``frontal`` = PA, AP, AP Supine, AP Erect).
+        modalities: ``X-ray``, ``CT``.
+        sexes: ``M``, ``F``.
+        age_min: youngest age in years (inclusive).
+        age_max: oldest age in years (inclusive).
+        sources: source names.
+        patients: patient ids.
+        image_status: ``stored``, ``missing``, ``rejected``.
+        has_severity: only records whose image has (True) / lacks (False) scores.
+        has_mask: likewise for lung masks.
+        has_box: likewise for lung boxes.
+        outcomes: outcome field -> True, False or None (None = unknown).
+        flags: record flags that must all be set (``pediatric``, ``shared_image``).
+    """
+
+    findings: Sequence[str] = ()
+    views: Sequence[str] = ()
+    modalities: Sequence[str] = ()
+    sexes: Sequence[str] = ()
+    age_min: float | None = None
+    age_max: float | None = None
+    sources: Sequence[str] = ()
+    patients: Sequence[str] = ()
+    image_status: Sequence[str] = ()
+    has_severity: bool | None = None
+    has_mask: bool | None = None
+    has_box: bool | None = None
+    outcomes: dict[str, bool | None] = field(default_factory=dict)
+    flags: Sequence[str] = ()
+
+
+def _normalised(values: Iterable[str], parser: Any, what: str) -> list[str]:
+    result = []
+    for value in values:
+        parsed, problem = parser(value)
+        if parsed is None:
+            detail = problem.message if problem else "blank"
+            raise MetadataError(f"filter: {what} {value!r}: {detail}")
+        result.append(parsed)
+    return result
+
+
+def _annotation_exists(kind: str) -> ColumnElement[bool]:
+    return (
+        select(Annotation.id)
+        .where(Annotation.image_sha256 == Record.image_sha256, Annotation.kind == kind)
+        .exists()
+    )
+
+
+def where_clauses(selection: RecordFilter) -> list[ColumnElement[bool]]:
+    """SQL conditions for a filter (over ``records`` joined with its tables).
+
+    Raises:
+        MetadataError: a filter value is not valid (an unknown finding, view...).
+    """
+    clauses: list[ColumnElement[bool]] = []
+    if selection.findings:
+        nodes = [resolve_node(f) for f in selection.findings]
+        clauses.append(
+            select(Finding.id)
+            .where(Finding.record_id == Record.id)
+            .where(
+                or_(
+                    *(
+                        or_(Finding.path == n, Finding.path.startswith(n + "/", autoescape=True))
+                        for n in nodes
+                    )
+                )
+            )
+            .exists()
+        )
+    if selection.views:
+        views: set[str] = set()
+        for view in selection.views:
+            if view.strip().lower() == "frontal":
+                views |= FRONTAL_VIEWS
+            else:
+                views.update(_normalised([view], parse_view, "view"))
+        clauses.append(Record.view.in_(sorted(views)))
+    if selection.modalities:
+        clauses.append(
+            Record.modality.in_(_normalised(selection.modalities, parse_modality, "modality"))
+        )
+    if selection.sexes:
+        clauses.append(Observation.sex.in_(_normalised(selection.sexes, parse_sex, "sex")))
+    if selection.age_min is not None:
+        clauses.append(Observation.age_years >= selection.age_min)
+    if selection.age_max is not None:
+        clauses.append(Observation.age_years <= selection.age_max)
+    if selection.sources:
+        clauses.append(Source.name.in_(list(selection.sources)))
+    if selection.patients:
+        clauses.append(Patient.patient_id.in_(list(selection.patients)))
+    if selection.image_status:
+        clauses.append(Record.image_status.in_(list(selection.image_status)))
+    for kind, wanted in (
+        ("severity", selection.has_severity),
+        ("lung_mask", selection.has_mask),
+        ("lung_box", selection.has_box),
+    ):
+        if wanted is not None:
+            exists = _annotation_exists(kind)
+            clauses.append(exists if wanted else ~exists)
+    for name, value in selection.outcomes.items():
+        if name not in OUTCOME_FIELDS:
+            raise MetadataError(
+                f"filter: {name!r} is not an outcome field; use one of {', '.join(OUTCOME_FIELDS)}"
+            )
+        column = Observation.__table__.c[name]
+        clauses.append(column.is_(None) if value is None else column == value)
+    for flag in selection.flags:
+        padded = literal(",") + Record.flags + literal(",")
+        clauses.append(padded.contains(f",{flag},", autoescape=True))
+    return clauses
+
+
+def parse_outcome(text: str) -> bool | None:
+    """Read an outcome filter value: Y/N, or ``unknown`` for blank."""
+    if text.strip().lower() in ("unknown", "blank", "none", "?"):
+        return None
+    value, _ = parse_flag(text)
+    if value is None:
+        raise MetadataError(f"filter: outcome value {text!r}: use Y, N or unknown")
+    return value
+
+
+LIST_COLUMNS = (
+    "record_id",
+    "source",
+    "patient_id",
+    "folder",
+    "filename",
+    "line",
+    "image_status",
+    "image_sha256",
+    "view",
+    "modality",
+    "finding",
+    "finding_status",
+    "findings",
+    "sex",
+    "age_years",
+    "offset_days",
+    "rt_pcr_positive",
+    *OUTCOME_FIELDS,
+    "temperature_c",
+    "po2_saturation_pct",
+    "leukocyte_count_k_per_ul",
+    "neutrophil_count_k_per_ul",
+    "lymphocyte_count_k_per_ul",
+    "date",
+    "acquired_on",
+    "acquired_year",
+    "location",
+    "doi",
+    "url",
+    "license",
+    "clinical_notes",
+    "other_notes",
+    "flags",
+    "extra",
+)
+
+
+def _base_select() -> Select[*tuple[Any, ...]]:
+    obs = Observation.__table__.c
+    return (
+        select(
+            Record.id.label("record_id"),
+            Source.name.label("source"),
+            Patient.patient_id,
+            Record.folder,
+            Record.filename,
+            Record.line,
+            Record.image_status,
+            Record.image_sha256,
+            Record.view,
+            Record.modality,
+            Record.finding,
+            Record.finding_status,
+            obs.sex,
+            obs.age_years,
+            obs.offset_days,
+            obs.rt_pcr_positive,
+            *(obs[name] for name in OUTCOME_FIELDS),
+            obs.temperature_c,
+            obs.po2_saturation_pct,
+            obs.leukocyte_count_k_per_ul,
+            obs.neutrophil_count_k_per_ul,
+            obs.lymphocyte_count_k_per_ul,
+            Record.date,
+            Record.acquired_on,
+            Record.acquired_year,
+            Record.location,
+            Record.doi,
+            Record.url,
+            Record.license,
+            Record.clinical_notes,
+            Record.other_notes,
+            Record.flags,
+            Record.extra,
+        )
+        .join(Source, Source.id == Record.source_id)
+        .join(Patient, Patient.id == Record.patient_pk)
+        .join(Observation, Observation.record_id == Record.id)
+    )
+
+
+def _fetch(
+    conn: Connection,
+    clauses: Sequence[ColumnElement[bool]],
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    query = _base_select().where(and_(True, *clauses)).order_by(Source.name, Record.line)
+    if limit is not None:
+        query = query.limit(limit)
+    if offset:
+        query = query.offset(offset)
+    rows = [dict(row) for row in conn.execute(query).mappings()]
+    if not rows:
+        return rows
+    wanted: Any
+    if len(rows) > _IN_LIST_MAX:
+        # Large results: let the database join instead of sending every id.
+        wanted = (
+            select(Record.id)
+            .join(Source, Source.id == Record.source_id)
+            .join(Patient, Patient.id == Record.patient_pk)
+            .join(Observation, Observation.record_id == Record.id)
+            .where(and_(True, *clauses))
+        )
+        if limit is not None:
+            wanted = wanted.order_by(Source.name, Record.line).limit(limit).offset(offset)
+        wanted = wanted.scalar_subquery()
+    else:
+        wanted = [row["record_id"] for row in rows]
+    paths: dict[int, list[str]] = defaultdict(list)
+    for record_id, path in conn.execute(
+        select(Finding.record_id, Finding.path)
+        .where(Finding.record_id.in_(wanted))
+        .order_by(Finding.record_id, Finding.position)
+    ).tuples():
+        paths[record_id].append(path)
+    for row in rows:
+        row["findings"] = paths.get(row["record_id"], [])
+        row["flags"] = [f for f in row["flags"].split(",") if f]
+    return rows
+
+
+_IN_LIST_MAX = 900
+
+
+def list_records(
+    conn: Connection,
+    selection: RecordFilter | None = None,
+    *,
+    limit: int | None = None,
+    offset: int = 0,
+) -> list[dict[str, Any]]:
+    """Records matching a filter, one per metadata row, in source/line order.
+
+    Each dict has the keys of :data:`LIST_COLUMNS`; ``findings`` is the list of
+    canonical finding paths, ``flags`` the list of record flags.
+
+    Raises:
+        MetadataError: a filter value is not valid.
+    """
+    return _fetch(conn, where_clauses(selection or RecordFilter()), limit, offset)
+
+
+def count_records(conn: Connection, selection: RecordFilter | None = None) -> int:
+    """How many records match a filter."""
+    clauses = where_clauses(selection or RecordFilter())
+    query = (
+        select(func.count())
+        .select_from(Record)
+        .join(Source, Source.id == Record.source_id)
+        .join(Patient, Patient.id == Record.patient_pk)
+        .join(Observation, Observation.record_id == Record.id)
+        .where(and_(True, *clauses))
+    )
+    return int(conn.execute(query).scalar_one())
+
+
+def image_details(conn: Connection, sha256s: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Image rows (size, format, hashes) by sha256."""
+    wanted = list(set(sha256s))
+    result: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(wanted), 5000):
+        for row in conn.execute(
+            select(Image).where(Image.sha256.in_(wanted[start : start + 5000]))
+        ).mappings():
+            result[row["Image"].sha256] = {
+                c.name: getattr(row["Image"], c.name) for c in Image.__table__.columns
+            }
+    return result
+
+
+def annotations_for(conn: Connection, sha256s: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """Annotations by image sha256."""
+    wanted = list(set(sha256s))
+    result: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    columns = [c for c in Annotation.__table__.columns if c.name not in ("id", "source_id")]
+    for start in range(0, len(wanted), 5000):
+        for row in conn.execute(
+            select(*columns)
+            .where(Annotation.image_sha256.in_(wanted[start : start + 5000]))
+            .order_by(Annotation.kind, Annotation.annotator, Annotation.label)
+        ).mappings():
+            result[row["image_sha256"]].append(
+                {k: v for k, v in row.items() if v is not None and k != "image_sha256"}
+            )
+    return dict(result)
+
+
+def find_records(conn: Connection, key: str) -> list[dict[str, Any]]:
+    """Records for ``show``: by image sha256 (or a prefix of 8+ hex digits), file
+    name, record id (``#12``), or patient id (``SOURCE:PATIENT`` or ``PATIENT``).
+
+    Raises:
+        MetadataError: nothing matches, or a hash prefix is ambiguous.
+    """
+    key = key.strip()
+    clauses: list[ColumnElement[bool]] = []
+    lowered = key.lower()
+    if key.startswith("#") and key[1:].isdigit():
+        clauses.append(Record.id == int(key[1:]))
+    elif len(key) >= 8 and all(c in "0123456789abcdef" for c in lowered):
+        shas = (
+            conn.execute(select(Image.sha256).where(Image.sha256.startswith(lowered)).limit(2))
+            .scalars()
+            .all()
+        )
+        if len(shas) > 1:
+            raise MetadataError(f"show: {key!r} matches several images; give more digits")
+        if shas:
+            clauses.append(Record.image_sha256 == shas[0])
+    if not clauses:
+        source, _, patient = key.rpartition(":")
+        patient_match = Patient.patient_id == patient
+        if source:
+            patient_match = and_(patient_match, Source.name == source)
+        clauses.append(or_(Record.filename == key, Record.row_key == key, patient_match))
+    rows = _fetch(conn, clauses)
+    if not rows:
+        raise MetadataError(
+            f"show: nothing matches {key!r}; give an image sha256 (or 8+ leading hex digits), "
+            "a file name, #RECORD_ID, or a patient id (SOURCE:PATIENT)"
+        )
+    return rows
+
+
+def stats(conn: Connection, selection: RecordFilter | None = None) -> dict[str, Any]:
+    """Counts over the (filtered) records: sources, patients, views, findings, outcomes."""
+    rows = list_records(conn, selection)
+    by_finding: Counter[str] = Counter()
+    for row in rows:
+        nodes: set[str] = set()
+        for path in row["findings"]:
+            parts = path.split("/")
+            nodes.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+        by_finding.update(nodes)
+        if not row["findings"]:
+            by_finding[f"({row['finding_status']})"] += 1
+    shas = {row["image_sha256"] for row in rows if row["image_sha256"]}
+    annotations = annotations_for(conn, shas)
+    ages = [row["age_years"] for row in rows if row["age_years"] is not None]
+
+    def count(key: str) -> dict[str, int]:
+        return dict(
+            Counter("" if row[key] is None else str(row[key]) for row in rows).most_common()
+        )
+
+    def outcome(key: str) -> dict[str, int]:
+        names = {True: "Y", False: "N", None: "unknown"}
+        return dict(Counter(names[row[key]] for row in rows).most_common())
+
+    return {
+        "records": len(rows),
+        "patients": len({(row["source"], row["patient_id"]) for row in rows}),
+        "images": len(shas),
+        "sources": count("source"),
+        "image_status": count("image_status"),
+        "modality": count("modality"),
+        "view": count("view"),
+        "sex": count("sex"),
+        "findings": dict(sorted(by_finding.items())),
+        "age_years": {
+            "known": len(ages),
+            "min": min(ages) if ages else None,
+            "median": sorted(ages)[len(ages) // 2] if ages else None,
+            "max": max(ages) if ages else None,
+            "under_18": sum(1 for a in ages if a < 18),
+        },
+        "outcomes": {key: outcome(key) for key in OUTCOME_FIELDS},
+        "annotated_images": {
+            kind: sum(1 for items in annotations.values() if any(a["kind"] == kind for a in items))
+            for kind in ("severity", "lung_mask", "lung_box")
+        },
+        "flags": dict(Counter(f for row in rows for f in row["flags"]).most_common()),
+    }
