@@ -53,8 +53,6 @@ class MissingExtraError(CovidCxrError, ImportError):
     """An optional dependency is not installed; the message names the extra."""
 
     def __init__(self, package: str, extra: str) -> None:
-        super().__init__(
-            f"{package} is not installed: pip install 'covidcxr[{extra}]'"
-        )
+        super().__init__(f"{package} is not installed: pip install 'covidcxr[{extra}]'")
         self.package = package
         self.extra = extra

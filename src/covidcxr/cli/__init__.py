@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from covidcxr import __version__
-from covidcxr.cli import collection
+from covidcxr.cli import collection, export
 from covidcxr.errors import CovidCxrError
 
 log = logging.getLogger("covidcxr")
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     collection.register(subparsers)
+    export.register(subparsers)
     return parser
 
 
@@ -52,6 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CovidCxrError as exc:
         print(f"covidcxr {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error of ours.
+        sys.stderr.close()
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"covidcxr {args.command}: interrupted", file=sys.stderr)
         return 130

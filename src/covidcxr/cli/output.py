@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from covidcxr.ingest.report import escape_formula
+from covidcxr.schema.values import format_number
 
 FORMATS = ("table", "csv", "json")
 
@@ -21,7 +22,7 @@ def cell_text(value: Any) -> str:
     if isinstance(value, bool):
         return "Y" if value else "N"
     if isinstance(value, float):
-        return f"{value:g}"
+        return format_number(value)
     if isinstance(value, list | tuple):
         return ";".join(cell_text(v) for v in value)
     if isinstance(value, dict):

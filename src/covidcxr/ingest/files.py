@@ -41,7 +41,7 @@ class FileOutcome:
     sha256: str | None = None
     info: ImageInfo | None = None
     phash: str | None = None
-    phash_center: str | None = None
+    phash_detail: str | None = None
     mask_values: str | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -77,7 +77,9 @@ def process_file(job: FileJob, max_pixels: int) -> FileOutcome:
         outcome = FileOutcome(job, sha256=sha, info=decoded.info, mask_values=values)
     else:
         hashes = image_hashes(decoded.image)
-        outcome = FileOutcome(job, sha256=sha, info=decoded.info, phash=hashes.phash)
+        outcome = FileOutcome(
+            job, sha256=sha, info=decoded.info, phash=hashes.phash, phash_detail=hashes.phash_detail
+        )
     decoded.image.close()
     return outcome
 

@@ -12,13 +12,13 @@ import csv
 import io
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from covidcxr.atomic import atomic_output
 from covidcxr.schema.values import Action, Severity, looks_like_formula
 
 __all__ = ["Action", "Issue", "Report", "Severity", "escape_formula", "write_text_atomic"]
@@ -162,15 +162,6 @@ class Report:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename.
-
-    A crash leaves either the old file or the new one, never half of it.
-    """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` atomically (see :func:`covidcxr.atomic.atomic_output`)."""
+    with atomic_output(path) as temporary:
+        temporary.write_text(text, encoding="utf-8", newline="")

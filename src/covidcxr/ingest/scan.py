@@ -130,7 +130,7 @@ class ScannedImage:
     path: Path
     info: ImageInfo
     phash: str | None
-    phash_center: str | None
+    phash_detail: str | None
 
 
 @dataclass(frozen=True)
@@ -398,7 +398,7 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
                 Path(outcome.job.path),
                 outcome.info,
                 outcome.phash,
-                outcome.phash_center,
+                outcome.phash_detail,
             ),
         )
         for scanned in group:

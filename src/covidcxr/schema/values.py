@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import re
 from dataclasses import dataclass
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import PurePosixPath
 
@@ -355,3 +356,20 @@ FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 def looks_like_formula(text: str) -> bool:
     """True if a spreadsheet would evaluate this cell text as a formula."""
     return text.startswith(FORMULA_PREFIXES)
+
+
+def format_number(value: float) -> str:
+    """The shortest plain text that reads back as ``value``.
+
+    Whole numbers lose their fraction (``65.0`` -> ``65``); other floats use the
+    shortest digits that round-trip (``0.762``), never an exponent
+    (``1e-05`` -> ``0.00001``).
+    """
+    if isinstance(value, int):
+        return str(value)
+    if value.is_integer():
+        return str(int(value))
+    text = repr(value)
+    if "e" in text:
+        text = format(Decimal(text), "f")
+    return text

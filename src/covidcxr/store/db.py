@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from covidcxr import config
 from covidcxr.errors import MissingExtraError, StoreError
@@ -53,7 +53,13 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 def create_store_engine(url: str) -> Engine:
     """Create an engine with foreign keys enforced on every backend."""
     url = normalise_url(url)
-    engine = create_engine(url, future=True)
+    try:
+        engine = create_engine(url)
+    except (NoSuchModuleError, ArgumentError) as exc:
+        raise StoreError(
+            f"open_store: cannot use {make_url(url).render_as_string(hide_password=True)}: "
+            f"{exc}; use sqlite:///FILE or postgresql://USER@HOST/DB"
+        ) from exc
     if engine.dialect.name == "sqlite":
         database = engine.url.database
         if database and database != ":memory:":

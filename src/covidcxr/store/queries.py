@@ -289,7 +289,7 @@ def _fetch(
         select(Finding.record_id, Finding.path)
         .where(Finding.record_id.in_(wanted))
         .order_by(Finding.record_id, Finding.position)
-    ).tuples():
+    ):
         paths[record_id].append(path)
     for row in rows:
         row["findings"] = paths.get(row["record_id"], [])
@@ -337,12 +337,9 @@ def image_details(conn: Connection, sha256s: Iterable[str]) -> dict[str, dict[st
     wanted = list(set(sha256s))
     result: dict[str, dict[str, Any]] = {}
     for start in range(0, len(wanted), 5000):
-        for row in conn.execute(
-            select(Image).where(Image.sha256.in_(wanted[start : start + 5000]))
-        ).mappings():
-            result[row["Image"].sha256] = {
-                c.name: getattr(row["Image"], c.name) for c in Image.__table__.columns
-            }
+        chunk = wanted[start : start + 5000]
+        for row in conn.execute(select(Image.__table__).where(Image.sha256.in_(chunk))).mappings():
+            result[row["sha256"]] = dict(row)
     return result
 
 
@@ -418,7 +415,7 @@ def stats(conn: Connection, selection: RecordFilter | None = None) -> dict[str, 
 
     def count(key: str) -> dict[str, int]:
         return dict(
-            Counter("" if row[key] is None else str(row[key]) for row in rows).most_common()
+            Counter("unknown" if row[key] is None else str(row[key]) for row in rows).most_common()
         )
 
     def outcome(key: str) -> dict[str, int]:

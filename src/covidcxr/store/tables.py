@@ -104,7 +104,7 @@ class Image(Base):
     channels: Mapped[int] = mapped_column(Integer)
     mode: Mapped[str] = mapped_column(String(16))
     phash: Mapped[str | None] = mapped_column(String(16), index=True)
-    phash_center: Mapped[str | None] = mapped_column(String(16))
+    phash_detail: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 

@@ -174,7 +174,7 @@ def _insert_images(conn: Connection, scan: ScanResult) -> int:
             "channels": img.info.channels,
             "mode": img.info.mode,
             "phash": img.phash,
-            "phash_center": img.phash_center,
+            "phash_detail": img.phash_detail,
             "created_at": now,
         }
         for sha, img in scan.images.items()
@@ -200,7 +200,7 @@ def _sync_patients(
         for patient_id, pk in conn.execute(
             insert(Patient).returning(Patient.patient_id, Patient.id, sort_by_parameter_order=True),
             list(chunk),
-        ).tuples():
+        ):
             existing[patient_id] = pk
     return existing, len(new)
 

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-27 22:51:36.911210
+Create Date: 2026-11-27 23:24:36.683394
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def upgrade() -> None:
         sa.Column("channels", sa.Integer(), nullable=False),
         sa.Column("mode", sa.String(length=16), nullable=False),
         sa.Column("phash", sa.String(length=16), nullable=True),
-        sa.Column("phash_center", sa.String(length=16), nullable=True),
+        sa.Column("phash_detail", sa.String(length=16), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint("bit_depth IN (1, 8, 16, 32)", name=op.f("ck_images_bit_depth")),
         sa.CheckConstraint("channels BETWEEN 1 AND 4", name=op.f("ck_images_channels")),
