@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ class IngestOutcome:
     summary: IngestSummary
     report_json: Path
     report_csv: Path
+    #: Seconds per phase: the scan's, then blobs (copying files) and database.
+    timings: dict[str, float]
 
 
 def check_source(
@@ -114,7 +117,12 @@ def ingest_source(
             f"first: {errors[0]}; full report: {report_json}",
             scan.report,
         )
+    timings = dict(scan.timings)
+    clock = time.perf_counter()
     copy_to_blobs(scan, store.blobs)
+    timings["blobs"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     summary = write_scan(store, scan, report_path=str(report_json), started_at=started)
-    log.info("ingested %s: %s", spec.name, summary.counts)
-    return IngestOutcome(scan, summary, report_json, report_csv)
+    timings["database"] = time.perf_counter() - clock
+    log.info("ingested %s: %s in %s", spec.name, summary.counts, timings)
+    return IngestOutcome(scan, summary, report_json, report_csv, timings)

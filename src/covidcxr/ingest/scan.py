@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -159,6 +160,8 @@ class ScanResult:
     records: list[ScannedRecord] = field(default_factory=list)
     images: dict[str, ScannedImage] = field(default_factory=dict)
     annotations: list[ScannedAnnotation] = field(default_factory=list)
+    #: Seconds spent per phase (metadata, images, annotations), for logs and benchmarks.
+    timings: dict[str, float] = field(default_factory=dict)
     report: Report = field(init=False)
 
     def __post_init__(self) -> None:
@@ -726,6 +729,7 @@ def scan_source(
             required column.
         MappingError: the mapping names a column the file lacks.
     """
+    started = time.perf_counter()
     encoding = spec.mapping.encoding if spec.mapping else None
     delimiter = spec.mapping.delimiter if spec.mapping else ","
     metadata_bytes = spec.metadata.read_bytes()
@@ -738,8 +742,13 @@ def scan_source(
     )
     _read_records(spec, table, result)
     _flag_shared_images(result, spec.display(spec.metadata))
+    result.timings["metadata"] = time.perf_counter() - started
+    started = time.perf_counter()
     _resolve_images(result, workers, max_pixels)
+    result.timings["images"] = time.perf_counter() - started
+    started = time.perf_counter()
     _read_annotations(result, workers, max_pixels)
+    result.timings["annotations"] = time.perf_counter() - started
     report = result.report
     report.counts["records"] = len(result.records)
     report.counts["patients"] = len({s.record.patient_id for s in result.records})

@@ -1,0 +1,307 @@
+"""Ingest and query speed, against a floor measured in the same run.
+
+    python benchmarks/ingest.py [--shared ../shared/datasets] [--rows 100000] [--quick]
+
+1. The shared collection: a plain decode of every referenced image once (PIL open +
+   load, one process: the floor), then ``covidcxr ingest`` into a fresh SQLite store
+   with one worker process (like for like) and with the default workers. Prints rows/s,
+   images/s and the ratio of the image part of the ingest to the floor.
+   Goal: image part within 2x of the floor.
+2. A synthetic collection of ``--rows`` metadata rows, one 256 x 256 JPEG each (small
+   radiograph thumbnails; with tiny images the fixed per-file cost of validation and
+   hashing, about 0.4 ms, dominates instead of decoding): the same numbers.
+3. Queries on the synthetic store (100,000 rows by default): list/filter latency in ms.
+   Goal: under 50 ms.
+
+Everything is written to a temporary directory; ``../shared`` is only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from covidcxr.ingest.pipeline import IngestOutcome, ingest_source
+from covidcxr.ingest.scan import resolve_source
+from covidcxr.ingest.table import read_table
+from covidcxr.store import queries
+from covidcxr.store.db import open_store
+
+FINDINGS = (
+    "COVID-19",
+    "Pneumonia/Viral/COVID-19",
+    "Streptococcus",
+    "Pneumocystis",
+    "No Finding",
+    "todo",
+    "Pneumonia",
+    "SARS",
+    "COVID-19, ARDS",
+    "Klebsiella",
+)
+VIEWS = ("PA", "AP", "AP Supine", "L", "PA", "PA")
+HEADER = [
+    "patientid",
+    "offset",
+    "sex",
+    "age",
+    "finding",
+    "survival",
+    "intubated",
+    "went_icu",
+    "needed_supplemental_O2",
+    "temperature",
+    "view",
+    "modality",
+    "date",
+    "location",
+    "folder",
+    "filename",
+    "doi",
+    "url",
+    "license",
+    "clinical_notes",
+]
+
+
+def plain_decode(paths: list[Path]) -> float:
+    """Seconds to open and fully decode every image once, in this process."""
+    started = time.perf_counter()
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+    return time.perf_counter() - started
+
+
+def referenced_images(root: Path) -> list[Path]:
+    """The distinct, present image files the metadata references."""
+    spec = resolve_source(root)
+    table = read_table(spec.metadata)
+    folder = table.headers.index("folder")
+    filename = table.headers.index("filename")
+    paths = {root / row.cells[folder] / row.cells[filename] for row in table.rows}
+    return sorted(p for p in paths if p.is_file())
+
+
+def timed_ingest(root: Path, workdir: Path, workers: int | None) -> tuple[IngestOutcome, float]:
+    """Ingest into a fresh store; returns the outcome and the wall time."""
+    workdir.mkdir(parents=True)
+    started = time.perf_counter()
+    with open_store(f"sqlite:///{workdir / 'store.sqlite'}", workdir / "data") as store:
+        outcome = ingest_source(root, store, workers=workers, report_dir=workdir / "reports")
+    return outcome, time.perf_counter() - started
+
+
+def ingest_rows(
+    label: str, outcome: IngestOutcome, wall: float, floor: float, workers: str
+) -> list[dict[str, Any]]:
+    counts = outcome.scan.report.counts
+    images = counts.get("images_stored", 0)
+    image_part = outcome.timings["images"]
+    return [
+        {
+            "case": label,
+            "workers": workers,
+            "rows": counts["rows"],
+            "images": images,
+            "wall_s": wall,
+            "rows_per_s": counts["rows"] / wall,
+            "images_per_s": images / wall,
+            "image_part_s": image_part,
+            "floor_s": floor,
+            "ratio": image_part / floor,
+            "phases": ", ".join(f"{k} {v:.1f}s" for k, v in outcome.timings.items()),
+        }
+    ]
+
+
+def synthetic_collection(root: Path, rows: int, size: int, seed: int = 0) -> Path:
+    """``rows`` metadata rows over ``rows`` distinct ``size`` x ``size`` JPEGs.
+
+    The pictures are a smooth random field (like a small radiograph) shifted and
+    marked per row, so every file differs; ~30,000 patients.
+    """
+    rng = np.random.default_rng(seed)
+    images = root / "images"
+    images.mkdir(parents=True)
+    coarse = rng.normal(size=(size // 16 + 2, size // 16 + 2))
+    field = np.asarray(
+        Image.fromarray(coarse.astype(np.float32)).resize(
+            (size * 2, size * 2), Image.Resampling.BICUBIC
+        )
+    )
+    field = ((field - field.min()) / np.ptp(field) * 200 + 20).astype(np.uint8)
+    with (root / "metadata.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        for index in range(rows):
+            dy, dx = divmod(index % (size * size), size)
+            pixels = field[dy % size : dy % size + size, dx : dx + size].copy()
+            pixels[:8, : (index % size) + 1] = 255
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+            name = f"img{index:06d}.jpg"
+            (images / name).write_bytes(buffer.getvalue())
+            writer.writerow(
+                [
+                    f"P{index % 30000}",
+                    int(rng.integers(-5, 30)),
+                    "MF"[index % 2],
+                    int(rng.integers(18, 95)),
+                    FINDINGS[index % len(FINDINGS)],
+                    "YN"[index % 2] if index % 3 else "",
+                    "Y" if index % 5 == 0 else "",
+                    "N" if index % 7 == 0 else "",
+                    "",
+                    f"{36 + rng.random() * 4:.1f}",
+                    VIEWS[index % len(VIEWS)],
+                    "X-ray",
+                    "2020",
+                    "Somewhere, Italy",
+                    "images",
+                    name,
+                    "10.0/synthetic",
+                    "",
+                    "CC BY 4.0",
+                    "",
+                ]
+            )
+    return root
+
+
+def time_query(run: Callable[[], Any], repeat: int = 7) -> tuple[float, Any]:
+    """Median milliseconds of ``repeat`` runs (after one warm-up) and the last result."""
+    result = run()
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = run()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times), result
+
+
+def query_rows(store_dir: Path) -> list[dict[str, Any]]:
+    filters = {
+        "finding COVID-19 (any level) + view PA": queries.RecordFilter(
+            findings=["COVID-19"], views=["PA"]
+        ),
+        "viral pneumonia, age 60-70, female": queries.RecordFilter(
+            findings=["viral"], age_min=60, age_max=70, sexes=["F"]
+        ),
+        "survival N": queries.RecordFilter(outcomes={"survival": False}),
+        "one patient": queries.RecordFilter(patients=["P123"]),
+        "bacterial, lateral": queries.RecordFilter(findings=["bacterial"], views=["L"]),
+    }
+    rows = []
+    with (
+        open_store(f"sqlite:///{store_dir / 'store.sqlite'}", store_dir / "data") as store,
+        store.read() as conn,
+    ):
+        for name, selection in filters.items():
+            ms, result = time_query(lambda s=selection: queries.list_records(conn, s, limit=100))
+            count_ms, count = time_query(lambda s=selection: queries.count_records(conn, s))
+            rows.append({"query": f"list {name} (first 100)", "ms": ms, "rows": len(result)})
+            rows.append({"query": f"count {name}", "ms": count_ms, "rows": count})
+        ms, result = time_query(lambda: queries.list_records(conn), repeat=3)
+        rows.append({"query": "list everything (not a filter)", "ms": ms, "rows": len(result)})
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def text(value: Any) -> str:
+        return f"{value:,.2f}" if isinstance(value, float) else str(value)
+
+    widths = [max(len(c), *(len(text(r[c])) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in rows:
+        print("  ".join(text(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path(__file__).resolve().parents[1].parent / "shared" / "datasets",
+    )
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        help="side of the synthetic JPEGs in pixels (default 256)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small synthetic collection (2,000 rows), for a smoke test",
+    )
+    args = parser.parse_args(argv)
+    rows = 2_000 if args.quick else args.rows
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="covidcxr-bench-") as tmp:
+        work = Path(tmp)
+        shared = args.shared / "covid-chestxray"
+        if (shared / "metadata.csv").is_file():
+            floor = plain_decode(referenced_images(shared))
+            for workers in (1, None):
+                outcome, wall = timed_ingest(shared, work / f"shared-{workers}", workers)
+                results += ingest_rows(
+                    "covid-chestxray", outcome, wall, floor, str(workers or os.cpu_count())
+                )
+        else:
+            print(f"(shared collection not found at {shared}: skipped)", file=sys.stderr)
+        started = time.perf_counter()
+        synthetic = synthetic_collection(work / "synthetic", rows, args.image_size)
+        print(
+            f"built a synthetic collection of {rows:,} rows in "
+            f"{time.perf_counter() - started:.1f}s",
+            file=sys.stderr,
+        )
+        floor = plain_decode(sorted((synthetic / "images").iterdir()))
+        for workers in (1, None):
+            outcome, wall = timed_ingest(synthetic, work / f"synthetic-{workers}", workers)
+            results += ingest_rows(
+                f"synthetic {rows:,}", outcome, wall, floor, str(workers or os.cpu_count())
+            )
+        print(
+            "\nIngest (ratio = image part of the ingest / plain decode of every image once;"
+            " goal <= 2.0)"
+        )
+        print_table(
+            results,
+            [
+                "case",
+                "workers",
+                "rows",
+                "images",
+                "wall_s",
+                "rows_per_s",
+                "images_per_s",
+                "image_part_s",
+                "floor_s",
+                "ratio",
+            ],
+        )
+        print()
+        for row in results:
+            print(f"  {row['case']}, {row['workers']} worker(s): {row['phases']}")
+        print(f"\nQueries on the synthetic store ({rows:,} rows; goal < 50 ms)")
+        print_table(query_rows(work / "synthetic-None"), ["query", "ms", "rows"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
