@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from covidcxr import __version__
-from covidcxr.cli import collection, export
+from covidcxr.cli import collection, dataset, export
 from covidcxr.errors import CovidCxrError
 
 log = logging.getLogger("covidcxr")
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     collection.register(subparsers)
     export.register(subparsers)
+    dataset.register(subparsers)
     return parser
 
 
