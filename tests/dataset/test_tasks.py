@@ -116,3 +116,24 @@ def test_custom_findings_task_and_unknown_names() -> None:
 def test_label_counts() -> None:
     counts = tasks.LabelCounts.of(("a", "b"), [(1.0, math.nan), (0.0, 1.0), (1.0, 0.0)])
     assert (counts.positive, counts.negative, counts.unknown) == ([2, 1], [1, 1], [0, 1])
+
+
+@pytest.mark.parametrize(
+    ("findings", "expected"),
+    [
+        (["Pneumonia/Viral/COVID-19"], (1.0, 0.0, 0.0, 0.0, 0.0)),
+        (["Pneumonia/Viral/SARS"], (0.0, 1.0, 0.0, 0.0, 0.0)),
+        (["Pneumonia/Viral"], (math.nan, math.nan, 0.0, 0.0, 0.0)),
+        (["Pneumonia"], (math.nan, math.nan, math.nan, math.nan, 0.0)),
+        (["Pneumonia/Bacterial/Klebsiella"], (0.0, 0.0, 1.0, 0.0, 0.0)),
+        (["Pneumonia/Fungal/Pneumocystis"], (0.0, 0.0, 0.0, 1.0, 0.0)),
+        (["No Finding"], (0.0, 0.0, 0.0, 0.0, 1.0)),
+        (["Tuberculosis"], (0.0, 0.0, 0.0, 0.0, 0.0)),
+    ],
+)
+def test_second_opinion_labels(findings: list[str], expected: tuple[float, ...]) -> None:
+    task = tasks.get_task("second-opinion")
+    assert task.labels == ("COVID-19", "Other viral pneumonia", "Bacterial pneumonia",
+                           "Fungal pneumonia", "No finding")
+    labels, reason = task.label_record(record(*findings))
+    assert reason is None and same(labels, expected)

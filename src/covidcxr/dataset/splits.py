@@ -58,7 +58,7 @@ from sqlalchemy import Connection
 from covidcxr import __version__
 from covidcxr.atomic import atomic_output
 from covidcxr.dataset.samples import SampleSet, Selection, build_samples
-from covidcxr.dataset.tasks import TASKS, Task, findings_task, get_task
+from covidcxr.dataset.tasks import task_of
 from covidcxr.errors import MetadataError
 from covidcxr.store.db import Store
 from covidcxr.store.duplicates import DuplicateGroup, duplicate_groups
@@ -788,24 +788,6 @@ class SplitProblem:
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
-
-
-def task_of(data: Mapping[str, Any]) -> Task:
-    """The task a split (or model) recorded: a built-in task by name, or a custom
-    findings task rebuilt from its labels.
-
-    Raises:
-        MetadataError: the task is neither.
-    """
-    name = str(data.get("name"))
-    if name in TASKS:
-        return get_task(name)
-    if data.get("kind") == "multilabel" and isinstance(data.get("labels"), list):
-        return findings_task([str(label) for label in data["labels"]], name=name)
-    raise MetadataError(
-        f"task_of: task {name!r} is not a built-in task ({', '.join(TASKS)}) "
-        "nor a custom findings task"
-    )
 
 
 def _listing(patients: Sequence[str], limit: int = 8) -> str:

@@ -79,6 +79,48 @@ def _finding_label(findings: Sequence[str], node: str) -> float:
 
 
 @dataclass(frozen=True)
+class LabelDefinition:
+    """A finding label as data: positive under ``include``, except under ``exclude``.
+
+    ``Other viral pneumonia`` is ``include=("Pneumonia/Viral",),
+    exclude=("Pneumonia/Viral/COVID-19",)``.
+    """
+
+    name: str
+    include: tuple[str, ...]
+    exclude: tuple[str, ...] = ()
+
+    def value(self, findings: Sequence[str]) -> float:
+        """1, 0, or unknown when a finding is too unspecific to tell."""
+        values = []
+        for finding in findings:
+            if any(is_under(finding, node) for node in self.include):
+                if any(is_under(finding, node) for node in self.exclude):
+                    values.append(0.0)
+                elif any(node != finding and is_under(node, finding) for node in self.exclude):
+                    values.append(UNKNOWN)  # "Pneumonia/Viral": COVID-19 or another virus?
+                else:
+                    values.append(1.0)
+            elif any(node != finding and is_under(node, finding) for node in self.include):
+                values.append(UNKNOWN)  # "Pneumonia" for a viral label
+            else:
+                values.append(0.0)
+        return _max(values)
+
+
+@dataclass(frozen=True)
+class GroupsSpec:
+    """Multi-label findings over label definitions."""
+
+    definitions: tuple[LabelDefinition, ...]
+
+    def __call__(self, record: Mapping[str, Any]) -> tuple[Labels | None, str | None]:
+        if not _assigned(record):
+            return None, NO_FINDING_ASSIGNED
+        return tuple(d.value(record["findings"]) for d in self.definitions), None
+
+
+@dataclass(frozen=True)
 class FindingsSpec:
     """Multi-label findings: one label per vocabulary node."""
 
@@ -171,8 +213,20 @@ FINDING_NODES: tuple[str, ...] = (
 )
 
 
+# The labels of the second-opinion model: what the collection supports.
+SECOND_OPINION_LABELS: tuple[LabelDefinition, ...] = (
+    LabelDefinition("COVID-19", ("Pneumonia/Viral/COVID-19",)),
+    LabelDefinition("Other viral pneumonia", ("Pneumonia/Viral",), ("Pneumonia/Viral/COVID-19",)),
+    LabelDefinition("Bacterial pneumonia", ("Pneumonia/Bacterial",)),
+    LabelDefinition("Fungal pneumonia", ("Pneumonia/Fungal",)),
+    LabelDefinition("No finding", ("No Finding",)),
+)
+
+
 def _build_tasks() -> dict[str, Task]:
-    for node in FINDING_NODES:
+    for node in FINDING_NODES + tuple(
+        n for d in SECOND_OPINION_LABELS for n in d.include + d.exclude
+    ):
         get_node(node)  # the vocabulary must know every node (fails at import otherwise)
     outcomes = OutcomeSpec()
     tasks = [
@@ -196,6 +250,14 @@ def _build_tasks() -> dict[str, Task]:
             ("Pneumonia/Viral",),
             "viral (1) vs bacterial (0) pneumonia",
             BinarySpec(("Pneumonia/Viral",), ("Pneumonia/Bacterial",)),
+        ),
+        Task(
+            "second-opinion",
+            "multilabel",
+            tuple(d.name for d in SECOND_OPINION_LABELS),
+            "COVID-19, other viral, bacterial, fungal pneumonia, no finding "
+            "(unknown where the finding is less specific)",
+            GroupsSpec(SECOND_OPINION_LABELS),
         ),
         Task(
             "severity",
@@ -242,6 +304,24 @@ def findings_task(nodes: Sequence[str], name: str = "findings-custom") -> Task:
     resolved = tuple(resolve_node(n) for n in nodes)
     return Task(
         name, "multilabel", resolved, "findings: " + ", ".join(resolved), FindingsSpec(resolved)
+    )
+
+
+def task_of(data: Mapping[str, Any]) -> Task:
+    """The task a split (or model) recorded: a built-in task by name, or a custom
+    findings task rebuilt from its labels.
+
+    Raises:
+        MetadataError: the task is neither.
+    """
+    name = str(data.get("name"))
+    if name in TASKS:
+        return get_task(name)
+    if data.get("kind") == "multilabel" and isinstance(data.get("labels"), list):
+        return findings_task([str(label) for label in data["labels"]], name=name)
+    raise MetadataError(
+        f"task_of: task {name!r} is not a built-in task ({', '.join(TASKS)}) "
+        "nor a custom findings task"
     )
 
 
