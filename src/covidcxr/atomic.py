@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,4 +39,36 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
         temporary.replace(target)
     except BaseException:
         temporary.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh folder beside ``path``; it replaces ``path`` as a whole on success.
+
+    On any error the new folder is removed and an existing ``path`` is left as it
+    was. Replacing an existing folder renames it aside first, so readers see the old
+    folder or the new one.
+
+    Raises:
+        NotADirectoryError: ``path`` exists and is a file.
+        OSError: the folder cannot be created.
+    """
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(20, "it is a file; give a folder", str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp")
+    temporary.mkdir()
+    try:
+        yield temporary
+        if target.exists():
+            old = target.with_name(f".{target.name}.{secrets.token_hex(6)}.old")
+            target.rename(old)
+            temporary.rename(target)
+            shutil.rmtree(old)
+        else:
+            temporary.rename(target)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
         raise

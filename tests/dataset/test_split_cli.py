@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_splits import NEAR_PAIR, Synthetic, _picture, alpha_rows, build_synthetic
 
 from conftest import upstream_row, write_metadata
 from covidcxr.cli import main
 from covidcxr.dataset.splits import load_split
 from covidcxr.ingest.pipeline import ingest_source
 from covidcxr.store.db import open_store
+from synthetic_sources import NEAR_PAIR, Synthetic, _picture, alpha_rows, build_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -54,12 +54,20 @@ def register(subparsers: Any) -> None:
         "The file is replaced atomically: an error leaves nothing half-written.",
     )
     parser.add_argument("--format", required=True, choices=tuple(FORMATS), help="output format")
-    parser.add_argument("--out", required=True, type=Path, metavar="FILE", help="output file")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="PATH",
+        help="output file (a folder for webdataset, hf and imagefolder)",
+    )
     group = parser.add_argument_group("format options")
     for name, option in _all_options().items():
         flag = "--" + name.replace("_", "-")
         takes = f" [{_formats_taking(name)}]"
-        if option.choices == (False, True):
+        if option.metavar is not None:
+            group.add_argument(flag, dest=name, metavar=option.metavar, help=option.help + takes)
+        elif option.choices == (False, True):
             group.add_argument(
                 flag, dest=name, action="store_const", const=True, help=option.help + takes
             )

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 from sqlalchemy import Connection
 
-from covidcxr.atomic import atomic_output
+from covidcxr.atomic import atomic_directory, atomic_output
 from covidcxr.errors import CovidCxrError
 from covidcxr.store.db import Store
 from covidcxr.store.queries import RecordFilter, list_records
@@ -63,16 +63,19 @@ class ExportOption:
         choices: the accepted values; the first is the default. ``(False, True)``
             makes a CLI switch.
         help: one line for ``--help``.
+        metavar: set for a free-text option (a path, a name): any text is accepted,
+            ``choices`` holds at most its default (empty: no default, None).
     """
 
     name: str
     choices: tuple[str | bool, ...]
     help: str
+    metavar: str | None = None
 
     @property
-    def default(self) -> str | bool:
+    def default(self) -> str | bool | None:
         """The value used when the option is not given."""
-        return self.choices[0]
+        return self.choices[0] if self.choices else None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class ExportFormat:
         description: one line for ``--help``.
         suffix: the usual file name suffix.
         options: the options the writer takes.
+        directory: the output is a folder (written beside the target and renamed into
+            place as a whole) rather than one file.
     """
 
     name: str
@@ -117,6 +122,7 @@ class ExportFormat:
     description: str
     suffix: str
     options: tuple[ExportOption, ...] = ()
+    directory: bool = False
 
     def load_writer(self) -> Writer:
         """Import and return the writer function."""
@@ -183,6 +189,49 @@ register_format(
 )
 
 
+_ML_OPTIONS = (
+    ExportOption(
+        "task",
+        (),
+        "task whose labels to write (default: the split's task, else findings)",
+        metavar="TASK",
+    ),
+    ExportOption(
+        "split", (), "split file (covidcxr split): its selection, task and folds", metavar="FILE"
+    ),
+)
+register_format(
+    ExportFormat(
+        "webdataset",
+        "covidcxr.export.ml:write_webdataset",
+        "WebDataset tar shards per fold (image + json per sample)",
+        "",
+        _ML_OPTIONS,
+        directory=True,
+    )
+)
+register_format(
+    ExportFormat(
+        "hf",
+        "covidcxr.export.ml:write_hf",
+        "Hugging Face imagefolder with metadata.jsonl (train/validation/test for holdout splits)",
+        "",
+        _ML_OPTIONS,
+        directory=True,
+    )
+)
+register_format(
+    ExportFormat(
+        "imagefolder",
+        "covidcxr.export.ml:write_imagefolder",
+        "torchvision ImageFolder: fold/class/image (binary tasks)",
+        "",
+        _ML_OPTIONS,
+        directory=True,
+    )
+)
+
+
 def _resolve_options(fmt: ExportFormat, options: Mapping[str, Any]) -> dict[str, Any]:
     known = {option.name: option for option in fmt.options}
     unknown = sorted(set(options) - set(known))
@@ -195,6 +244,11 @@ def _resolve_options(fmt: ExportFormat, options: Mapping[str, Any]) -> dict[str,
     resolved: dict[str, Any] = {}
     for name, option in known.items():
         value = options.get(name, option.default)
+        if option.metavar is not None:
+            if value is not None and not isinstance(value, str):
+                raise ExportError(f"export: {name} must be text, got {value!r}")
+            resolved[name] = value
+            continue
         # Types must match too, so that 1 and 0 do not pass for True and False.
         if not any(type(value) is type(choice) and value == choice for choice in option.choices):
             raise ExportError(
@@ -218,8 +272,8 @@ def export_records(
     Args:
         conn_or_store: an open connection, or the store (a connection is opened and
             closed here).
-        path: the output file; its folders are created. An existing file is
-            replaced, atomically.
+        path: the output file (or folder, for folder formats); its parent folders are
+            created. An existing output is replaced, atomically.
         fmt: a name in :data:`FORMATS` (``upstream-csv``, ``parquet``).
         selection: which records (default: all), in source/line order.
         **options: the format's options, e.g. ``layout="june-2020"``,
@@ -242,8 +296,9 @@ def export_records(
     writer = export_format.load_writer()
     selection = selection or RecordFilter()
     target = Path(path)
+    output = atomic_directory if export_format.directory else atomic_output
     try:
-        with atomic_output(target) as temporary, ExitStack() as stack:
+        with output(target) as temporary, ExitStack() as stack:
             if isinstance(conn_or_store, Store):
                 store: Store | None = conn_or_store
                 conn = stack.enter_context(conn_or_store.read())
