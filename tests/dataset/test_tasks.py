@@ -133,7 +133,12 @@ def test_label_counts() -> None:
 )
 def test_second_opinion_labels(findings: list[str], expected: tuple[float, ...]) -> None:
     task = tasks.get_task("second-opinion")
-    assert task.labels == ("COVID-19", "Other viral pneumonia", "Bacterial pneumonia",
-                           "Fungal pneumonia", "No finding")
+    assert task.labels == (
+        "COVID-19",
+        "Other viral pneumonia",
+        "Bacterial pneumonia",
+        "Fungal pneumonia",
+        "No finding",
+    )
     labels, reason = task.label_record(record(*findings))
     assert reason is None and same(labels, expected)

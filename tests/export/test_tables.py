@@ -409,7 +409,7 @@ def test_bad_format_and_options_are_refused(
     store, _ = ingested
     out = tmp_path / "never.csv"
     with pytest.raises(
-        ExportError, match="unknown format .xlsx.; choose one of: .*parquet, upstream-csv"
+        ExportError, match=r"unknown format .xlsx.; choose one of: .*parquet, upstream-csv"
     ):
         export_records(store, out, "xlsx")
     with pytest.raises(ExportError, match="'parquet' does not take 'layout'; it takes: no opt"):

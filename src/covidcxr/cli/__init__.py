@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from covidcxr import __version__
-from covidcxr.cli import collection, dataset, export
+from covidcxr.cli import collection, dataset, evaluate, export, models, predict
 from covidcxr.errors import CovidCxrError
 
 log = logging.getLogger("covidcxr")
@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     collection.register(subparsers)
     export.register(subparsers)
     dataset.register(subparsers)
+    models.register(subparsers)
+    predict.register(subparsers)
+    evaluate.register(subparsers)
     return parser
 
 
