@@ -10,7 +10,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # torch from this machine's disk where it lies there (pinned so every run gets the same).
 .venv/bin/python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install --quiet -e ".[dev,ml,bench]"
+.venv/bin/python -m pip install --quiet -e ".[dev,ml,runtime,bench]"
 .venv/bin/ruff check src tests benchmarks
 .venv/bin/ruff format --check src tests benchmarks
 .venv/bin/mypy

@@ -1,0 +1,525 @@
+"""A torch Dataset over a :class:`~covidcxr.dataset.samples.SampleSet`, in
+torchxrayvision's conventions.
+
+A user of ``torchxrayvision.datasets.COVID19_Dataset`` can swap
+:class:`CollectionDataset` in: samples are dicts with ``img`` (float32, 1 x H x W, in
+[-1024, 1024]), ``lab`` (float32, NaN = unknown) and ``idx``; the dataset has
+``pathologies``, ``labels``, ``csv``, ``totals()`` and ``transform``/``data_aug`` work
+as there. It adds the lung ``mask`` (with ``has_mask``), ``severity``, ``patient``,
+``image_id`` (sha256), ``record_id`` and metadata, and it is fast: pixels are decoded
+once (reduced JPEG decoding, one resize, see :mod:`covidcxr.dataset.loading`) and then
+read from an on-disk cache; batches fetched by a DataLoader in the main process decode
+their uncached images on several threads.
+
+The per-sample data is held in numpy arrays (a few hundred bytes per sample), not in
+Python objects, so memory stays small as the collection grows and DataLoader workers do
+not copy it page by page as reference counts change. The dataset holds no database
+handle and pickles.
+
+Randomness: ``transform`` and ``data_aug`` draw from torch's (and Python's) generators,
+which DataLoader seeds per worker from its own ``generator``; nothing here touches
+numpy's global state. An image and its mask get the same random transform.
+
+This is the only module of :mod:`covidcxr.dataset` that imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+from covidcxr.dataset.loading import (
+    DEFAULT_CACHE_DIR,
+    CacheDir,
+    Crop,
+    PreprocessCache,
+    available_cpus,
+    check_request,
+    load_image,
+    load_mask,
+    normalise,
+    resolve_cache_dir,
+)
+from covidcxr.dataset.samples import METADATA_KEYS, Sample, SampleSet, Selection, build_samples
+from covidcxr.dataset.tasks import Task, get_task
+from covidcxr.errors import MissingExtraError
+from covidcxr.store.db import Store
+
+try:
+    import torch
+    from torch.utils.data import Dataset, get_worker_info
+except ImportError as exc:  # pragma: no cover - exercised only without torch
+    raise MissingExtraError("torch", "ml") from exc
+
+__all__ = ["CollectionDataset", "ImageTransform"]
+
+#: A transform as torchxrayvision applies them: it gets the numpy (or, for
+#: ``data_aug``, torch) 1 x H x W float32 image and returns an array or tensor.
+ImageTransform = Callable[[Any], Any]
+
+#: Metadata returned with every sample (strings: ``""`` when unknown; numbers: NaN).
+SAMPLE_METADATA = ("view", "modality", "sex", "age_years", "offset_days", "finding")
+_NUMERIC_METADATA = frozenset({"age_years", "offset_days"})
+
+_pools_lock = threading.Lock()
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _thread_pool(threads: int) -> ThreadPoolExecutor:
+    """A process-wide pool per size, made again after a fork (threads do not survive
+    one: a DataLoader worker started by fork gets its own)."""
+    key = (os.getpid(), threads)
+    with _pools_lock:
+        pool = _pools.get(key)
+        if pool is None:
+            pool = _pools[key] = ThreadPoolExecutor(threads, thread_name_prefix="covidcxr-decode")
+        return pool
+
+
+@dataclass(frozen=True)
+class _Strings:
+    """A string column: per sample a code into the distinct values (-1 = unknown).
+
+    The distinct values are packed into one UTF-8 buffer with offsets, not kept as
+    Python strings: DataLoader workers share these pages with the parent as long as
+    nothing writes to them, and reading a Python object writes its reference count.
+    """
+
+    codes: NDArray[np.int32]
+    packed: bytes
+    offsets: NDArray[np.int64]
+
+    @classmethod
+    def of(cls, items: Sequence[Any]) -> _Strings:
+        index: dict[str, int] = {}
+        codes = np.fromiter(
+            (-1 if v is None else index.setdefault(str(v), len(index)) for v in items),
+            dtype=np.int32,
+            count=len(items),
+        )
+        encoded = [value.encode("utf-8") for value in index]
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        return cls(codes, b"".join(encoded), offsets)
+
+    @property
+    def distinct(self) -> int:
+        """How many distinct values there are."""
+        return len(self.offsets) - 1
+
+    def get(self, i: int) -> str | None:
+        code = int(self.codes[i])
+        if code < 0:
+            return None
+        return self.packed[self.offsets[code] : self.offsets[code + 1]].decode("utf-8")
+
+
+def _numbers(items: Sequence[Any]) -> NDArray[np.float64]:
+    return np.fromiter(
+        (math.nan if v is None else float(v) for v in items), dtype=np.float64, count=len(items)
+    )
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run with torch's and Python's generators seeded, then restore both."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+def _as_tensor(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+
+
+class CollectionDataset(Dataset[dict[str, Any]]):
+    """The samples of a task and selection as torchxrayvision-style dicts.
+
+    Each item is a dict:
+
+    - ``img``: float32 tensor 1 x size x size in [-1024, 1024] (torchxrayvision's
+      ``normalize(img, 255)`` of the grayscale image, cropped and resized), or what
+      ``transform``/``data_aug`` make of it;
+    - ``lab``: float32 tensor of the task's labels (NaN = unknown);
+    - ``idx``: the item's position in this dataset;
+    - ``mask``: float32 tensor like ``img``, 1 on the lungs, zeros when no lung mask is
+      known; ``has_mask``: whether one is (both only when ``masks`` is True);
+    - ``severity``: float32 tensor (geographic extent 0-8, opacity 0-6), NaN when
+      unscored;
+    - ``patient`` (``source:patient_id``), ``image_id`` (sha256), ``record_id``,
+      ``source``;
+    - ``view``, ``modality``, ``sex``, ``finding`` (``""`` when unknown) and
+      ``age_years``, ``offset_days`` (NaN when unknown).
+
+    Every value batches with ``default_collate``.
+
+    Attributes:
+        pathologies: the label names, in the order of ``lab`` (torchxrayvision's name).
+        labels: N x L float32 array of the labels (NaN = unknown).
+        task: the task's description (:meth:`Task.as_dict`).
+        selection: the selection the samples came from.
+        views: the selected views (torchxrayvision's attribute).
+        size: output side in pixels.
+        crop: ``center`` or ``pad`` (see :func:`covidcxr.dataset.loading.load_image`).
+        cache_dir: the preprocessed-pixel cache, or None.
+        masks: whether items carry ``mask`` and ``has_mask``.
+        transform: applied to the numpy image (and mask), as torchxrayvision does.
+        data_aug: applied to the tensor image (and mask) after ``transform``.
+        sample_indices: for each item, its position in the SampleSet.
+    """
+
+    def __init__(
+        self,
+        samples: SampleSet,
+        *,
+        size: int = 224,
+        crop: Crop = "center",
+        cache_dir: CacheDir = DEFAULT_CACHE_DIR,
+        indices: Sequence[int] | NDArray[np.integer[Any]] | None = None,
+        transform: ImageTransform | None = None,
+        data_aug: ImageTransform | None = None,
+        masks: bool = True,
+        decode_threads: int | None = None,
+    ) -> None:
+        """Hold the samples (as compact arrays) and how to load them.
+
+        Args:
+            samples: from :func:`~covidcxr.dataset.samples.build_samples`.
+            size: output side in pixels.
+            crop: ``center`` (torchxrayvision's ``XRayCenterCrop``) or ``pad``.
+            cache_dir: where preprocessed pixels are kept; default ``cache`` beside the
+                store's ``blobs`` folder (``<data dir>/cache``); None: no cache.
+            indices: positions in ``samples`` to use, in this order (a split's fold).
+            transform: as torchxrayvision's ``transform`` (numpy 1 x H x W in, array
+                or tensor out); applied to the mask too.
+            data_aug: as torchxrayvision's ``data_aug``, on the tensor; applied to the
+                mask too, with the same random draw.
+            masks: load lung masks (``mask``, ``has_mask``).
+            decode_threads: threads that decode the uncached images of a batch
+                (``__getitems__``); default: all CPUs in the main process, 1 inside a
+                DataLoader worker (the workers already use the CPUs).
+
+        Raises:
+            ValueError: a bad size, crop, index or thread count.
+        """
+        check_request("CollectionDataset", size, crop)
+        if decode_threads is not None and decode_threads < 1:
+            raise ValueError(
+                f"CollectionDataset: decode_threads must be >= 1, got {decode_threads}"
+            )
+        total = len(samples.samples)
+        if indices is None:
+            order = np.arange(total, dtype=np.int64)
+        else:
+            given = np.asarray(indices).reshape(-1)
+            if given.size and given.dtype.kind not in "iu":
+                raise ValueError(
+                    f"CollectionDataset: indices must be integers, got {given.dtype} values"
+                )
+            order = given.astype(np.int64)
+            bad = order[(order < 0) | (order >= total)]
+            if bad.size:
+                raise ValueError(
+                    f"CollectionDataset: indices {bad[:5].tolist()} are outside the "
+                    f"{total} samples (0..{total - 1})"
+                )
+        chosen: list[Sample] = [samples.samples[i] for i in order.tolist()]
+
+        self.size = size
+        self.crop: Crop = crop
+        self.masks = masks
+        self.transform = transform
+        self.data_aug = data_aug
+        self.decode_threads = decode_threads
+        self.sample_indices = order
+        self.pathologies: list[str] = list(samples.label_names)
+        self.task: dict[str, Any] = samples.task.as_dict()
+        self.selection: Selection = samples.selection
+        self.views: list[str] = list(samples.selection.views)
+        self._excluded = dict(samples.excluded.most_common())
+        self._set_summary = samples.summary()
+        self._blob_root = samples.blob_root
+        self.cache_dir = resolve_cache_dir(cache_dir, samples.blob_root.parent)
+        self._image_cache = (
+            None if self.cache_dir is None else PreprocessCache(self.cache_dir, size, crop)
+        )
+        self._mask_cache = (
+            None
+            if self.cache_dir is None
+            else PreprocessCache(self.cache_dir, size, crop, kind="mask")
+        )
+
+        n_labels = len(self.pathologies)
+        self.labels: NDArray[np.float32] = np.array(
+            [s.labels for s in chosen], dtype=np.float32
+        ).reshape(len(chosen), n_labels)
+        self._record_ids = np.array([s.record_id for s in chosen], dtype=np.int64)
+        self._image_sha = np.array([s.image_sha256 for s in chosen], dtype="S64")
+        self._mask_sha = np.array([s.mask_sha256 or "" for s in chosen], dtype="S64")
+        self._severity = np.array(
+            [s.severity if s.severity is not None else (math.nan, math.nan) for s in chosen],
+            dtype=np.float32,
+        ).reshape(len(chosen), 2)
+        self._patients = _Strings.of([s.patient for s in chosen])
+        self._sources = _Strings.of([s.source for s in chosen])
+        self._strings: dict[str, _Strings] = {}
+        self._numbers: dict[str, NDArray[np.float64]] = {}
+        for key in METADATA_KEYS:
+            column = [s.metadata.get(key) for s in chosen]
+            if key in _NUMERIC_METADATA:
+                self._numbers[key] = _numbers(column)
+            else:
+                self._strings[key] = _Strings.of(column)
+
+    @classmethod
+    def from_store(
+        cls,
+        store: Store,
+        task: str | Task = "findings",
+        selection: Selection | None = None,
+        **options: Any,
+    ) -> CollectionDataset:
+        """Select and label samples from a store and make a dataset of them.
+
+        Args:
+            store: the open store (only read here; the dataset keeps no handle).
+            task: a task name (see :data:`covidcxr.dataset.tasks.TASKS`) or a Task.
+            selection: which records (default: frontal X-rays, one record per image).
+            **options: passed to :class:`CollectionDataset` (``size``, ``cache_dir``,
+                ``indices``, ``transform``, ...).
+
+        Raises:
+            MetadataError: unknown task or bad selection.
+        """
+        resolved = get_task(task) if isinstance(task, str) else task
+        return cls(build_samples(store, resolved, selection), **options)
+
+    # -- size and items ------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _position(self, index: int) -> int:
+        position = operator.index(index)
+        length = len(self)
+        if position < 0:
+            position += length
+        if not 0 <= position < length:
+            raise IndexError(f"CollectionDataset: index {index} out of range for {length} samples")
+        return position
+
+    def image_sha256(self, index: int) -> str:
+        """The sha256 (blob name) of an item's image."""
+        return str(self._image_sha[self._position(index)].decode("ascii"))
+
+    def mask_sha256(self, index: int) -> str | None:
+        """The sha256 of an item's lung mask, None when it has none."""
+        sha = self._mask_sha[self._position(index)].decode("ascii")
+        return sha or None
+
+    def _blob(self, sha256: str) -> Path:
+        return self._blob_root / sha256[:2] / sha256
+
+    def _image_pixels(self, sha256: str) -> NDArray[np.uint8]:
+        def load() -> NDArray[np.uint8]:
+            return load_image(self._blob(sha256), self.size, crop=self.crop)
+
+        if self._image_cache is None:
+            return load()
+        return self._image_cache.get_or_load(sha256, load)
+
+    def _mask_pixels(self, sha256: str) -> NDArray[np.uint8]:
+        def load() -> NDArray[np.uint8]:
+            return load_mask(self._blob(sha256), self.size, crop=self.crop)
+
+        if self._mask_cache is None:
+            return load()
+        return self._mask_cache.get_or_load(sha256, load)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        position = self._position(index)
+        image = self._image_pixels(self._image_sha[position].decode("ascii"))
+        mask = None
+        if self.masks and self._mask_sha[position]:
+            mask = self._mask_pixels(self._mask_sha[position].decode("ascii"))
+        return self._item(position, image, mask)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch of items; images missing from the cache are decoded in parallel.
+
+        Used by DataLoader (and ``torch.utils.data.Subset``) instead of one
+        ``__getitem__`` per index. Pillow releases the GIL while decoding and resizing,
+        so threads use the CPUs the main process would otherwise leave idle. The items
+        (and every random draw of the transforms) come in index order, exactly as with
+        ``__getitem__``.
+        """
+        positions = [self._position(i) for i in indices]
+        wanted: dict[tuple[str, str], NDArray[np.uint8] | None] = {}
+        for position in positions:
+            wanted[("image", self._image_sha[position].decode("ascii"))] = None
+            if self.masks and self._mask_sha[position]:
+                wanted[("mask", self._mask_sha[position].decode("ascii"))] = None
+        caches = {"image": self._image_cache, "mask": self._mask_cache}
+        for kind, sha in wanted:
+            cache = caches[kind]
+            wanted[kind, sha] = None if cache is None else cache.get(sha)
+        missing = [key for key, pixels in wanted.items() if pixels is None]
+        threads = self._threads()
+        if len(missing) > 1 and threads > 1:
+            results = _thread_pool(threads).map(self._load_kind, missing)
+            wanted.update(zip(missing, results, strict=True))
+        else:
+            for key in missing:
+                wanted[key] = self._load_kind(key)
+        items = []
+        for position in positions:
+            image = wanted["image", self._image_sha[position].decode("ascii")]
+            mask = None
+            if self.masks and self._mask_sha[position]:
+                mask = wanted["mask", self._mask_sha[position].decode("ascii")]
+            items.append(self._item(position, cast(NDArray[np.uint8], image), mask))
+        return items
+
+    def _load_kind(self, key: tuple[str, str]) -> NDArray[np.uint8]:
+        kind, sha = key
+        return self._image_pixels(sha) if kind == "image" else self._mask_pixels(sha)
+
+    def _threads(self) -> int:
+        if self.decode_threads is not None:
+            return self.decode_threads
+        return 1 if get_worker_info() is not None else available_cpus()
+
+    def _transformed(
+        self, function: ImageTransform, image: Any, mask: Any | None
+    ) -> tuple[Any, Any | None]:
+        """Apply a transform to the image and the mask with the same random draw."""
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        with _seeded(seed):
+            image = function(image)
+        if mask is not None:
+            with _seeded(seed):
+                mask = function(mask)
+        return image, mask
+
+    def _item(
+        self, position: int, pixels: NDArray[np.uint8], mask_pixels: NDArray[np.uint8] | None
+    ) -> dict[str, Any]:
+        image: Any = normalise(pixels)[None]
+        mask: Any = None if mask_pixels is None else mask_pixels.astype(np.float32)[None]
+        if self.transform is not None:
+            image, mask = self._transformed(self.transform, image, mask)
+        image = _as_tensor(image)
+        if mask is not None:
+            mask = _as_tensor(mask)
+        if self.data_aug is not None:
+            image, mask = self._transformed(self.data_aug, image, mask)
+        item: dict[str, Any] = {
+            "idx": position,
+            "img": image,
+            "lab": torch.from_numpy(self.labels[position].copy()),
+        }
+        if self.masks:
+            item["mask"] = torch.zeros_like(image) if mask is None else mask
+            item["has_mask"] = mask is not None
+        item["severity"] = torch.from_numpy(self._severity[position].copy())
+        item["patient"] = self._patients.get(position) or ""
+        item["image_id"] = self._image_sha[position].decode("ascii")
+        item["record_id"] = int(self._record_ids[position])
+        item["source"] = self._sources.get(position) or ""
+        for key in SAMPLE_METADATA:
+            if key in self._numbers:
+                item[key] = float(self._numbers[key][position])
+            else:
+                item[key] = self._strings[key].get(position) or ""
+        return item
+
+    # -- torchxrayvision compatibility and summaries -------------------------------
+
+    @property
+    def csv(self) -> list[dict[str, Any]]:
+        """One metadata dict per item (``pandas.DataFrame(ds.csv)`` gives
+        torchxrayvision's ``csv``); built on each access, not stored."""
+        rows = []
+        for i in range(len(self)):
+            row: dict[str, Any] = {
+                "record_id": int(self._record_ids[i]),
+                "image_id": self._image_sha[i].decode("ascii"),
+                "patient": self._patients.get(i),
+                "source": self._sources.get(i),
+            }
+            for key in METADATA_KEYS:
+                if key in self._numbers:
+                    value = float(self._numbers[key][i])
+                    row[key] = None if math.isnan(value) else value
+                else:
+                    row[key] = self._strings[key].get(i)
+            row["has_mask"] = bool(self._mask_sha[i])
+            geographic, opacity = (float(v) for v in self._severity[i])
+            row["geographic_mean"] = None if math.isnan(geographic) else geographic
+            row["opacity_mean"] = None if math.isnan(opacity) else opacity
+            rows.append(row)
+        return rows
+
+    @property
+    def patients(self) -> list[str]:
+        """Each item's patient (``source:patient_id``)."""
+        return [self._patients.get(i) or "" for i in range(len(self))]
+
+    def totals(self) -> dict[str, dict[float, int]]:
+        """Label value counts per pathology (torchxrayvision's ``totals()``)."""
+        result: dict[str, dict[float, int]] = {}
+        for column, name in enumerate(self.pathologies):
+            values = self.labels[:, column]
+            known = values[~np.isnan(values)]
+            distinct, counts = np.unique(known, return_counts=True)
+            result[name] = {float(v): int(c) for v, c in zip(distinct, counts, strict=True)}
+        return result
+
+    def summary(self) -> dict[str, Any]:
+        """This dataset's counts and settings, with the SampleSet's summary (its
+        exclusion counts say what the selection and the task left out)."""
+        return {
+            "dataset": type(self).__name__,
+            "task": self.task["name"],
+            "samples": len(self),
+            "patients": self._patients.distinct,
+            "with_mask": int(np.count_nonzero(self._mask_sha)),
+            "with_severity": int(np.count_nonzero(~np.isnan(self._severity[:, 0]))),
+            "size": self.size,
+            "crop": self.crop,
+            "cache_dir": None if self.cache_dir is None else str(self.cache_dir),
+            "excluded": dict(self._excluded),
+            "sample_set": self._set_summary,
+        }
+
+    def string(self) -> str:
+        """A one-line description (torchxrayvision's ``string()``)."""
+        excluded = ", ".join(f"{reason}: {n}" for reason, n in self._excluded.items())
+        return (
+            f"{type(self).__name__} task={self.task['name']} num_samples={len(self)} "
+            f"patients={self._patients.distinct} views={self.views} size={self.size} "
+            f"crop={self.crop} data_aug={self.data_aug} "
+            f"excluded={{{excluded}}}"
+        )
+
+    def __repr__(self) -> str:
+        return self.string()
