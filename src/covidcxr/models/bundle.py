@@ -20,10 +20,11 @@ This module needs no torch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,7 +179,8 @@ _KNOWN_KEYS = {
 }
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -272,7 +274,7 @@ def load_bundle(model: str | os.PathLike[str] | None = None, *, verify: bool = T
             file = folder / name
             if not file.is_file():
                 raise MetadataError(f"load_bundle: {bundle.model_id}: {file} is missing")
-            actual = _sha256(file)
+            actual = file_sha256(file)
             if actual != expected:
                 raise MetadataError(
                     f"load_bundle: {bundle.model_id}: {file} has sha256 {actual[:12]}…, "
@@ -308,23 +310,30 @@ def default_model_id() -> str:
     )
 
 
-def write_bundle(bundle: ModelBundle, card: str) -> ModelBundle:
+def write_bundle(bundle: ModelBundle, card: str | Callable[[ModelBundle], str]) -> ModelBundle:
     """Write ``model.json`` (with the sha256 of every other file) and the card.
 
-    The weights and ONNX files must already be in ``bundle.path``.
+    The weights and ONNX files, and any other file named in ``bundle.files`` (a
+    split file), must already be in ``bundle.path``; their hashes are recomputed.
+
+    Args:
+        bundle: what to describe.
+        card: the card text, or a renderer called with the bundle once its file
+            hashes are known (so the card can quote them).
 
     Returns:
         the bundle with its ``files`` filled in.
     """
-    files = {
-        name: _sha256(bundle.path / name)
-        for name in (WEIGHTS_FILE, ONNX_FILE)
-        if (bundle.path / name).is_file()
-    }
+    names = dict.fromkeys([WEIGHTS_FILE, ONNX_FILE, *bundle.files])
+    names.pop(CARD_FILE, None)
+    files = {n: file_sha256(bundle.path / n) for n in names if (bundle.path / n).is_file()}
+    hashed = dataclasses.replace(bundle, files=dict(files))
+    text = card(hashed) if callable(card) else card
     with atomic_output(bundle.path / CARD_FILE) as tmp:
-        tmp.write_text(card, encoding="utf-8")
-    files[CARD_FILE] = _sha256(bundle.path / CARD_FILE)
-    written = ModelBundle(**{**bundle.__dict__, "files": files})
+        tmp.write_text(text, encoding="utf-8")
+    written = dataclasses.replace(
+        hashed, files={**files, CARD_FILE: file_sha256(bundle.path / CARD_FILE)}
+    )
     with atomic_output(bundle.path / CONFIG_FILE) as tmp:
         tmp.write_text(json.dumps(written.as_json(), indent=2) + "\n", encoding="utf-8")
     return written

@@ -20,6 +20,7 @@ Backbones:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,7 +200,12 @@ def build_backbone(spec: str = "small", *, width: int = 32) -> tuple[nn.Module, 
     external: nn.Module
     if kind == "torchscript":
         try:
-            loaded = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+            with warnings.catch_warnings():
+                # torch deprecates TorchScript in favour of torch.export; a user's
+                # TorchScript backbone is still a valid input, so the warning is not
+                # theirs to act on here.
+                warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
+                loaded = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
             external = _TorchScriptBackbone(loaded)
         except RuntimeError as exc:
             raise MetadataError(

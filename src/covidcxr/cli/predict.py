@@ -1,0 +1,206 @@
+"""``covidcxr predict``: a second opinion on chest X-ray images (research use only).
+
+One row per image: the input check (pass/fail and why), every finding's calibrated
+probability, the findings positive at the model's operating point, the severity scores
+with their intervals, and the provenance (model id, weights sha256, engine, the note
+"research use only, not a diagnosis"). Images that fail the input check are reported,
+not predicted on; the exit code is still 0. Exit 2: no such model, no such path, no
+files, or an engine that is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, Final
+
+from covidcxr import RESEARCH_USE_ONLY
+from covidcxr.cli.output import FORMATS, write_rows
+from covidcxr.errors import MetadataError, MissingExtraError
+from covidcxr.models.bundle import ModelBundle, load_bundle
+from covidcxr.models.runtime import (
+    DEFAULT_BATCH_SIZE,
+    InferenceEngine,
+    OnnxPredictor,
+    PredictionRow,
+    expand_inputs,
+    record_columns,
+)
+
+ENGINES: Final = ("auto", "torch", "onnx")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    """Add ``predict`` to the command line."""
+    parser = subparsers.add_parser(
+        "predict",
+        help="input check, finding probabilities, severity and heatmaps for chest X-ray "
+        "images (research use only, not a diagnosis)",
+        description="A second opinion on chest X-ray images: one row per image with the "
+        "input check (pass/fail and why), every finding's probability, the positive "
+        "findings at the model's operating point, severity scores with intervals, and "
+        "the model's id and weights hash. Research use only, not a diagnosis.",
+    )
+    parser.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="FILE_OR_DIR",
+        help="PNG/JPEG files, or folders (every file under them; non-images are reported)",
+    )
+    parser.add_argument(
+        "--model",
+        metavar="ID|PATH",
+        help="a model id (see the models folder) or a bundle folder; default: the shipped model",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="torch, onnx (onnxruntime, no torch needed), or auto: torch when it is "
+        "installed, else onnx (default: auto)",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="table", help="output format")
+    parser.add_argument(
+        "--heatmaps",
+        metavar="DIR",
+        help="write a heatmap overlay PNG per explained finding (<file stem>.<finding>.png)",
+    )
+    parser.add_argument(
+        "--raw-maps",
+        action="store_true",
+        help="with --heatmaps: also write each raw map as .npy (network resolution)",
+    )
+    parser.add_argument(
+        "--saliency",
+        choices=("gradcam", "cam"),
+        default="gradcam",
+        help="torch engine's heatmap method: Grad-CAM by captum, or CAM (same map, no "
+        "gradients); the onnx engine always uses CAM (default: gradcam)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--threads", type=_positive_int, metavar="N", help="CPU threads for the network"
+    )
+    parser.set_defaults(handler=cmd_predict)
+
+
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_engine(
+    bundle: ModelBundle,
+    engine: str = "auto",
+    *,
+    saliency_method: str = "gradcam",
+    threads: int | None = None,
+) -> InferenceEngine:
+    """The prediction engine for a bundle.
+
+    Args:
+        bundle: the model.
+        engine: ``torch``, ``onnx`` or ``auto`` (torch when importable and the bundle
+            has torch weights, else onnx).
+        saliency_method: the torch engine's heatmap method (``gradcam`` or ``cam``).
+        threads: CPU threads (torch: process-wide; onnx: the session's).
+
+    Raises:
+        MissingExtraError: the engine's package is not installed.
+        MetadataError: the bundle lacks the engine's file.
+    """
+    if engine == "auto":
+        engine = "torch" if bundle.weights_path.is_file() and _torch_importable() else "onnx"
+    if engine == "onnx":
+        return OnnxPredictor(bundle, threads=threads)
+    if engine != "torch":
+        raise MetadataError(f"predict: engine {engine!r} is not one of {', '.join(ENGINES)}")
+    try:
+        import torch
+
+        from covidcxr.models.predict import Predictor
+    except ImportError as exc:
+        raise MissingExtraError("torch", "ml") from exc
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Predictor(bundle, saliency_method="cam" if saliency_method == "cam" else "gradcam")
+
+
+def _probability(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _table_rows(rows: Sequence[PredictionRow]) -> list[dict[str, str]]:
+    table: list[dict[str, str]] = []
+    for row in rows:
+        line = {"file": row.file, "input_check": row.input_check, "reason": row.reason}
+        for label, p in row.probabilities.items():
+            line[f"p_{label}"] = _probability(p)
+        line["positive"] = "" if row.positive is None else (", ".join(row.positive) or "none")
+        for name, score in row.severity.items():
+            line[name] = (
+                "" if score is None else f"{score.mean:.1f} [{score.low:.1f}, {score.high:.1f}]"
+            )
+        table.append(line)
+    return table
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """covidcxr predict: one row per image; exit 0 even when images fail the check."""
+    if args.raw_maps and not args.heatmaps:
+        raise MetadataError("predict: --raw-maps needs --heatmaps DIR (where to write them)")
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise MetadataError(
+            f"predict: no files in {', '.join(map(repr, args.inputs))}; give PNG or JPEG "
+            "files or folders that hold them"
+        )
+    bundle = load_bundle(args.model)
+    engine = make_engine(bundle, args.engine, saliency_method=args.saliency, threads=args.threads)
+    rows = engine.predict_files(
+        files,
+        heatmaps_dir=args.heatmaps,
+        raw_maps=args.raw_maps,
+        batch_size=args.batch_size,
+    )
+    out = sys.stdout
+    if args.format == "table":
+        lines = _table_rows(rows)
+        columns = ["file", "input_check", "reason"]
+        columns += [f"p_{label}" for label in bundle.findings]
+        columns += ["positive", *bundle.severity]
+        write_rows(lines, columns, "table", max_width=60, out=out)
+        passed = sum(row.input_check == "pass" for row in rows)
+        level = bundle.severity_interval.get("level", 0.9)
+        out.write(
+            f"\n{len(rows)} image(s): {passed} passed the input check, "
+            f"{len(rows) - passed} failed (no findings for those). Severity: score "
+            f"[{float(level):.0%} interval].\n"
+            f"model {bundle.model_id}, weights sha256 {bundle.weights_sha256 or 'unknown'}, "
+            f"engine {engine.engine}"
+            + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
+            + f".\n{RESEARCH_USE_ONLY[0].upper()}{RESEARCH_USE_ONLY[1:]}.\n"
+        )
+    else:
+        write_rows([row.record() for row in rows], record_columns(bundle), args.format, out=out)
+    return 0

@@ -1,0 +1,335 @@
+"""The model card (MODEL_CARD.md), rendered from a bundle's ``model.json``.
+
+The card is for people; ``model.json`` stays the source of truth (the card is rendered
+from it whenever the bundle is written, e.g. after ``covidcxr evaluate --update-card``
+adds metrics). Sections: intended use, data (version hash, sources, counts), split,
+training (command, seed, epochs), calibration and operating points, validation and
+held-out numbers, evaluation metrics with intervals, severity, input gate, known
+failure modes, how to reproduce.
+
+This module needs no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from covidcxr import RESEARCH_USE_ONLY
+from covidcxr.models.bundle import ModelBundle
+
+
+def data_membership_sha256(entries: Iterable[tuple[str, Sequence[float] | str]]) -> str:
+    """The data version of a model: sha256 over its training images and their labels.
+
+    One line per entry, ``<image sha256><TAB><labels>``, where labels are a label
+    vector written as JSON (unknown = ``null``, values rounded to 6 decimals) or a
+    text (a gate class); lines are sorted, so the order of samples does not matter.
+    """
+    lines = []
+    for image, labels in entries:
+        if isinstance(labels, str):
+            text = labels
+        else:
+            text = json.dumps(
+                [None if math.isnan(float(v)) else round(float(v), 6) for v in labels]
+            )
+        lines.append(f"{image}\t{text}\n")
+    digest = hashlib.sha256()
+    for line in sorted(lines):
+        digest.update(line.encode())
+    return digest.hexdigest()
+
+
+FAILURE_MODES = (
+    "**Shortcuts.** Models trained on this collection are known to learn the source, "
+    "text markers, arrows, positioning and image processing instead of the lungs "
+    "(DeGrave et al. 2021). Training the findings head on one source removes the "
+    "largest shortcut (which hospital or data set), not the others: within the "
+    "collection the classes still differ in where their images come from (papers, case "
+    "sites, years). The evaluation's shortcut audit (lungs masked out) measures this.",
+    "**Small classes.** Other viral, bacterial, fungal pneumonia and no finding have "
+    "tens of images each; their AUROCs have wide intervals and their operating points "
+    "rest on a handful of validation positives.",
+    "**No external validation.** Every number here comes from images of the same "
+    "collection (other patients). Performance at another hospital is unknown: run a "
+    "local validation before any use.",
+    "**Children.** The collection holds few paediatric images; predictions for children "
+    "are untested.",
+    "**Crops and screenshots.** Many images are figures cut from papers (cropped, "
+    "resized, annotated, sometimes photographed screens). The model saw these; it may "
+    "behave differently on clean DICOM exports, and vice versa.",
+    "**Views.** Findings were trained on frontal views (PA, AP, AP supine); lateral "
+    "views, CT and non-radiographs are meant to be refused by the input gate, which "
+    "itself was trained on few lateral and CT images (counts above) and on drawn, not "
+    "photographed, non-radiographs.",
+    "**Severity.** Fitted on about 90 expert-scored COVID-19 images; scores of other "
+    "diseases, of mild cases and of other scanners are extrapolations.",
+    "**Labels.** Findings come from the papers the images were taken from, not from a "
+    "re-read; unknowns (a finding less specific than a label) are masked, not negative.",
+)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _interval(pair: Any) -> str:
+    if not isinstance(pair, list | tuple) or len(pair) != 2 or None in pair:
+        return "n/a"
+    return f"{_fmt(pair[0])}-{_fmt(pair[1])}"
+
+
+def _auroc_table(report: Mapping[str, Any], labels: Sequence[str]) -> list[str]:
+    aurocs = report.get("auroc", {})
+    intervals = report.get("auroc_95ci_patient_bootstrap", {})
+    counts = report.get("labels", {})
+    positives = report.get("positives", {})
+    sensitivity = report.get("sensitivity_at_operating_point", {})
+    specificity = report.get("specificity_at_operating_point", {})
+    lines = [
+        "| label | positives | AUROC | 95% interval | sensitivity | specificity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        count = counts.get(label, {}).get("positive", positives.get(label))
+        lines.append(
+            f"| {label} | {_fmt(count)} | {_fmt(aurocs.get(label))} | "
+            f"{_interval(intervals.get(label))} | {_fmt(sensitivity.get(label))} | "
+            f"{_fmt(specificity.get(label))} |"
+        )
+    return lines
+
+
+def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
+    if not metrics:
+        return [
+            "Not evaluated. `covidcxr evaluate --update-card` adds cross-validated metrics "
+            "with intervals here.",
+        ]
+    return [
+        "As recorded in model.json (`metrics`):",
+        "",
+        "```json",
+        json.dumps(metrics, indent=2, sort_keys=True),
+        "```",
+    ]
+
+
+def render_card(bundle: ModelBundle) -> str:
+    """MODEL_CARD.md for a bundle (Markdown)."""
+    training = bundle.training
+    data = training.get("data", {})
+    split = training.get("split", {})
+    validation = training.get("validation", {})
+    holdout = training.get("holdout_test", {})
+    calibration = training.get("calibration", {})
+    sev = training.get("severity", {})
+    config = training.get("config", {})
+    command = training.get("command", "n/a")
+    lines: list[str] = [
+        f"# Model card: {bundle.model_id}",
+        "",
+        f"**{RESEARCH_USE_ONLY.capitalize()}.** Not a medical device; not for clinical decisions.",
+        "",
+        "## Intended use",
+        "",
+        "A digital second opinion for research on chest X-rays of the COVID-19 image data "
+        "collection: probabilities for "
+        + ", ".join(bundle.findings)
+        + "; pneumonia severity (geographic extent 0-8, opacity 0-6) with an interval; "
+        "and an input gate that flags images that are not usable frontal chest X-rays "
+        "(lateral views, CT slices, inverted images, non-radiographs, tiny or colour "
+        "images). Use it to study methods, shortcuts and evaluation, and as a baseline; "
+        "validate it locally before drawing any conclusion about patients.",
+        "",
+        "## Model",
+        "",
+        f"- backbone: `{bundle.backbone.get('spec', 'n/a')}`"
+        + (f" (width {bundle.backbone['width']})" if "width" in bundle.backbone else "")
+        + (
+            f", {bundle.backbone['channels']} pooled features"
+            if "channels" in bundle.backbone
+            else ""
+        ),
+        f"- input: {bundle.input_size}x{bundle.input_size} px grayscale, centre crop, "
+        "values in [-1024, 1024] (torchxrayvision's convention)",
+        f"- weights sha256: `{bundle.files.get('weights.pt', 'see model.json')}`",
+        "- files: weights.pt (torch), model.onnx (onnxruntime), model.json (everything "
+        "below, machine-readable)",
+        "",
+        "## Data",
+        "",
+        f"- data version (sha256 over the training and validation images and their "
+        f"labels): `{data.get('membership_sha256', 'n/a')}`",
+        f"- findings task: `{training.get('task', {}).get('name', 'n/a')}`; training "
+        f"sources: {', '.join(config.get('sources', [])) or 'n/a'} (frontal X-rays only; "
+        "other sources train the input gate only, so the findings head cannot learn the "
+        "source)",
+    ]
+    for fold in ("findings_train", "findings_val", "findings_test"):
+        part = data.get(fold)
+        if isinstance(part, Mapping):
+            lines.append(
+                f"- {fold.replace('findings_', '')}: {part.get('images', 'n/a')} images of "
+                f"{part.get('patients', 'n/a')} patients"
+            )
+    train_labels = data.get("findings_train", {}).get("labels", {})
+    if train_labels:
+        lines.append(
+            "- training positives: "
+            + ", ".join(f"{k} {v.get('positive', 0)}" for k, v in train_labels.items())
+        )
+    excluded = data.get("excluded_patients", {})
+    if excluded:
+        lines.append(
+            "- patients held out of training: "
+            + "; ".join(f"{n} ({reason})" for reason, n in excluded.items())
+        )
+    if data.get("gate_train"):
+        lines.append(
+            "- gate training images: "
+            + ", ".join(f"{k} {v}" for k, v in data["gate_train"].items())
+        )
+    lines += [
+        "",
+        "## Split",
+        "",
+        f"- scheme: {split.get('scheme', 'n/a')} (patient-grouped; patients sharing a "
+        f"duplicate picture kept together), seed {split.get('seed', 'n/a')}, fractions "
+        f"{split.get('fractions', 'n/a')}",
+        f"- split file: `{split.get('file', 'n/a')}` (in this bundle)",
+        f"- split membership sha256: `{split.get('membership_sha256', 'n/a')}`",
+        f"- split file content sha256: `{split.get('content_sha256', 'n/a')}`",
+        "",
+        "## Training",
+        "",
+        f"- command: `{command}`",
+        f"- seed {training.get('seed', 'n/a')}; epochs run {training.get('epochs_run', 'n/a')} "
+        f"of {config.get('epochs', 'n/a')} (best validation loss at epoch "
+        f"{training.get('best_epoch', 'n/a')}); {training.get('seconds_per_epoch', 'n/a')} s "
+        f"per epoch on {training.get('device', 'n/a')} with {training.get('threads', 'n/a')} "
+        f"thread(s); covidcxr {training.get('covidcxr_version', 'n/a')}, torch "
+        f"{training.get('torch_version', 'n/a')}",
+        f"- loss: masked binary cross-entropy (unknown labels ignored, pos_weight "
+        f"{data.get('pos_weight', 'n/a')}) + {config.get('gate_weight', 'n/a')} x gate "
+        "cross-entropy; AdamW, cosine schedule, light augmentation; early stopping on the "
+        "validation loss",
+        "",
+        "## Calibration and operating points",
+        "",
+        f"- {calibration.get('method', 'n/a')}",
+        "- temperatures: "
+        + ", ".join(
+            f"{n} {_fmt(t)}" for n, t in zip(bundle.findings, bundle.temperatures, strict=True)
+        ),
+        "- thresholds (calibrated probability): "
+        + ", ".join(
+            f"{n} {_fmt(t)}" for n, t in zip(bundle.findings, bundle.thresholds, strict=True)
+        ),
+        f"- {bundle.operating_point}",
+        "",
+        "## Metrics",
+        "",
+        "### Evaluation",
+        "",
+        *_metrics_section(bundle.metrics),
+        "",
+        "### Validation fold (used for early stopping, calibration and thresholds: optimistic)",
+        "",
+        *_auroc_table(validation, bundle.findings),
+        "",
+        "### Held-out test fold of the model's own split (untouched by training)",
+        "",
+    ]
+    if holdout.get("images"):
+        lines += [
+            f"{holdout['images']} images of {holdout.get('patients', 'n/a')} patients; "
+            "AUROC with 95% patient-bootstrap intervals; sensitivity and specificity at "
+            "the stored operating points.",
+            "",
+            *_auroc_table(holdout, bundle.findings),
+        ]
+    else:
+        lines.append("Not measured.")
+    lines += ["", "## Severity", ""]
+    interval = bundle.severity_interval
+    if interval.get("half_width") is not None:
+        lines += [
+            f"- outputs: {', '.join(bundle.severity)} (ranges "
+            + ", ".join(f"{lo:g}-{hi:g}" for lo, hi in bundle.severity_ranges)
+            + ")",
+            f"- method: {sev.get('features', 'ridge on pooled features')}, alpha "
+            f"{_fmt(sev.get('alpha'))}, fitted on {sev.get('images', 'n/a')} scored images",
+            f"- interval: mean +- {interval.get('half_width')} at level "
+            f"{interval.get('level')} ({interval.get('method', '')})",
+        ]
+        protocol = sev.get("protocol")
+        if isinstance(protocol, Mapping):
+            labels = protocol.get("labels", [])
+            lines += [
+                f"- reference protocol ({protocol.get('protocol', '')}):",
+                "",
+                "| output | MAE | sd | baseline MAE (training mean) | Pearson r | R^2 |",
+                "|---|---|---|---|---|---|",
+            ]
+            for k, label in enumerate(labels):
+                lines.append(
+                    f"| {label} | {_fmt(protocol['mae'][k])} | {_fmt(protocol['mae_sd'][k])} | "
+                    f"{_fmt(protocol['baseline_mae'][k])} | {_fmt(protocol['pearson_r'][k])} | "
+                    f"{_fmt(protocol['r2'][k])} |"
+                )
+            lines += [
+                "",
+                "  For comparison, Cohen et al. 2020 (features of a DenseNet pretrained on "
+                "~200k chest X-rays): geographic extent MAE 1.14, opacity 0.78; baseline "
+                "2.07.",
+            ]
+        elif protocol:
+            lines.append(f"- reference protocol: {protocol}")
+    else:
+        lines.append("Not fitted: severity outputs are not meaningful.")
+    gate = validation.get("gate", {})
+    lines += [
+        "",
+        "## Input gate",
+        "",
+        f"- classes: {', '.join(bundle.gate_classes)}",
+        f"- rules: shorter side >= {bundle.gate.min_side_px} px; colourfulness <= "
+        f"{bundle.gate.max_colourfulness}; frontal_xray probability >= "
+        f"{bundle.gate.min_frontal_probability}",
+    ]
+    if gate:
+        lines.append(
+            f"- validation accuracy {_fmt(gate.get('accuracy'))}; recall per class: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in gate.get("recall", {}).items())
+        )
+    lines += ["", "## Known failure modes", ""]
+    lines += [f"- {mode}" for mode in FAILURE_MODES]
+    lines += [
+        "",
+        "## How to reproduce",
+        "",
+        "1. Build a store with the same data (for the shipped model: the collection "
+        "snapshot in `../shared/datasets/covid-chestxray` ingested with its "
+        "`metadata-latest.csv`, and the NIH subset, as `scripts/run.sh` does).",
+        f"2. Run `{command}`"
+        + (
+            f" (add `--split <bundle folder of {bundle.model_id}>/split.csv` to pin the split)"
+            if split.get("file")
+            else ""
+        )
+        + ".",
+        "3. Check that the data version printed matches the one above; the validation "
+        "and test numbers then fall within the intervals stated here (the same seed, "
+        "data and thread count give the same weights).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,820 @@
+"""Prediction without torch: inputs, preprocessing, the gate, outputs, and onnxruntime.
+
+This module holds everything a prediction needs except the network itself, so that the
+torch path (:class:`covidcxr.models.predict.Predictor`) and the CPU path here
+(:class:`OnnxPredictor`, onnxruntime only) give the same rows from the same code:
+
+1. **Inputs.** Files are decoded with :func:`covidcxr.imaging.decode.read_image_file`
+   (content sniffing, pixel limit, truncation checks); a directory stands for every
+   file under it (hidden ones skipped), and files that are not PNG or JPEG get a row
+   saying so instead of stopping the run.
+2. **Gate rules** (:mod:`covidcxr.models.gate`): decodable, size, greyscale.
+3. **Preprocessing** exactly as training (:func:`covidcxr.dataset.loading.load_image`):
+   JPEG files go through ``load_image`` itself (training decoded JPEGs at a reduced DCT
+   scale, which only libjpeg reproduces); PNG files and in-memory images get the same
+   operations on the decoded image (grey conversion, centre-square box, one antialiased
+   resize), bit-identical to ``load_image`` (tested). Then
+   :func:`~covidcxr.dataset.loading.normalise` to [-1024, 1024].
+4. **One forward pass** per batch gives the gate head, findings, severity and feature
+   map. The gate head decides the ``frontal_view`` check; images failing any check get
+   a row with the verdict and reason and no findings.
+5. **Outputs.** Calibrated probabilities ``sigmoid(logit / T)`` with the bundle's
+   temperatures; positive findings at the bundle's thresholds; severity means clipped
+   to their ranges with the bundle's interval (a fixed half width per output, or, when
+   the bundle gives none, the Gaussian interval at its ``level`` from the predicted
+   log-variance); heatmaps (:mod:`covidcxr.models.saliency`) for every positive
+   finding, or the most probable one when none is positive.
+6. **Provenance** on every row: model id, weights sha256, engine, the checks passed and
+   failed, and "research use only, not a diagnosis".
+
+The ONNX contract (what :class:`OnnxPredictor` needs from ``model.onnx``): one input
+``(batch, 1, size, size)`` float32 with a dynamic batch; outputs named ``features``,
+``findings``, ``severity`` and ``gate`` (``pooled`` may be there too), or exactly the
+five outputs of :meth:`CXRModel.forward <covidcxr.models.network.CXRModel.forward>` in
+its order (features, pooled, findings, severity, gate) when unnamed; weights stored in
+the file itself (``external_data=False``: the bundle hashes ``model.onnx`` only). CAM
+heatmaps need the findings head's weight matrix: it is read once from the ONNX file's
+initializer ``heads.findings.weight`` (or ``<prefix>.heads.findings.weight``, as a
+wrapper exports it), with the ``onnx`` package, on the first heatmap,
+so the file stays the single source of the network and nothing else has to be shipped.
+
+Nothing in this module's import chain imports torch (a test runs it with torch
+blocked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import statistics
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Final
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from covidcxr import RESEARCH_USE_ONLY
+from covidcxr.dataset import loading
+from covidcxr.errors import ImageError, MetadataError, MissingExtraError
+from covidcxr.imaging.decode import read_image_file, sniff_format
+from covidcxr.models import gate, saliency
+from covidcxr.models.bundle import ModelBundle
+
+logger = logging.getLogger(__name__)
+
+#: The crop every bundle's input uses (``model.json``: ``input.crop``).
+CROP: Final = "center"
+#: Default number of images per forward pass.
+DEFAULT_BATCH_SIZE: Final = 16
+#: Name of the findings head's weight matrix in exported networks.
+FINDINGS_WEIGHT: Final = "heads.findings.weight"
+
+_DECODABLE: Final = frozenset({"PNG", "JPEG"})
+_UNSAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
+_FORWARD_OUTPUTS: Final = ("features", "pooled", "findings", "severity", "gate")
+
+
+@dataclass(frozen=True)
+class SeverityScore:
+    """A severity score with its interval.
+
+    Attributes:
+        mean: the predicted score, clipped to the output's range.
+        low: lower end of the interval (clipped to the range).
+        high: upper end of the interval (clipped to the range).
+        level: the interval's nominal coverage (0.9 for a 90% interval).
+    """
+
+    mean: float
+    low: float
+    high: float
+    level: float
+
+
+@dataclass(frozen=True)
+class PredictionRow:
+    """One image's second opinion, with its provenance.
+
+    Attributes:
+        file: the file (or the name given to an in-memory image).
+        image_sha256: sha256 of the file's bytes (``None`` for in-memory images or
+            unreadable files).
+        gate: the input gate's verdict.
+        probabilities: calibrated probability per finding label; ``None`` values when
+            the image failed the gate.
+        positive: finding labels at or above their operating point (``None`` when the
+            image failed the gate).
+        severity: per severity output, the score and interval (``None`` values when the
+            image failed the gate).
+        model_id: the bundle's id.
+        weights_sha256: sha256 of the bundle's ``weights.pt`` (the network's identity;
+            the ONNX file is the same network, hashed in ``model.json`` too).
+        engine: ``torch`` or ``onnx``.
+        heatmap_files: overlay PNGs (and raw ``.npy`` maps) written for this image.
+        heatmaps: per explained finding, the [0, 1] map on the whole image (only when
+            asked for with ``heatmaps=True``).
+        note: "research use only, not a diagnosis".
+    """
+
+    file: str
+    image_sha256: str | None
+    gate: gate.GateVerdict
+    probabilities: Mapping[str, float | None]
+    positive: tuple[str, ...] | None
+    severity: Mapping[str, SeverityScore | None]
+    model_id: str
+    weights_sha256: str
+    engine: str
+    heatmap_files: tuple[str, ...] = ()
+    heatmaps: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
+    note: str = RESEARCH_USE_ONLY
+
+    @property
+    def input_check(self) -> str:
+        """``pass`` or ``fail``."""
+        return self.gate.verdict
+
+    @property
+    def reason(self) -> str:
+        """The gate's reason."""
+        return self.gate.reason
+
+    def record(self) -> dict[str, Any]:
+        """The row as a flat dict (the CSV/JSON columns, see :func:`record_columns`)."""
+        out: dict[str, Any] = {
+            "file": self.file,
+            "image_sha256": self.image_sha256,
+            "input_check": self.gate.verdict,
+            "reason": self.gate.reason,
+            "checks_passed": list(self.gate.checks_passed),
+            "checks_failed": list(self.gate.checks_failed),
+            "gate_p_frontal": _rounded(self.gate.frontal_probability),
+        }
+        for label, probability in self.probabilities.items():
+            out[f"p_{label}"] = _rounded(probability)
+        out["positive_findings"] = None if self.positive is None else list(self.positive)
+        level: float | None = None
+        for name, score in self.severity.items():
+            out[name] = None if score is None else _rounded(score.mean, 3)
+            out[f"{name}_low"] = None if score is None else _rounded(score.low, 3)
+            out[f"{name}_high"] = None if score is None else _rounded(score.high, 3)
+            if score is not None:
+                level = score.level
+        out["severity_interval_level"] = level
+        out["model_id"] = self.model_id
+        out["weights_sha256"] = self.weights_sha256
+        out["engine"] = self.engine
+        out["heatmaps"] = list(self.heatmap_files)
+        out["note"] = self.note
+        return out
+
+
+def _rounded(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def record_columns(bundle: ModelBundle) -> list[str]:
+    """The columns of :meth:`PredictionRow.record` for a bundle, in order."""
+    columns = [
+        "file",
+        "image_sha256",
+        "input_check",
+        "reason",
+        "checks_passed",
+        "checks_failed",
+        "gate_p_frontal",
+    ]
+    columns += [f"p_{label}" for label in bundle.findings]
+    columns.append("positive_findings")
+    for name in bundle.severity:
+        columns += [name, f"{name}_low", f"{name}_high"]
+    columns += ["severity_interval_level", "model_id", "weights_sha256", "engine"]
+    columns += ["heatmaps", "note"]
+    return columns
+
+
+@dataclass(frozen=True)
+class NetworkOutputs:
+    """One batch's raw network outputs, as numpy arrays.
+
+    Attributes:
+        findings: ``(B, K)`` finding logits.
+        severity: ``(B, 2 S)`` severity means then log-variances.
+        gate: ``(B, G)`` gate logits.
+        features: ``(B, C, h, w)`` feature maps (for CAM).
+    """
+
+    findings: NDArray[np.float32]
+    severity: NDArray[np.float32]
+    gate: NDArray[np.float32]
+    features: NDArray[np.float32]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Files to predict on: files as given, directories walked (sorted, recursive).
+
+    Hidden files and folders (names starting with ``.``) inside a directory are skipped;
+    every other file is kept, image or not: the prediction decides by content and
+    reports what is not a PNG or JPEG.
+
+    Raises:
+        MetadataError: a path does not exist.
+    """
+    found: list[Path] = []
+    for entry in paths:
+        path = Path(entry).expanduser()
+        if path.is_dir():
+            for root, dirs, files in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found.extend(Path(root) / name for name in sorted(files) if name[0] != ".")
+        elif path.exists():
+            found.append(path)
+        else:
+            raise MetadataError(f"predict: {str(path)!r} does not exist; check the path")
+    return found
+
+
+def as_image(image: Image.Image | NDArray[Any]) -> Image.Image:
+    """An in-memory image as a Pillow image.
+
+    Accepts Pillow images and arrays: ``(H, W)`` uint8, uint16 (16-bit) or float in
+    [0, 1]; ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (RGB, RGBA).
+
+    Raises:
+        ValueError: any other array.
+    """
+    if isinstance(image, Image.Image):
+        return image
+    array = np.asarray(image)
+    # Pillow infers the mode from the dtype and shape: L, I;16, F, RGB, RGBA.
+    grey = array.ndim == 2 and (
+        array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)
+    )
+    if grey and np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    colour = array.ndim == 3 and array.dtype == np.uint8 and array.shape[2] in (3, 4)
+    if grey or colour:
+        return Image.fromarray(np.ascontiguousarray(array))
+    raise ValueError(
+        f"as_image: expected (H, W) uint8/uint16/float or (H, W, 3|4) uint8, got "
+        f"{array.dtype} {array.shape}"
+    )
+
+
+def preprocess(image: Image.Image, size: int) -> NDArray[np.uint8]:
+    """The network's input pixels from a decoded image, as training made them
+    (:func:`covidcxr.dataset.loading.preprocess_image`)."""
+    return loading.preprocess_image(image, size)
+
+
+def grey_levels(image: Image.Image) -> NDArray[np.uint8]:
+    """The whole image as uint8 grey levels (the heatmap overlay's background)."""
+    return loading.grey_levels(image)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def sigmoid(values: NDArray[np.floating]) -> NDArray[np.float64]:
+    """The logistic function, stable for large negative and positive values."""
+    x = np.asarray(values, dtype=np.float64)
+    result: NDArray[np.float64] = np.empty_like(x)
+    positive = x >= 0
+    result[positive] = 1.0 / (1.0 + np.exp(-x[positive]))
+    exp_x = np.exp(x[~positive])
+    result[~positive] = exp_x / (1.0 + exp_x)
+    return result
+
+
+def calibrated_probabilities(
+    logits: NDArray[np.floating], temperatures: Sequence[float]
+) -> NDArray[np.float64]:
+    """``sigmoid(logit / T)`` per finding (the last axis)."""
+    return sigmoid(np.asarray(logits, dtype=np.float64) / np.asarray(temperatures))
+
+
+def severity_scores(raw: NDArray[np.floating], bundle: ModelBundle) -> dict[str, SeverityScore]:
+    """Severity scores and intervals from one image's severity head output.
+
+    Args:
+        raw: ``(2 S,)``: S means, then S log-variances.
+        bundle: gives the names, ranges and interval (``severity_interval``).
+    """
+    n = len(bundle.severity)
+    means = np.asarray(raw[:n], dtype=np.float64)
+    spec = bundle.severity_interval
+    level = float(spec.get("level", 0.9))
+    half_width = spec.get("half_width")
+    if half_width is None:
+        z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+        logvar = np.clip(np.asarray(raw[n : 2 * n], dtype=np.float64), -30.0, 30.0)
+        halves = z * np.exp(0.5 * logvar)
+    else:
+        halves = np.broadcast_to(np.asarray(half_width, dtype=np.float64), (n,))
+    scores: dict[str, SeverityScore] = {}
+    for i, name in enumerate(bundle.severity):
+        low, high = bundle.severity_ranges[i]
+        mean = float(np.clip(means[i], low, high))
+        scores[name] = SeverityScore(
+            mean=mean,
+            low=float(np.clip(mean - halves[i], low, high)),
+            high=float(np.clip(mean + halves[i], low, high)),
+            level=level,
+        )
+    return scores
+
+
+def check_bundle(bundle: ModelBundle) -> None:
+    """Refuse a bundle whose description cannot drive a prediction.
+
+    Raises:
+        MetadataError: naming what is inconsistent.
+    """
+    where = f"{bundle.model_id} ({bundle.path})"
+    if gate.FRONTAL_CLASS not in bundle.gate_classes:
+        raise MetadataError(
+            f"predict: model {where} has gate classes {list(bundle.gate_classes)} without "
+            f"{gate.FRONTAL_CLASS!r}"
+        )
+    if len(bundle.severity_ranges) != len(bundle.severity):
+        raise MetadataError(
+            f"predict: model {where} has {len(bundle.severity)} severity outputs but "
+            f"{len(bundle.severity_ranges)} ranges"
+        )
+    if any(t <= 0 for t in bundle.temperatures):
+        raise MetadataError(f"predict: model {where} has a temperature <= 0")
+
+
+def _safe_stem(name: str) -> str:
+    stem = Path(name).stem if name else "image"
+    return _UNSAFE_NAME.sub("_", stem).strip("._") or "image"
+
+
+# --------------------------------------------------------------------------- engines
+
+
+@dataclass
+class _Item:
+    """One input on its way through a batch."""
+
+    name: str
+    sha256: str | None
+    image: Image.Image | None
+    verdict: gate.GateVerdict
+    pixels: NDArray[np.uint8] | None = None
+
+
+@dataclass
+class _HeatmapRequest:
+    """Where heatmaps go, and names already used (two inputs may share a stem)."""
+
+    directory: Path | None
+    keep_in_memory: bool
+    raw_maps: bool
+    used_names: set[str] = field(default_factory=set)
+
+    def unique_stem(self, name: str, sha256: str | None) -> str:
+        stem = _safe_stem(name)
+        if stem in self.used_names:
+            suffix = sha256[:8] if sha256 else str(len(self.used_names))
+            stem = f"{stem}-{suffix}"
+            while stem in self.used_names:
+                stem += "_"
+        self.used_names.add(stem)
+        return stem
+
+
+class InferenceEngine(ABC):
+    """What every prediction engine shares; subclasses supply the forward pass.
+
+    Attributes:
+        bundle: the model.
+        engine: the engine's name (``torch``, ``onnx``).
+    """
+
+    engine: ClassVar[str] = ""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        check_bundle(bundle)
+        self.bundle = bundle
+
+    @abstractmethod
+    def forward(self, batch: NDArray[np.float32]) -> NetworkOutputs:
+        """Run the network on ``(B, 1, size, size)`` inputs in [-1024, 1024]."""
+
+    @abstractmethod
+    def findings_weights(self) -> NDArray[np.float32]:
+        """The findings head's ``(K, C)`` weight matrix (for CAM)."""
+
+    def explain(
+        self, batch: NDArray[np.float32], outputs: NetworkOutputs, targets: Sequence[int]
+    ) -> NDArray[np.float32]:
+        """Raw ``(B, h, w)`` maps, one per image for its target finding (CAM here)."""
+        weights = self.findings_weights()[np.asarray(targets, dtype=np.intp)]
+        maps = np.einsum("bc,bchw->bhw", weights, outputs.features)
+        result: NDArray[np.float32] = maps.astype(np.float32, copy=False)
+        return result
+
+    # ----------------------------------------------------------------- public API
+
+    def predict_files(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        heatmaps_dir: str | os.PathLike[str] | None = None,
+        raw_maps: bool = False,
+        heatmaps: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> list[PredictionRow]:
+        """Predict on files and directories (see :func:`expand_inputs`).
+
+        Args:
+            paths: image files and folders.
+            heatmaps_dir: write an overlay PNG per explained finding here
+                (``<stem>.<label>.png``; a second file with the same stem gets
+                ``<stem>-<sha256[:8]>``).
+            raw_maps: also write each raw map as ``<stem>.<label>.npy``.
+            heatmaps: keep each explained finding's [0, 1] map on the whole image in
+                :attr:`PredictionRow.heatmaps` (full resolution: mind the memory).
+            batch_size: images per forward pass (also the most decoded images held in
+                memory at once).
+
+        Returns:
+            One row per file, in input order; files that are unreadable, not PNG or
+            JPEG, or fail the gate get a row with the verdict and reason.
+
+        Raises:
+            MetadataError: a given path does not exist.
+        """
+        files = expand_inputs(paths)
+        request = self._request(heatmaps_dir, keep=heatmaps, raw_maps=raw_maps)
+        rows: list[PredictionRow] = []
+        for start in range(0, len(files), _check_batch_size(batch_size)):
+            items = [self._load_file(path) for path in files[start : start + batch_size]]
+            rows.extend(self._run(items, request))
+        return rows
+
+    def predict_arrays(
+        self,
+        images: Sequence[Image.Image | NDArray[Any]],
+        *,
+        names: Sequence[str] | None = None,
+        heatmaps: bool = False,
+        heatmaps_dir: str | os.PathLike[str] | None = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> list[PredictionRow]:
+        """Predict on decoded images (arrays as :func:`as_image` takes, or Pillow).
+
+        Args:
+            images: the images.
+            names: a name per image for the rows (default ``image[i]``).
+            heatmaps: keep each explained finding's [0, 1] map on the whole image in
+                :attr:`PredictionRow.heatmaps`.
+            heatmaps_dir: also write overlay PNGs there.
+            batch_size: images per forward pass.
+
+        Returns:
+            One row per image, in order.
+        """
+        if names is not None and len(names) != len(images):
+            raise ValueError(f"predict_arrays: {len(images)} images but {len(names)} names")
+        labels = list(names) if names is not None else [f"image[{i}]" for i in range(len(images))]
+        request = self._request(heatmaps_dir, keep=heatmaps, raw_maps=False)
+        rows: list[PredictionRow] = []
+        for start in range(0, len(images), _check_batch_size(batch_size)):
+            items = [
+                self._load_array(labels[i], images[i])
+                for i in range(start, min(start + batch_size, len(images)))
+            ]
+            rows.extend(self._run(items, request))
+        return rows
+
+    # ----------------------------------------------------------------- pipeline
+
+    def _request(
+        self, directory: str | os.PathLike[str] | None, *, keep: bool, raw_maps: bool
+    ) -> _HeatmapRequest | None:
+        if directory is None and not keep:
+            return None
+        folder = None if directory is None else Path(directory).expanduser()
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        return _HeatmapRequest(folder, keep, raw_maps)
+
+    def _load_file(self, path: Path) -> _Item:
+        name = str(path)
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(512)
+        except OSError:
+            head = None  # read_image_file below names the problem
+        kind = None if head is None else sniff_format(head)
+        if head and kind not in _DECODABLE:
+            # Refused before reading the rest: a folder may hold large non-image files.
+            what = f"{kind} bytes" if kind else "unrecognised bytes"
+            error = ImageError(
+                f"predict: {name!r} holds {what}, not a PNG or JPEG image",
+                code="unsupported_format",
+            )
+            return _Item(name, None, None, gate.decode_failure(error))
+        try:
+            data, decoded = read_image_file(path)
+        except ImageError as exc:
+            return _Item(name, None, None, gate.decode_failure(exc))
+        sha256 = hashlib.sha256(data).hexdigest()
+        image = decoded.image
+        verdict = gate.check_rules(image, self.bundle.gate)
+        item = _Item(name, sha256, image, verdict)
+        if verdict.passed:
+            size = self.bundle.input_size
+            if decoded.info.format == "JPEG":
+                try:
+                    item.pixels = loading.load_image(path, size, crop=CROP)
+                except ImageError as exc:  # changed on disk since it was read
+                    item.verdict = gate.decode_failure(exc)
+            else:
+                item.pixels = preprocess(image, size)
+        return item
+
+    def _load_array(self, name: str, array: Image.Image | NDArray[Any]) -> _Item:
+        image = as_image(array)
+        verdict = gate.check_rules(image, self.bundle.gate)
+        pixels = preprocess(image, self.bundle.input_size) if verdict.passed else None
+        return _Item(name, None, image, verdict, pixels)
+
+    def _run(self, items: list[_Item], request: _HeatmapRequest | None) -> Iterator[PredictionRow]:
+        ready = [i for i, item in enumerate(items) if item.pixels is not None]
+        outputs: NetworkOutputs | None = None
+        batch: NDArray[np.float32] | None = None
+        if ready:
+            pixels = [items[i].pixels for i in ready]
+            batch = np.stack([loading.normalise(p) for p in pixels if p is not None])[:, None]
+            outputs = self.forward(batch)
+            self._check_outputs(outputs, len(ready))
+        position = {index: row for row, index in enumerate(ready)}
+        explained: dict[int, dict[str, NDArray[np.float32]]] = {}
+        probabilities: dict[int, NDArray[np.float64]] = {}
+        for index, item in enumerate(items):
+            if outputs is None or index not in position:
+                continue
+            k = position[index]
+            gate_probs = gate.softmax(outputs.gate[k])
+            item.verdict = gate.head_verdict(
+                gate_probs, self.bundle.gate_classes, self.bundle.gate, item.verdict
+            )
+            if item.verdict.passed:
+                probabilities[index] = calibrated_probabilities(
+                    outputs.findings[k], self.bundle.temperatures
+                )
+        if request is not None and probabilities and outputs is not None and batch is not None:
+            explained = self._heatmaps(position, probabilities, batch, outputs)
+        for index, item in enumerate(items):
+            yield self._row(item, index, position, probabilities, outputs, explained, request)
+            item.image = None  # let the decoded pixels go
+
+    def _targets(self, probs: NDArray[np.float64]) -> list[int]:
+        positive = [k for k, p in enumerate(probs) if p >= self.bundle.thresholds[k]]
+        return positive or [int(np.argmax(probs))]
+
+    def _heatmaps(
+        self,
+        position: Mapping[int, int],
+        probabilities: Mapping[int, NDArray[np.float64]],
+        batch: NDArray[np.float32],
+        outputs: NetworkOutputs,
+    ) -> dict[int, dict[str, NDArray[np.float32]]]:
+        """Raw maps per image index and explained finding label."""
+        pairs = [(index, k) for index in probabilities for k in self._targets(probabilities[index])]
+        rows = np.asarray([position[index] for index, _ in pairs], dtype=np.intp)
+        subset = NetworkOutputs(
+            findings=outputs.findings[rows],
+            severity=outputs.severity[rows],
+            gate=outputs.gate[rows],
+            features=outputs.features[rows],
+        )
+        maps = self.explain(batch[rows], subset, [k for _, k in pairs])
+        explained: dict[int, dict[str, NDArray[np.float32]]] = {}
+        for (index, k), raw in zip(pairs, maps, strict=True):
+            explained.setdefault(index, {})[self.bundle.findings[k]] = raw
+        return explained
+
+    def _row(
+        self,
+        item: _Item,
+        index: int,
+        position: Mapping[int, int],
+        probabilities: Mapping[int, NDArray[np.float64]],
+        outputs: NetworkOutputs | None,
+        explained: Mapping[int, Mapping[str, NDArray[np.float32]]],
+        request: _HeatmapRequest | None,
+    ) -> PredictionRow:
+        bundle = self.bundle
+        probs: dict[str, float | None] = dict.fromkeys(bundle.findings)
+        severity: dict[str, SeverityScore | None] = dict.fromkeys(bundle.severity)
+        positive: tuple[str, ...] | None = None
+        files: list[str] = []
+        maps: dict[str, NDArray[np.float32]] = {}
+        if index in probabilities and outputs is not None:
+            values = probabilities[index]
+            probs = {label: float(p) for label, p in zip(bundle.findings, values, strict=True)}
+            positive = tuple(
+                label
+                for label, p, t in zip(bundle.findings, values, bundle.thresholds, strict=True)
+                if p >= t
+            )
+            severity = dict(severity_scores(outputs.severity[position[index]], bundle))
+            if request is not None:
+                files, maps = self._write_heatmaps(item, explained.get(index, {}), request)
+        return PredictionRow(
+            file=item.name,
+            image_sha256=item.sha256,
+            gate=item.verdict,
+            probabilities=probs,
+            positive=positive,
+            severity=severity,
+            model_id=bundle.model_id,
+            weights_sha256=bundle.weights_sha256,
+            engine=self.engine,
+            heatmap_files=tuple(files),
+            heatmaps=maps,
+        )
+
+    def _write_heatmaps(
+        self, item: _Item, raw_maps: Mapping[str, NDArray[np.float32]], request: _HeatmapRequest
+    ) -> tuple[list[str], dict[str, NDArray[np.float32]]]:
+        files: list[str] = []
+        kept: dict[str, NDArray[np.float32]] = {}
+        if item.image is None:
+            return files, kept
+        width, height = item.image.size
+        gray = grey_levels(item.image) if request.directory is not None else None
+        stem = request.unique_stem(item.name, item.sha256) if request.directory else ""
+        for label, raw in raw_maps.items():
+            heat = saliency.upsample_to_image(saliency.normalise_map(raw), width, height)
+            if request.keep_in_memory:
+                kept[label] = heat
+            if request.directory is not None and gray is not None:
+                base = request.directory / f"{stem}.{_UNSAFE_NAME.sub('_', label)}"
+                png = base.with_name(base.name + ".png")
+                saliency.write_overlay(png, gray, heat)
+                files.append(str(png))
+                if request.raw_maps:
+                    npy = base.with_name(base.name + ".npy")
+                    saliency.write_raw_map(npy, raw)
+                    files.append(str(npy))
+        return files, kept
+
+    def _check_outputs(self, outputs: NetworkOutputs, n: int) -> None:
+        bundle = self.bundle
+        expected = {
+            "findings": (n, len(bundle.findings)),
+            "severity": (n, 2 * len(bundle.severity)),
+            "gate": (n, len(bundle.gate_classes)),
+        }
+        for name, shape in expected.items():
+            actual = getattr(outputs, name).shape
+            if tuple(actual) != shape:
+                raise MetadataError(
+                    f"predict: model {bundle.model_id}: the network's {name} output has "
+                    f"shape {tuple(actual)}, model.json implies {shape}; the weights do "
+                    "not belong to this model.json"
+                )
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"predict: batch_size must be a positive int, got {batch_size!r}")
+    return batch_size
+
+
+class OnnxPredictor(InferenceEngine):
+    """Prediction with onnxruntime on the CPU; torch is never imported.
+
+    Args:
+        bundle: a bundle with ``model.onnx`` (see the module docstring's contract).
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+
+    Raises:
+        MissingExtraError: onnxruntime is not installed.
+        MetadataError: the bundle has no ONNX file, or its outputs break the contract.
+    """
+
+    engine: ClassVar[str] = "onnx"
+
+    def __init__(self, bundle: ModelBundle, *, threads: int | None = None) -> None:
+        super().__init__(bundle)
+        try:
+            import onnxruntime
+        except ImportError as exc:
+            raise MissingExtraError("onnxruntime", "runtime") from exc
+        path = bundle.onnx_path
+        if not path.is_file():
+            raise MetadataError(
+                f"predict: model {bundle.model_id} has no {path.name} in {bundle.path}; "
+                "export it or use the torch engine"
+            )
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        try:
+            self._session = onnxruntime.InferenceSession(
+                str(path), sess_options=options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own unrelated classes
+            raise MetadataError(f"predict: cannot load {path}: {exc}") from exc
+        inputs = self._session.get_inputs()
+        if len(inputs) != 1:
+            raise MetadataError(f"predict: {path} has {len(inputs)} inputs, expected 1")
+        self._input = str(inputs[0].name)
+        names = [str(o.name) for o in self._session.get_outputs()]
+        wanted = ("features", "findings", "severity", "gate")
+        if all(name in names for name in wanted):
+            self._outputs = list(wanted)
+        elif len(names) == len(_FORWARD_OUTPUTS):
+            # Exported without output names: CXRModel.forward's order.
+            logger.debug("%s: unnamed outputs %s taken in forward order", path, names)
+            by_role = dict(zip(_FORWARD_OUTPUTS, names, strict=True))
+            self._outputs = [by_role[name] for name in wanted]
+        else:
+            raise MetadataError(
+                f"predict: {path} has outputs {names}; expected features, findings, "
+                "severity and gate (see covidcxr.models.runtime)"
+            )
+        self._weights: NDArray[np.float32] | None = None
+
+    def forward(self, batch: NDArray[np.float32]) -> NetworkOutputs:
+        """Run the ONNX network on a batch."""
+        features, findings, severity, gate_logits = self._session.run(
+            self._outputs, {self._input: np.ascontiguousarray(batch, dtype=np.float32)}
+        )
+        return NetworkOutputs(
+            findings=np.asarray(findings, dtype=np.float32),
+            severity=np.asarray(severity, dtype=np.float32),
+            gate=np.asarray(gate_logits, dtype=np.float32),
+            features=np.asarray(features, dtype=np.float32),
+        )
+
+    def findings_weights(self) -> NDArray[np.float32]:
+        """The findings head's weights, read once from the ONNX file's initializers.
+
+        Raises:
+            MissingExtraError: the ``onnx`` package is not installed.
+            MetadataError: the file holds no ``heads.findings.weight`` of shape (K, C).
+        """
+        if self._weights is None:
+            self._weights = read_onnx_initializer(
+                self.bundle.onnx_path, FINDINGS_WEIGHT, rows=len(self.bundle.findings)
+            )
+        return self._weights
+
+
+def read_onnx_initializer(path: Path, name: str, *, rows: int) -> NDArray[np.float32]:
+    """A 2-D float initializer of an ONNX file, by parameter name, with ``rows`` rows.
+
+    Exporters keep torch's parameter names, prefixed when the model was wrapped
+    (``model.heads.findings.weight`` when :mod:`covidcxr.models.onnx_export` exports a
+    wrapper around the network): the initializer named ``name`` or ending in
+    ``"." + name`` is taken, and must be the only one.
+
+    Raises:
+        MissingExtraError: the ``onnx`` package is not installed.
+        MetadataError: no such initializer, several, or another shape.
+    """
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as exc:
+        raise MissingExtraError("onnx", "runtime") from exc
+    model = onnx.load(str(path), load_external_data=True)
+    found = [
+        initializer
+        for initializer in model.graph.initializer
+        if initializer.name == name or initializer.name.endswith("." + name)
+    ]
+    if not found:
+        raise MetadataError(
+            f"predict: {path} has no initializer {name!r}; export the network with its "
+            "parameter names kept (covidcxr.models.onnx_export does) to get CAM heatmaps"
+        )
+    if len(found) > 1:
+        names = ", ".join(repr(i.name) for i in found)
+        raise MetadataError(
+            f"predict: {path} has several initializers named like {name!r}: {names}"
+        )
+    array = np.asarray(numpy_helper.to_array(found[0]), dtype=np.float32)
+    if array.ndim != 2 or array.shape[0] != rows:
+        raise MetadataError(
+            f"predict: {path}: initializer {found[0].name!r} has shape {array.shape}, "
+            f"expected ({rows}, channels)"
+        )
+    return np.ascontiguousarray(array)
