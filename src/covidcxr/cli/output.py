@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as dt
 import json
@@ -13,6 +14,17 @@ from covidcxr.ingest.report import escape_formula
 from covidcxr.schema.values import format_number
 
 FORMATS = ("table", "csv", "json")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return value
 
 
 def cell_text(value: Any) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from covidcxr import RESEARCH_USE_ONLY
-from covidcxr.cli.output import FORMATS, write_rows
+from covidcxr.cli.output import FORMATS, positive_int, write_rows
 from covidcxr.errors import MetadataError, MissingExtraError
 from covidcxr.models.bundle import ModelBundle, load_bundle
 from covidcxr.models.runtime import (
@@ -29,16 +29,6 @@ from covidcxr.models.runtime import (
 )
 
 ENGINES: Final = ("auto", "torch", "onnx")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
-    return value
 
 
 def register(subparsers: Any) -> None:
@@ -90,13 +80,13 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_BATCH_SIZE,
         metavar="N",
         help=f"images per forward pass (default: {DEFAULT_BATCH_SIZE})",
     )
     parser.add_argument(
-        "--threads", type=_positive_int, metavar="N", help="CPU threads for the network"
+        "--threads", type=positive_int, metavar="N", help="CPU threads for the network"
     )
     parser.set_defaults(handler=cmd_predict)
 

@@ -108,12 +108,127 @@ def _auroc_table(report: Mapping[str, Any], labels: Sequence[str]) -> list[str]:
     return lines
 
 
+def _estimate(data: Any, digits: int = 2) -> str:
+    """``0.56 [0.50, 0.63]`` from ``{"value": ..., "ci95": [...]}``."""
+    if not isinstance(data, Mapping) or data.get("value") is None:
+        return "n/a"
+    text = f"{data['value']:.{digits}f}"
+    interval = data.get("ci95")
+    if interval:
+        text += f" [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+    return text
+
+
+def _findings_table(labels: Mapping[str, Any]) -> list[str]:
+    lines = [
+        "| label | n (positives) | AUC [95% CI] | sensitivity | specificity | Brier "
+        "(prevalence baseline) | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, result in labels.items():
+        baseline = result.get("baseline", {})
+        lines.append(
+            f"| {label} | {result.get('n')} ({result.get('positives')}) | "
+            f"{_estimate(result.get('auc'))} | {_estimate(result.get('sensitivity'))} | "
+            f"{_estimate(result.get('specificity'))} | {_estimate(result.get('brier'), 3)} "
+            f"({_estimate(baseline.get('brier'), 3)}) | {_estimate(result.get('ece'), 3)} |"
+        )
+    return lines
+
+
+def _evaluation_section(evaluation: Mapping[str, Any]) -> list[str]:
+    """Readable tables from :meth:`EvaluationReport.to_card_metrics` (model.json has all)."""
+    about = evaluation.get("evaluation", {})
+    settings = about.get("settings", {})
+    findings = evaluation.get("findings", {})
+    lines = [
+        f"Evaluated {about.get('created', '')} on {about.get('samples')} images of "
+        f"{about.get('patients')} patients (task `{about.get('task')}`); "
+        f"{settings.get('folds')} folds x {settings.get('repeats')} repeats, seed "
+        f"{settings.get('seed')}, {settings.get('bootstrap_resamples')} patient-bootstrap "
+        "resamples. Every number is in model.json (`metrics.evaluation`).",
+        "",
+    ]
+    kfold = findings.get("kfold")
+    if kfold:
+        lines += [
+            f"**Cross-validation** ({kfold.get('protocol', '')}):",
+            "",
+            *_findings_table(kfold.get("labels", {})),
+            "",
+        ]
+    for scheme, title in (("source", "Leave-one-source-out"), ("region", "Leave-one-region-out")):
+        result = findings.get(scheme)
+        if not result:
+            continue
+        lines.append(f"**{title}** ({result.get('protocol', '')}).")
+        if result.get("note"):
+            lines.append(f"Note: {str(result['note']).rstrip('.')}.")
+        heldout = result.get("heldout", {})
+        if heldout:
+            names = sorted({label for per in heldout.values() for label in per})
+            lines += [
+                "",
+                "| held out | " + " | ".join(f"AUC {n}" for n in names) + " |",
+                "|---" * (len(names) + 1) + "|",
+            ]
+            for group, per in heldout.items():
+                cells = [_estimate(per.get(n, {}).get("auc")) for n in names]
+                lines.append(f"| {group} | " + " | ".join(cells) + " |")
+        lines.append("")
+    severity = evaluation.get("severity", {})
+    if severity.get("targets"):
+        lines += [
+            f"**Severity** ({severity.get('protocol', '')}; {severity.get('n_images')} images):",
+            "",
+            "| score | MAE [95% CI] | R^2 | r | mean-baseline MAE | literature MAE |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, target in severity["targets"].items():
+            literature = target.get("literature", {})
+            lines.append(
+                f"| {name} | {_estimate(target.get('mae'))} | {_estimate(target.get('r2'))} | "
+                f"{_estimate(target.get('pearson_r'))} | "
+                f"{_estimate(target.get('baseline', {}).get('mae'))} | "
+                f"{literature.get('mae', 'n/a')} |"
+            )
+        if severity.get("reason"):
+            lines += ["", severity["reason"]]
+        lines.append("")
+    audit = evaluation.get("shortcut_audit")
+    if audit:
+        lines += [
+            f"**Shortcut audit** ({audit.get('n_images')} images with lung masks): "
+            f"{audit.get('verdict')}.",
+            "",
+            "| label | AUC full | AUC lungs masked out | AUC lungs only | flagged |",
+            "|---|---|---|---|---|",
+        ]
+        for label, result in audit.get("labels", {}).items():
+            lines.append(
+                f"| {label} | {_estimate(result.get('full'))} | "
+                f"{_estimate(result.get('no_lungs'))} | {_estimate(result.get('lungs_only'))} | "
+                f"{'yes' if result.get('flagged') else 'no'} |"
+            )
+        lines.append("")
+    skipped = evaluation.get("not_computable", [])
+    if skipped:
+        lines += [
+            f"Not computable ({len(skipped)} items, each with its reason in model.json), "
+            f"e.g.: {skipped[0]}",
+            "",
+        ]
+    return lines
+
+
 def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
     if not metrics:
         return [
             "Not evaluated. `covidcxr evaluate --update-card` adds cross-validated metrics "
             "with intervals here.",
         ]
+    if isinstance(metrics.get("evaluation"), Mapping) and "findings" in metrics["evaluation"]:
+        return _evaluation_section(metrics["evaluation"])
     return [
         "As recorded in model.json (`metrics`):",
         "",
