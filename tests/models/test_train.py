@@ -25,7 +25,6 @@ from covidcxr.models.bundle import GATE_CLASSES, load_bundle  # noqa: E402
 from covidcxr.models.train import (  # noqa: E402
     TrainConfig,
     TrainedModel,
-    auroc,
     binary_nll,
     fit_on_indices,
     fit_temperature,
@@ -296,13 +295,6 @@ def test_youden_threshold_separates_and_prefers_fewer_false_positives() -> None:
     assert j == pytest.approx(0.5)
     assert threshold == pytest.approx(0.75)  # ties in J go to the higher threshold
     assert all(math.isnan(v) for v in youden_threshold([0.2, 0.4], [1, 1]))
-
-
-def test_auroc_with_ties_and_unknowns() -> None:
-    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
-    assert auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
-    assert auroc([0.1, 0.9, 0.3], [0, 1, math.nan]) == 1.0
-    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
 
 
 # -- gate pictures ------------------------------------------------------------------

@@ -87,6 +87,7 @@ from covidcxr.models import bundle as bundle_module
 from covidcxr.models import card as card_module
 from covidcxr.models import gate_data, severity
 from covidcxr.models.bundle import GATE_CLASSES, GateRules, ModelBundle
+from covidcxr.models.metrics import AUC, bootstrap, roc_auc
 from covidcxr.models.network import CXRModel, SmallBackbone, build_backbone
 from covidcxr.models.onnx_export import export_onnx
 from covidcxr.schema.values import FRONTAL_VIEWS
@@ -234,31 +235,6 @@ class TrainConfig:
 # --- small numeric tools (numpy) ------------------------------------------------------
 
 
-def auroc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve (Mann-Whitney with tied ranks); NaN labels are ignored;
-    NaN when only one class is present."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    y = np.asarray(labels, dtype=np.float64).reshape(-1)
-    known = ~np.isnan(y)
-    s, positive = s[known], y[known] >= 0.5
-    positives, negatives = int(positive.sum()), int((~positive).sum())
-    if positives == 0 or negatives == 0:
-        return math.nan
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_scores = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float(
-        (ranks[positive].sum() - positives * (positives + 1) / 2) / (positives * negatives)
-    )
-
-
 def binary_nll(logits: Any, labels: Any, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of ``sigmoid(logits / temperature)``; NaN labels
     are ignored (NaN when none is known)."""
@@ -348,20 +324,11 @@ def _bootstrap_auroc(
     replicates: int = BOOTSTRAP_REPLICATES,
 ) -> tuple[float, float]:
     """95% percentile interval of the AUROC, resampling patients (not images)."""
-    names = sorted(set(patients))
-    by_patient: dict[str, list[int]] = {name: [] for name in names}
-    for i, patient in enumerate(patients):
-        by_patient[patient].append(i)
-    values = []
-    for _ in range(replicates):
-        drawn = rng.integers(0, len(names), size=len(names))
-        rows = [i for k in drawn for i in by_patient[names[int(k)]]]
-        value = auroc(scores[rows], labels[rows])
-        if not math.isnan(value):
-            values.append(value)
-    if len(values) < replicates // 2:
-        return math.nan, math.nan
-    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+    seed = int(rng.integers(0, 2**31 - 1))
+    estimate = bootstrap([AUC], labels, scores, list(patients), n_resamples=replicates, seed=seed)[
+        "auc"
+    ]
+    return estimate.low, estimate.high
 
 
 def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -1223,7 +1190,7 @@ def _validation_loss(
 
 
 def _macro_auroc(logits: NDArray[Any], labels: NDArray[Any]) -> float:
-    values = [auroc(logits[:, j], labels[:, j]) for j in range(labels.shape[1])]
+    values = [roc_auc(labels[:, j], logits[:, j]) for j in range(labels.shape[1])]
     known = [v for v in values if not math.isnan(v)]
     return float(np.mean(known)) if known else math.nan
 
@@ -1625,7 +1592,7 @@ def _calibrate(
         threshold, j_value = youden_threshold(probabilities, y)
         thresholds.append(threshold)
         j_values.append(_round(j_value))
-        aurocs[name] = _round(auroc(z, y))
+        aurocs[name] = _round(roc_auc(y, z))
         low, high = _bootstrap_auroc(z, y, patients, rng, replicates=200)
         intervals[name] = [_round(low), _round(high)]
         known = y[~np.isnan(y)]
@@ -1922,7 +1889,7 @@ def _fold_report(
     for j, name in enumerate(model.findings):
         y = pool.labels[:, j].astype(np.float64)
         p = predicted["findings"][:, j]
-        report["auroc"][name] = _round(auroc(p, y))
+        report["auroc"][name] = _round(roc_auc(y, p))
         low, high = _bootstrap_auroc(p, y, pool.patients, rng)
         report["auroc_95ci_patient_bootstrap"][name] = [_round(low), _round(high)]
         known = ~np.isnan(y)
