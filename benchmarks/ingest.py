@@ -203,6 +203,13 @@ def query_rows(store_dir: Path) -> list[dict[str, Any]]:
         "survival N": queries.RecordFilter(outcomes={"survival": False}),
         "one patient": queries.RecordFilter(patients=["P123"]),
         "bacterial, lateral": queries.RecordFilter(findings=["bacterial"], views=["L"]),
+        # Stress cases for the planner: a wide range (most rows match) and a rare match.
+        "viral pneumonia, age 20-90": queries.RecordFilter(
+            findings=["viral"], age_min=20, age_max=90
+        ),
+        "fungal pneumonia, CT, age 89+": queries.RecordFilter(
+            findings=["fungal"], modalities=["CT"], age_min=89
+        ),
     }
     rows = []
     with (

@@ -278,3 +278,85 @@ def test_stats(store, make_collection: MakeCollection) -> None:  # type: ignore[
     assert data["view"] == {"PA": 3, "AP": 1}
     assert data["annotated_images"] == {"severity": 1, "lung_mask": 1, "lung_box": 1}
     assert data["outcomes"]["survival"] == {"unknown": 3, "Y": 1}
+
+
+def test_pages_follow_ingest_order_of_sources_then_line(
+    store, make_collection: MakeCollection
+) -> None:  # type: ignore[no-untyped-def]
+    # "zeta" is ingested first, so its rows come first although "alpha" sorts before it.
+    ingest_source(make_collection(name="zeta"), store)
+    ingest_source(make_collection(name="alpha"), store)
+    selections = [
+        queries.RecordFilter(),
+        queries.RecordFilter(findings=["covid-19"]),
+        queries.RecordFilter(findings=["viral", "bacterial"], sexes=["F", "M"]),
+        queries.RecordFilter(age_min=20, sources=["alpha", "zeta"], patients=["1", "2", "3"]),
+    ]
+    with store.read() as conn:
+        everything = queries.list_records(conn)
+        assert [r["source"] for r in everything] == ["zeta"] * 4 + ["alpha"] * 4
+        assert [r["line"] for r in everything[:4]] == sorted(r["line"] for r in everything[:4])
+        for selection in selections:
+            full = queries.list_records(conn, selection)
+            assert len(full) == queries.count_records(conn, selection) > 0
+            for limit, offset in ((1, 0), (2, 1), (3, 5), (100, 2), (2, 50)):
+                page = queries.list_records(conn, selection, limit=limit, offset=offset)
+                assert page == full[offset : offset + limit], (selection, limit, offset)
+
+
+def test_hierarchy_filter_reads_the_paths_in_the_store(
+    store, make_collection: MakeCollection
+) -> None:  # type: ignore[no-untyped-def]
+    ingest_source(make_collection(), store)
+    with store.read() as conn:
+        assert queries.stored_paths_under(conn, ["Pneumonia"]) == [
+            "Pneumonia/Bacterial/Streptococcus",
+            "Pneumonia/Viral/COVID-19",
+        ]
+        assert queries.stored_paths_under(conn, ["Pneumonia/Viral"]) == ["Pneumonia/Viral/COVID-19"]
+        # A prefix of a name is not an ancestor: "Pneumonia/Vir" is no node.
+        assert queries.stored_paths_under(conn, ["Pneumonia/Vir"]) == []
+        # A node with nothing stored below it selects nothing rather than failing.
+        fungal = queries.RecordFilter(findings=["fungal"])
+        assert queries.list_records(conn, fungal) == []
+        assert queries.count_records(conn, fungal) == 0
+
+
+def test_ingest_refreshes_planner_statistics(
+    tmp_path: Path, make_collection: MakeCollection
+) -> None:
+    with open_store(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "data") as store:
+        with store.read() as conn:
+            stat_tables = text("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'")
+            assert conn.execute(stat_tables).all() == []
+        ingest_source(make_collection(), store)
+        with store.read() as conn:
+            tables = {row[0] for row in conn.execute(text("SELECT tbl FROM sqlite_stat1"))}
+    assert {"records", "findings", "observations", "patients"} <= tables
+
+
+def test_store_at_the_first_migration_is_upgraded_with_its_data(
+    db_url: str, tmp_path: Path, make_collection: MakeCollection
+) -> None:
+    from alembic import command
+    from sqlalchemy import inspect
+
+    from covidcxr.store.db import alembic_config, create_store_engine
+
+    with open_store(db_url, tmp_path / "data") as store:
+        ingest_source(make_collection(), store)
+        with store.engine.begin() as conn:
+            command.downgrade(alembic_config(conn), "0001")
+        with store.read() as conn:
+            assert current_revision(conn) == "0001"
+            before = snapshot(conn)
+    engine = create_store_engine(db_url)
+    indexes = {i["name"] for i in inspect(engine).get_indexes("findings")}
+    engine.dispose()
+    assert "ix_findings_path" in indexes and "ix_findings_path_record" not in indexes
+    with open_store(db_url, tmp_path / "data") as store, store.read() as conn:
+        assert current_revision(conn) == head_revision()
+        assert snapshot(conn) == before
+        assert {
+            r["filename"] for r in queries.list_records(conn, queries.RecordFilter(patients=["3"]))
+        } == {"p2.png"}

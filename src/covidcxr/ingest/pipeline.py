@@ -124,5 +124,8 @@ def ingest_source(
     clock = time.perf_counter()
     summary = write_scan(store, scan, report_path=str(report_json), started_at=started)
     timings["database"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    store.analyze()
+    timings["analyze"] = time.perf_counter() - clock
     log.info("ingested %s: %s in %s", spec.name, summary.counts, timings)
     return IngestOutcome(scan, summary, report_json, report_csv, timings)

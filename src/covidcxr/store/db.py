@@ -140,6 +140,16 @@ class Store:
         with self.engine.connect() as connection:
             yield connection
 
+    def analyze(self) -> None:
+        """Refresh the database's planner statistics (``ANALYZE``).
+
+        Run after an ingest: with statistics, SQLite walks the (source, line) index
+        for a listing's first rows instead of sorting every match, which keeps
+        filtered listings of 100,000 rows in milliseconds.
+        """
+        with self.engine.begin() as connection:
+            connection.exec_driver_sql("ANALYZE")
+
     def close(self) -> None:
         """Release the engine's connections."""
         self.engine.dispose()

@@ -80,7 +80,8 @@ class Patient(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     source_id: Mapped[int] = mapped_column(ForeignKey("sources.id", ondelete="CASCADE"))
-    patient_id: Mapped[str] = mapped_column(String(200))
+    # Indexed on its own too: ``list --patient P123`` searches every source.
+    patient_id: Mapped[str] = mapped_column(String(200), index=True)
 
 
 class Image(Base):
@@ -193,12 +194,16 @@ class Finding(Base):
     """One finding token of a record, as a canonical hierarchy path."""
 
     __tablename__ = "findings"
-    __table_args__ = (UniqueConstraint("record_id", "path"),)
+    __table_args__ = (
+        UniqueConstraint("record_id", "path"),
+        # Covering index for hierarchy filters: path -> record ids without table reads.
+        Index("ix_findings_path_record", "path", "record_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     record_id: Mapped[int] = mapped_column(ForeignKey("records.id", ondelete="CASCADE"))
     position: Mapped[int] = mapped_column(Integer)
-    path: Mapped[str] = mapped_column(String(300), index=True)
+    path: Mapped[str] = mapped_column(String(300))
     token: Mapped[str] = mapped_column(Text)
 
 
