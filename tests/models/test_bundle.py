@@ -3,6 +3,7 @@ network loaded back exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -137,6 +138,21 @@ def test_card_says_what_the_model_is_and_is_not(tmp_path: Path) -> None:
     assert "Shortcuts" in card and "Children" in card and "external validation" in card
     with_metrics = bundle.__class__(**{**bundle.__dict__, "metrics": {"kfold": {"auroc": 0.8}}})
     assert '"auroc": 0.8' in render_card(with_metrics)
+    assert "`predict` calls them all" in card  # no validation counts: taken at its word
+    labels = bundle.findings
+    thin = dataclasses.replace(
+        bundle,
+        training={
+            "validation": {
+                "positives": {label: 3 if label == labels[0] else 50 for label in labels},
+                "negatives": dict.fromkeys(labels, 50),
+            }
+        },
+    )
+    assert (
+        f"`predict` gives a probability but no call for {labels[0]} (3 validation positives, "
+        "50 negatives)" in render_card(thin)
+    )
 
 
 def test_data_membership_hash_ignores_order_and_sees_labels() -> None:

@@ -272,6 +272,59 @@ def test_probabilities_use_temperatures_and_thresholds(
     assert cold.predict_files([inputs["grey"]])[0].positive == ()
 
 
+def _with_support(bundle: ModelBundle, positives: list[int], negatives: list[int]) -> ModelBundle:
+    validation = {
+        "positives": dict(zip(bundle.findings, positives, strict=True)),
+        "negatives": dict(zip(bundle.findings, negatives, strict=True)),
+    }
+    k = len(bundle.findings)
+    return dataclasses.replace(
+        bundle, thresholds=(0.0,) * k, training={**bundle.training, "validation": validation}
+    )
+
+
+def test_labels_with_thin_validation_support_get_no_call(
+    bundle: ModelBundle, inputs: dict[str, Path]
+) -> None:
+    k = len(bundle.findings)
+    # Threshold 0 calls everything; the second label's threshold came from 3 positives
+    # and the third's from 9 negatives: those two are reported without a call.
+    thin = _with_support(bundle, [20, 3, 50] + [10] * (k - 3), [30, 40, 9] + [10] * (k - 3))
+    assert thin.uncalled_findings == bundle.findings[1:3]
+    row = Predictor(thin).predict_files([inputs["grey"]])[0]
+    assert row.positive == (bundle.findings[0], *bundle.findings[3:])
+    assert row.no_call == bundle.findings[1:3]
+    assert all(row.probabilities[label] is not None for label in row.no_call)
+    assert row.record()["no_call_findings"] == list(bundle.findings[1:3])
+    # A bundle without validation counts (made by hand) is taken at its word.
+    assert dataclasses.replace(bundle, training={}).uncalled_findings == ()
+
+
+def test_cli_table_says_which_labels_get_no_call(
+    capsys: pytest.CaptureFixture[str],
+    bundle: ModelBundle,
+    inputs: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    folder = tmp_path / "thin"
+    shutil.copytree(bundle.path, folder)
+    doc = json.loads((folder / "model.json").read_text())
+    k = len(bundle.findings)
+    doc["training"]["validation"] = {
+        "positives": dict(zip(bundle.findings, [20, 3] + [12] * (k - 2), strict=True)),
+        "negatives": dict(zip(bundle.findings, [30, 40] + [12] * (k - 2), strict=True)),
+    }
+    (folder / "model.json").write_text(json.dumps(doc))
+    code, out, _ = run_cli(capsys, str(inputs["grey"]), "--model", str(folder), "--engine", "torch")
+    assert code == 0
+    assert (
+        f"No call (probability only) for {bundle.findings[1]} (3 validation positives, "
+        "40 negatives): an operating point needs at least 10 of each" in out
+    )
+
+
 def test_calibrated_probabilities_are_stable() -> None:
     p = calibrated_probabilities(np.array([-1000.0, 0.0, 1000.0]), [1.0, 1.0, 0.5])
     np.testing.assert_allclose(p, [0.0, 0.5, 1.0])

@@ -18,7 +18,7 @@ from typing import Any, Final
 from covidcxr import RESEARCH_USE_ONLY
 from covidcxr.cli.output import FORMATS, positive_int, write_rows
 from covidcxr.errors import MetadataError, MissingExtraError
-from covidcxr.models.bundle import ModelBundle, load_bundle
+from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
 from covidcxr.models.runtime import (
     DEFAULT_BATCH_SIZE,
     InferenceEngine,
@@ -182,6 +182,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_rows(lines, columns, "table", max_width=60, out=out)
         passed = sum(row.input_check == "pass" for row in rows)
         level = bundle.severity_interval.get("level", 0.9)
+        if bundle.uncalled_findings:
+            support = bundle.operating_support
+            out.write(
+                "\nNo call (probability only) for "
+                + ", ".join(
+                    f"{label} ({support[label][0]} validation positives, "
+                    f"{support[label][1]} negatives)"
+                    for label in bundle.uncalled_findings
+                )
+                + f": an operating point needs at least {MIN_OPERATING_SUPPORT} of each; "
+                "choose a threshold on local data.\n"
+            )
         out.write(
             f"\n{len(rows)} image(s): {passed} passed the input check, "
             f"{len(rows) - passed} failed (no findings for those). Severity: score "

@@ -43,6 +43,12 @@ CARD_FILE = "MODEL_CARD.md"
 #: Classes of the input gate's network head, in output order.
 GATE_CLASSES = ("frontal_xray", "lateral_xray", "ct", "inverted", "not_medical")
 
+#: A finding is called (positive or not) only when its operating point was chosen on at
+#: least this many validation positives and as many negatives. Below that, Youden's J
+#: picks a threshold from a handful of images (3 fungal positives, say) and the call
+#: would be noise: the probability is still reported, with no call.
+MIN_OPERATING_SUPPORT = 10
+
 
 @dataclass(frozen=True)
 class GateRules:
@@ -115,6 +121,27 @@ class ModelBundle:
     def onnx_path(self) -> Path:
         """The ONNX network."""
         return self.path / ONNX_FILE
+
+    @property
+    def operating_support(self) -> dict[str, tuple[int | None, int | None]]:
+        """Per finding label, the validation (positives, negatives) its operating point
+        was chosen on; ``None`` where the bundle does not record them."""
+        validation = self.training.get("validation") or {}
+        positives = validation.get("positives") or {}
+        negatives = validation.get("negatives") or {}
+        return {label: (positives.get(label), negatives.get(label)) for label in self.findings}
+
+    @property
+    def uncalled_findings(self) -> tuple[str, ...]:
+        """Labels reported as a probability only: their operating point rests on fewer
+        than :data:`MIN_OPERATING_SUPPORT` validation positives or negatives. A bundle
+        that records no validation counts (one made by hand) is taken at its word."""
+        return tuple(
+            label
+            for label, (positives, negatives) in self.operating_support.items()
+            if (positives is not None and positives < MIN_OPERATING_SUPPORT)
+            or (negatives is not None and negatives < MIN_OPERATING_SUPPORT)
+        )
 
     @property
     def weights_sha256(self) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from covidcxr import RESEARCH_USE_ONLY
-from covidcxr.models.bundle import ModelBundle
+from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle
 
 
 def data_membership_sha256(entries: Iterable[tuple[str, Sequence[float] | str]]) -> str:
@@ -238,6 +238,26 @@ def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _no_call_line(bundle: ModelBundle) -> str:
+    uncalled = bundle.uncalled_findings
+    if not uncalled:
+        return (
+            f"every label's operating point rests on at least {MIN_OPERATING_SUPPORT} "
+            "validation positives and negatives: `predict` calls them all"
+        )
+    support = bundle.operating_support
+    return (
+        "`predict` gives a probability but no call for "
+        + ", ".join(
+            f"{label} ({support[label][0]} validation positives, {support[label][1]} negatives)"
+            for label in uncalled
+        )
+        + f": an operating point needs at least {MIN_OPERATING_SUPPORT} of each. The "
+        "evaluation below still reports sensitivity and specificity at those stored "
+        "thresholds, which shows why."
+    )
+
+
 def render_card(bundle: ModelBundle) -> str:
     """MODEL_CARD.md for a bundle (Markdown)."""
     training = bundle.training
@@ -350,6 +370,7 @@ def render_card(bundle: ModelBundle) -> str:
             f"{n} {_fmt(t)}" for n, t in zip(bundle.findings, bundle.thresholds, strict=True)
         ),
         f"- {bundle.operating_point}",
+        f"- {_no_call_line(bundle)}",
         "",
         "## Metrics",
         "",

@@ -19,7 +19,9 @@ torch path (:class:`covidcxr.models.predict.Predictor`) and the CPU path here
    map. The gate head decides the ``frontal_view`` check; images failing any check get
    a row with the verdict and reason and no findings.
 5. **Outputs.** Calibrated probabilities ``sigmoid(logit / T)`` with the bundle's
-   temperatures; positive findings at the bundle's thresholds; severity means clipped
+   temperatures; positive findings at the bundle's thresholds, for the labels whose
+   threshold rests on enough validation images (the others: probability, no call);
+   severity means clipped
    to their ranges with the bundle's interval (a fixed half width per output, or, when
    the bundle gives none, the Gaussian interval at its ``level`` from the predicted
    log-variance); heatmaps (:mod:`covidcxr.models.saliency`) for every positive
@@ -109,7 +111,9 @@ class PredictionRow:
         probabilities: calibrated probability per finding label; ``None`` values when
             the image failed the gate.
         positive: finding labels at or above their operating point (``None`` when the
-            image failed the gate).
+            image failed the gate); only labels the model can call.
+        no_call: labels reported as a probability only, because their operating point
+            rests on too few validation images (:attr:`ModelBundle.uncalled_findings`).
         severity: per severity output, the score and interval (``None`` values when the
             image failed the gate).
         model_id: the bundle's id.
@@ -133,6 +137,7 @@ class PredictionRow:
     engine: str
     heatmap_files: tuple[str, ...] = ()
     heatmaps: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
+    no_call: tuple[str, ...] = ()
     note: str = RESEARCH_USE_ONLY
 
     @property
@@ -159,6 +164,7 @@ class PredictionRow:
         for label, probability in self.probabilities.items():
             out[f"p_{label}"] = _rounded(probability)
         out["positive_findings"] = None if self.positive is None else list(self.positive)
+        out["no_call_findings"] = list(self.no_call)
         level: float | None = None
         for name, score in self.severity.items():
             out[name] = None if score is None else _rounded(score.mean, 3)
@@ -191,7 +197,7 @@ def record_columns(bundle: ModelBundle) -> list[str]:
         "gate_p_frontal",
     ]
     columns += [f"p_{label}" for label in bundle.findings]
-    columns.append("positive_findings")
+    columns += ["positive_findings", "no_call_findings"]
     for name in bundle.severity:
         columns += [name, f"{name}_low", f"{name}_high"]
     columns += ["severity_interval_level", "model_id", "weights_sha256", "engine"]
@@ -582,7 +588,12 @@ class InferenceEngine(ABC):
             item.image = None  # let the decoded pixels go
 
     def _targets(self, probs: NDArray[np.float64]) -> list[int]:
-        positive = [k for k, p in enumerate(probs) if p >= self.bundle.thresholds[k]]
+        uncalled = set(self.bundle.uncalled_findings)
+        positive = [
+            k
+            for k, p in enumerate(probs)
+            if p >= self.bundle.thresholds[k] and self.bundle.findings[k] not in uncalled
+        ]
         return positive or [int(np.argmax(probs))]
 
     def _heatmaps(
@@ -626,10 +637,11 @@ class InferenceEngine(ABC):
         if index in probabilities and outputs is not None:
             values = probabilities[index]
             probs = {label: float(p) for label, p in zip(bundle.findings, values, strict=True)}
+            uncalled = set(bundle.uncalled_findings)
             positive = tuple(
                 label
                 for label, p, t in zip(bundle.findings, values, bundle.thresholds, strict=True)
-                if p >= t
+                if p >= t and label not in uncalled
             )
             severity = dict(severity_scores(outputs.severity[position[index]], bundle))
             if request is not None:
@@ -646,6 +658,7 @@ class InferenceEngine(ABC):
             engine=self.engine,
             heatmap_files=tuple(files),
             heatmaps=maps,
+            no_call=bundle.uncalled_findings,
         )
 
     def _write_heatmaps(
