@@ -302,6 +302,12 @@ def test_pages_follow_ingest_order_of_sources_then_line(
             for limit, offset in ((1, 0), (2, 1), (3, 5), (100, 2), (2, 50)):
                 page = queries.list_records(conn, selection, limit=limit, offset=offset)
                 assert page == full[offset : offset + limit], (selection, limit, offset)
+            for page_size in (1, 3, 1000):
+                pages = list(queries.iter_records(conn, selection, page_size=page_size))
+                assert all(0 < len(page) <= page_size for page in pages)
+                assert [row for page in pages for row in page] == full, (selection, page_size)
+        with pytest.raises(ValueError, match="page_size must be at least 1"):
+            next(queries.iter_records(conn, page_size=0))
 
 
 def test_hierarchy_filter_reads_the_paths_in_the_store(

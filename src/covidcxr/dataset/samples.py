@@ -247,17 +247,36 @@ def build_samples(store: Store, task: Task, selection: Selection | None = None) 
         MetadataError: a selection value is not valid.
     """
     selection = selection or Selection()
-    views = selection.allowed_views()
-    modalities = selection.allowed_modalities()
-    finding_nodes = [resolve_node(f) for f in selection.findings]
-    with store.read() as conn:
-        rows = queries.list_records(conn)
-        annotations = queries.annotations_for(
-            conn, {r["image_sha256"] for r in rows if r["image_sha256"]}
-        )
+    for finding in selection.findings:
+        resolve_node(finding)  # an unknown finding fails before any reading
     excluded: Counter[str] = Counter()
     samples: list[Sample] = []
     seen_images: set[str] = set()
+    with store.read() as conn:
+        # A page of full rows at a time: only the samples are kept, so memory grows
+        # with them, not with every column of every record.
+        for page in queries.iter_records(conn):
+            annotations = queries.annotations_for(
+                conn, {r["image_sha256"] for r in page if r["image_sha256"]}
+            )
+            _select_page(page, annotations, task, selection, excluded, samples, seen_images)
+    return SampleSet(task, selection, samples, excluded, store.blobs.root)
+
+
+def _select_page(
+    rows: Sequence[Mapping[str, Any]],
+    annotations: Mapping[str, Sequence[Mapping[str, Any]]],
+    task: Task,
+    selection: Selection,
+    excluded: Counter[str],
+    samples: list[Sample],
+    seen_images: set[str],
+) -> None:
+    """Label or exclude one page of records (appending to ``samples``, counting in
+    ``excluded``)."""
+    views = selection.allowed_views()
+    modalities = selection.allowed_modalities()
+    finding_nodes = [resolve_node(f) for f in selection.findings]
     for row in rows:
         sha = row["image_sha256"]
         found = annotations.get(sha, []) if sha else []
@@ -300,4 +319,3 @@ def build_samples(store: Store, task: Task, selection: Selection | None = None) 
                 )
         if reason is not None:
             excluded[reason] += 1
-    return SampleSet(task, selection, samples, excluded, store.blobs.root)

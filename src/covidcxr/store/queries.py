@@ -7,11 +7,11 @@ CSV and JSON output), so the CLI, the exports and the ML layers share them.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Select, and_, func, literal, or_, select
+from sqlalchemy import Connection, Select, and_, func, literal, or_, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from covidcxr.errors import MetadataError
@@ -26,6 +26,8 @@ from covidcxr.store.tables import (
     Record,
     Source,
 )
+
+_Query = TypeVar("_Query", bound=Select[*tuple[Any, ...]])
 
 OUTCOME_FIELDS = (
     "survival",
@@ -260,9 +262,10 @@ def _base_select() -> Select[*tuple[Any, ...]]:
     )
 
 
-# Sources in the order they were first ingested, then metadata lines: the order of
-# the (source_id, line) index, so a listing's first page reads that index and stops.
-_LISTING_ORDER = (Record.source_id, Record.line)
+# Sources in the order they were first ingested, then metadata lines (the record id
+# only breaks ties): the order of the (source_id, line) index, so a listing's first
+# page reads that index and stops.
+_LISTING_ORDER = (Record.source_id, Record.line, Record.id)
 
 
 def _fetch(
@@ -344,13 +347,33 @@ def list_records(
     return _fetch(conn, [Record.id.in_(page)]) if page else []
 
 
+def iter_records(
+    conn: Connection, selection: RecordFilter | None = None, *, page_size: int = _IN_LIST_MAX
+) -> Iterator[list[dict[str, Any]]]:
+    """The rows of :func:`list_records`, in the same order, a page at a time: memory
+    holds one page, however large the store (keyset paging on the listing order)."""
+    if page_size < 1:
+        raise ValueError(f"iter_records: page_size must be at least 1, not {page_size}")
+    selection = selection or RecordFilter()
+    after: tuple[Any, ...] | None = None
+    while True:
+        query = _filtered(conn, select(*_LISTING_ORDER), selection)
+        if after is not None:
+            query = query.where(tuple_(*_LISTING_ORDER) > tuple_(*after))
+        keys = conn.execute(query.order_by(*_LISTING_ORDER).limit(page_size)).all()
+        if not keys:
+            return
+        yield _fetch(conn, [Record.id.in_([key.id for key in keys])])
+        after = tuple(keys[-1])
+
+
 def count_records(conn: Connection, selection: RecordFilter | None = None) -> int:
     """How many records match a filter."""
     query = _filtered(conn, select(func.count()).select_from(Record), selection or RecordFilter())
     return int(conn.execute(query).scalar_one())
 
 
-def _filtered(conn: Connection, query: Select[Any], selection: RecordFilter) -> Select[Any]:
+def _filtered(conn: Connection, query: _Query, selection: RecordFilter) -> _Query:
     """``query`` (over ``records``) joined with only the tables ``selection`` reads, and
     filtered by it. Every record has exactly one source, patient and observation row,
     so leaving a join out never changes the result, only the work."""
