@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Connection
 
 from covidcxr.dataset.tasks import LabelCounts, Labels, Task
 from covidcxr.errors import MetadataError
@@ -237,6 +239,20 @@ def _mask(annotations: Sequence[Mapping[str, Any]]) -> str | None:
     return str(next(iter(sorted(masks.items())))[1]) if masks else None
 
 
+def _records_with_annotations(
+    conn: Connection,
+) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every record with its image's annotations, in listing order, read a page at a
+    time: memory holds one page of full rows, not every column of every record."""
+    for page in queries.iter_records(conn):
+        annotations = queries.annotations_for(
+            conn, {r["image_sha256"] for r in page if r["image_sha256"]}
+        )
+        for row in page:
+            sha = row["image_sha256"]
+            yield row, annotations.get(sha, []) if sha else []
+
+
 def build_samples(store: Store, task: Task, selection: Selection | None = None) -> SampleSet:
     """Select records, label them for ``task``, and count what was left out.
 
@@ -247,75 +263,52 @@ def build_samples(store: Store, task: Task, selection: Selection | None = None) 
         MetadataError: a selection value is not valid.
     """
     selection = selection or Selection()
-    for finding in selection.findings:
-        resolve_node(finding)  # an unknown finding fails before any reading
+    views = selection.allowed_views()
+    modalities = selection.allowed_modalities()
+    finding_nodes = [resolve_node(f) for f in selection.findings]
     excluded: Counter[str] = Counter()
     samples: list[Sample] = []
     seen_images: set[str] = set()
     with store.read() as conn:
-        # A page of full rows at a time: only the samples are kept, so memory grows
-        # with them, not with every column of every record.
-        for page in queries.iter_records(conn):
-            annotations = queries.annotations_for(
-                conn, {r["image_sha256"] for r in page if r["image_sha256"]}
-            )
-            _select_page(page, annotations, task, selection, excluded, samples, seen_images)
-    return SampleSet(task, selection, samples, excluded, store.blobs.root)
-
-
-def _select_page(
-    rows: Sequence[Mapping[str, Any]],
-    annotations: Mapping[str, Sequence[Mapping[str, Any]]],
-    task: Task,
-    selection: Selection,
-    excluded: Counter[str],
-    samples: list[Sample],
-    seen_images: set[str],
-) -> None:
-    """Label or exclude one page of records (appending to ``samples``, counting in
-    ``excluded``)."""
-    views = selection.allowed_views()
-    modalities = selection.allowed_modalities()
-    finding_nodes = [resolve_node(f) for f in selection.findings]
-    for row in rows:
-        sha = row["image_sha256"]
-        found = annotations.get(sha, []) if sha else []
-        severity = _severity(found)
-        if selection.sources and row["source"] not in selection.sources:
-            reason: str | None = SOURCE_NOT_SELECTED
-        elif row["image_status"] == "missing":
-            reason = IMAGE_MISSING
-        elif row["image_status"] != "stored" or sha is None:
-            reason = IMAGE_REJECTED
-        elif modalities is not None and row["modality"] not in modalities:
-            reason = MODALITY_NOT_SELECTED
-        elif views is not None and row["view"] not in views:
-            reason = VIEW_NOT_SELECTED
-        elif finding_nodes and not any(
-            is_under(f, n) for f in row["findings"] for n in finding_nodes
-        ):
-            reason = FINDING_NOT_SELECTED
-        elif selection.has_severity and severity is None:
-            reason = SEVERITY_NOT_SELECTED
-        elif selection.one_per_image and sha in seen_images:
-            reason = SAME_IMAGE
-        else:
-            labels, reason = task.label_record({**row, "severity": severity})
-            if labels is not None and sha is not None:
-                seen_images.add(sha)
-                samples.append(
-                    Sample(
-                        record_id=row["record_id"],
-                        image_sha256=sha,
-                        patient=f"{row['source']}:{row['patient_id']}",
-                        source=row["source"],
-                        labels=labels,
-                        severity=(severity["geographic_mean"], severity["opacity_mean"])
-                        if severity
-                        else None,
-                        mask_sha256=_mask(found),
-                        metadata={k: row[k] for k in METADATA_KEYS},
+        for row, found in _records_with_annotations(conn):
+            sha = row["image_sha256"]
+            severity = _severity(found)
+            if selection.sources and row["source"] not in selection.sources:
+                reason: str | None = SOURCE_NOT_SELECTED
+            elif row["image_status"] == "missing":
+                reason = IMAGE_MISSING
+            elif row["image_status"] != "stored" or sha is None:
+                reason = IMAGE_REJECTED
+            elif modalities is not None and row["modality"] not in modalities:
+                reason = MODALITY_NOT_SELECTED
+            elif views is not None and row["view"] not in views:
+                reason = VIEW_NOT_SELECTED
+            elif finding_nodes and not any(
+                is_under(f, n) for f in row["findings"] for n in finding_nodes
+            ):
+                reason = FINDING_NOT_SELECTED
+            elif selection.has_severity and severity is None:
+                reason = SEVERITY_NOT_SELECTED
+            elif selection.one_per_image and sha in seen_images:
+                reason = SAME_IMAGE
+            else:
+                labels, reason = task.label_record({**row, "severity": severity})
+                if labels is not None and sha is not None:
+                    seen_images.add(sha)
+                    samples.append(
+                        Sample(
+                            record_id=row["record_id"],
+                            image_sha256=sha,
+                            patient=f"{row['source']}:{row['patient_id']}",
+                            source=row["source"],
+                            labels=labels,
+                            severity=(severity["geographic_mean"], severity["opacity_mean"])
+                            if severity
+                            else None,
+                            mask_sha256=_mask(found),
+                            metadata={k: row[k] for k in METADATA_KEYS},
+                        )
                     )
-                )
-        if reason is not None:
-            excluded[reason] += 1
+            if reason is not None:
+                excluded[reason] += 1
+    return SampleSet(task, selection, samples, excluded, store.blobs.root)

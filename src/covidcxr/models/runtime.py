@@ -587,14 +587,18 @@ class InferenceEngine(ABC):
             yield self._row(item, index, position, probabilities, outputs, explained, request)
             item.image = None  # let the decoded pixels go
 
-    def _targets(self, probs: NDArray[np.float64]) -> list[int]:
+    def _positive(self, probs: NDArray[np.float64]) -> list[int]:
+        """Indices of the labels called positive: at or above their operating point,
+        among the labels the model can call."""
         uncalled = set(self.bundle.uncalled_findings)
-        positive = [
+        return [
             k
             for k, p in enumerate(probs)
             if p >= self.bundle.thresholds[k] and self.bundle.findings[k] not in uncalled
         ]
-        return positive or [int(np.argmax(probs))]
+
+    def _targets(self, probs: NDArray[np.float64]) -> list[int]:
+        return self._positive(probs) or [int(np.argmax(probs))]
 
     def _heatmaps(
         self,
@@ -637,12 +641,7 @@ class InferenceEngine(ABC):
         if index in probabilities and outputs is not None:
             values = probabilities[index]
             probs = {label: float(p) for label, p in zip(bundle.findings, values, strict=True)}
-            uncalled = set(bundle.uncalled_findings)
-            positive = tuple(
-                label
-                for label, p, t in zip(bundle.findings, values, bundle.thresholds, strict=True)
-                if p >= t and label not in uncalled
-            )
+            positive = tuple(bundle.findings[k] for k in self._positive(values))
             severity = dict(severity_scores(outputs.severity[position[index]], bundle))
             if request is not None:
                 files, maps = self._write_heatmaps(item, explained.get(index, {}), request)

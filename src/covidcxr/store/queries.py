@@ -354,10 +354,10 @@ def iter_records(
     holds one page, however large the store (keyset paging on the listing order)."""
     if page_size < 1:
         raise ValueError(f"iter_records: page_size must be at least 1, not {page_size}")
-    selection = selection or RecordFilter()
+    keys_query = _filtered(conn, select(*_LISTING_ORDER), selection or RecordFilter())
     after: tuple[Any, ...] | None = None
     while True:
-        query = _filtered(conn, select(*_LISTING_ORDER), selection)
+        query = keys_query
         if after is not None:
             query = query.where(tuple_(*_LISTING_ORDER) > tuple_(*after))
         keys = conn.execute(query.order_by(*_LISTING_ORDER).limit(page_size)).all()
