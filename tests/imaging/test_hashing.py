@@ -113,6 +113,17 @@ def test_trim_peels_a_side_frame_before_the_rows_it_crosses() -> None:
     np.testing.assert_array_equal(trim_borders(framed), content)
 
 
+@pytest.mark.parametrize("shape", [(60, 50), (50, 50)])
+@pytest.mark.parametrize("side", ["top", "bottom", "left", "right"])
+def test_trim_finds_a_frame_on_any_one_side(side: str, shape: tuple[int, int]) -> None:
+    # One uniform edge is enough to leave the quick no-frame check, square or not.
+    content = np.asarray(xray_like(4, *shape), dtype=np.float32) / 255
+    widths = {"top": ((4, 0), (0, 0)), "bottom": ((0, 4), (0, 0))}
+    widths |= {"left": ((0, 0), (4, 0)), "right": ((0, 0), (0, 4))}
+    framed = np.pad(content, widths[side], constant_values=1.0)
+    np.testing.assert_array_equal(trim_borders(framed), content)
+
+
 def test_trim_keeps_an_image_without_border() -> None:
     content = _content()
     assert trim_borders(content).shape == content.shape
@@ -285,3 +296,38 @@ def test_different_pictures_are_far_apart() -> None:
     hashes = [image_hashes(xray_like(seed)) for seed in range(8)]
     distances = [_distance(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1 :]]
     assert min(distances) > 2 * DEFAULT_MAX_DISTANCE
+
+
+# --- stability --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        pytest.param(lambda: xray_like(11), ("48e8f0bed5e454da", "97ede36547550e57"), id="plain"),
+        pytest.param(
+            lambda: Image.fromarray(
+                np.pad(np.asarray(xray_like(12, 280, 300)), ((20, 6), (0, 14)), constant_values=255)
+            ),
+            ("d8c0d19ff5f2bcdb", "50adc1457f613b20"),
+            id="framed",
+        ),
+        pytest.param(
+            lambda: xray_like(13, 90, 120), ("59e2c4daf7d8514b", "c57dc952f5713f52"), id="small"
+        ),
+        pytest.param(
+            lambda: xray_like(14, 600, 520).convert("RGB"),
+            ("48e2e4faf476115b", "e2ed4543ae291b76"),
+            id="rgb-reduced",
+        ),
+    ],
+)
+def test_hash_values_do_not_drift(
+    make: Callable[[], Image.Image], expected: tuple[str, str]
+) -> None:
+    # Stores keep hashes from earlier ingests and compare them with new ones, so a
+    # speed-up must not change a single bit. These values were computed before the
+    # quick no-frame check and the frombuffer resize went in; change them only with a
+    # rehash of every store (see fit_centres).
+    hashes = image_hashes(make())
+    assert (hashes.phash, hashes.phash_detail) == expected

@@ -116,6 +116,34 @@ def test_symlink_out_of_the_source_is_not_followed(
     assert scan.records[0].image_status == "rejected"
 
 
+def test_symlinked_folder_out_of_the_source_is_not_followed(
+    make_collection: MakeCollection, tmp_path: Path
+) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "p1.png").write_bytes(encode(xray_like(5)))
+    rows = [upstream_row(filename="p1.png", folder="linked")]
+    root = make_collection(rows, images={}, annotations=False)
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    scan = check_source(root)
+    (issue,) = scan.report.errors
+    assert (issue.code, issue.value) == ("unsafe_path", "linked/p1.png")
+    assert scan.records[0].image_status == "rejected"
+
+
+def test_symlink_within_the_source_is_followed(make_collection: MakeCollection) -> None:
+    rows = [upstream_row(filename="link.png"), upstream_row(patientid="2", filename="gone.png")]
+    root = make_collection(rows, images={"real.png": encode(xray_like(5))}, annotations=False)
+    (root / "images" / "link.png").symlink_to(root / "images" / "real.png")
+    (root / "images" / "gone.png").symlink_to(root / "images" / "nothing-here.png")
+    scan = check_source(root)
+    assert scan.report.errors == []
+    statuses = {s.record.filename: s.image_status for s in scan.records}
+    assert statuses == {"link.png": "stored", "gone.png": "missing"}
+    (stored,) = scan.images.values()
+    assert stored.path == root / "images" / "real.png"
+
+
 def test_directory_in_place_of_an_image(make_collection: MakeCollection) -> None:
     root = make_collection([upstream_row(filename="dir.png")], images={}, annotations=False)
     (root / "images" / "dir.png").mkdir()

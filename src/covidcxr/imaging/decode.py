@@ -190,7 +190,9 @@ def extension_matches(filename: str | os.PathLike[str], format: str) -> bool:
         PNG; ``.jpg``, ``.jpeg``, ``.jpe`` for JPEG); False otherwise, including for
         unknown formats and names without an extension.
     """
-    suffix = Path(filename).suffix.lower()
+    # os.path, not pathlib: called once per image of an ingest, where building a Path
+    # cost more than the rest of the check.
+    suffix = os.path.splitext(os.fspath(filename))[1].lower()  # noqa: PTH122
     return suffix in _EXTENSIONS.get(format.upper(), frozenset())
 
 

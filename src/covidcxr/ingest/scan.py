@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
@@ -327,10 +328,51 @@ def _flag_shared_images(result: ScanResult, file: str) -> None:
         )
 
 
-def _safe_file(root: Path, relative: str) -> Path | None:
-    """``root/relative`` if it stays inside ``root`` after resolving links."""
-    candidate = (root / relative).resolve()
-    return candidate if candidate.is_relative_to(root) else None
+class _SourceFiles:
+    """Locates the files a source references, refusing any that resolve outside it.
+
+    Equivalent to ``(root / relative).resolve()`` plus a containment check and
+    ``is_file()``, but each folder is resolved once, not once per file: with 100,000
+    images in one folder, per-file ``resolve()`` (an ``lstat`` per path component) was
+    a tenth of the image phase and ran before any worker started. Strings and
+    ``os`` calls, not pathlib, for the same reason.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._prefix = os.path.join(str(root), "")  # noqa: PTH118
+        self._folders: dict[str, str] = {}
+
+    def locate(self, relative: str) -> tuple[Path, str]:
+        """``(path, status)``: status ``file``, ``missing`` (no regular file there) or
+        ``unsafe`` (it resolves outside the root, through ``..`` or a link)."""
+        folder, _, name = relative.rpartition("/")
+        if name in ("", ".", ".."):
+            return self._checked(str((self.root / relative).resolve()))
+        resolved = self._folders.get(folder)
+        if resolved is None:
+            resolved = str((self.root / folder).resolve()) if folder else str(self.root)
+            self._folders[folder] = resolved
+        candidate = os.path.join(resolved, name)  # noqa: PTH118
+        try:
+            info = os.lstat(candidate)
+        except OSError:
+            return self._checked(candidate, exists=False)
+        if stat.S_ISLNK(info.st_mode):
+            return self._checked(str(Path(candidate).resolve()))
+        return self._checked(candidate, regular=stat.S_ISREG(info.st_mode))
+
+    def _checked(
+        self, resolved: str, *, exists: bool = True, regular: bool | None = None
+    ) -> tuple[Path, str]:
+        path = Path(resolved)
+        if not resolved.startswith(self._prefix) and resolved != str(self.root):
+            return path, "unsafe"
+        if not exists:
+            return path, "missing"
+        if regular is None:
+            regular = path.is_file()
+        return path, "file" if regular else "missing"
 
 
 def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) -> None:
@@ -340,10 +382,11 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
     by_path: dict[str, list[ScannedRecord]] = defaultdict(list)
     for scanned in result.records:
         by_path[scanned.record.relative_path].append(scanned)
+    files = _SourceFiles(spec.root)
     for relative, group in by_path.items():
         first = group[0]
-        target = _safe_file(spec.root, relative)
-        if target is None:
+        target, status = files.locate(relative)
+        if status == "unsafe":
             for scanned in group:
                 scanned.image_status = "rejected"
             report.add(
@@ -357,7 +400,7 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
                 action=Action.IMAGE_REJECTED,
             )
             continue
-        if not target.is_file():
+        if status == "missing":
             report.add(
                 Severity.WARNING,
                 "image_missing",
@@ -394,16 +437,14 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
                 "says otherwise (decoded by content)",
                 file=outcome.job.name,
             )
-        result.images.setdefault(
-            outcome.sha256,
-            ScannedImage(
+        if outcome.sha256 not in result.images:
+            result.images[outcome.sha256] = ScannedImage(
                 outcome.sha256,
                 Path(outcome.job.path),
                 outcome.info,
                 outcome.phash,
                 outcome.phash_detail,
-            ),
-        )
+            )
         for scanned in group:
             scanned.image_status = "stored"
             scanned.image_sha256 = outcome.sha256
@@ -423,12 +464,13 @@ def _report_unreferenced(result: ScanResult, referenced: Any) -> None:
         directory = spec.root / folder if folder != "." else spec.root
         if not directory.is_dir() or not directory.resolve().is_relative_to(spec.root):
             continue
-        for entry in sorted(directory.iterdir()):
-            relative = entry.name if folder == "." else f"{folder}/{entry.name}"
+        # Names, not Path objects: a folder may hold 100,000 images.
+        for name in sorted(os.listdir(directory)):  # noqa: PTH208
+            relative = name if folder == "." else f"{folder}/{name}"
             if (
-                entry.is_file()
-                and entry.suffix.lower() in IMAGE_EXTENSIONS
-                and relative not in referenced_set
+                relative not in referenced_set
+                and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS  # noqa: PTH122
+                and (directory / name).is_file()
             ):
                 count += 1
                 result.report.add(
