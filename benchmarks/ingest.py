@@ -1,6 +1,7 @@
 """Ingest and query speed, against a floor measured in the same run.
 
     python benchmarks/ingest.py [--shared ../shared/datasets] [--rows 100000] [--quick]
+                                [--postgres URL]
 
 1. The shared collection: a plain decode of every referenced image once (PIL open +
    load, one process: the floor), then ``covidcxr ingest`` into a fresh SQLite store
@@ -11,7 +12,9 @@
    radiograph thumbnails; with tiny images the fixed per-file cost of validation and
    hashing, about 0.4 ms, dominates instead of decoding): the same numbers.
 3. Queries on the synthetic store (100,000 rows by default): list/filter latency in ms.
-   Goal: under 50 ms.
+   Goal: under 50 ms. With ``--postgres URL`` the synthetic collection is also ingested
+   into a new schema of that PostgreSQL database (dropped at the end) and the same
+   queries are timed there.
 
 Everything is written to a temporary directory; ``../shared`` is only read.
 """
@@ -19,6 +22,7 @@ Everything is written to a temporary directory; ``../shared`` is only read.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import os
@@ -26,7 +30,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +100,18 @@ def referenced_images(root: Path) -> list[Path]:
     return sorted(p for p in paths if p.is_file())
 
 
-def timed_ingest(root: Path, workdir: Path, workers: int | None) -> tuple[IngestOutcome, float]:
-    """Ingest into a fresh store; returns the outcome and the wall time."""
+def sqlite_url(workdir: Path) -> str:
+    return f"sqlite:///{workdir / 'store.sqlite'}"
+
+
+def timed_ingest(
+    root: Path, workdir: Path, workers: int | None, url: str | None = None
+) -> tuple[IngestOutcome, float]:
+    """Ingest into a fresh store (SQLite in ``workdir`` unless ``url`` names another
+    empty database); returns the outcome and the wall time."""
     workdir.mkdir(parents=True)
     started = time.perf_counter()
-    with open_store(f"sqlite:///{workdir / 'store.sqlite'}", workdir / "data") as store:
+    with open_store(url or sqlite_url(workdir), workdir / "data") as store:
         outcome = ingest_source(root, store, workers=workers, report_dir=workdir / "reports")
     return outcome, time.perf_counter() - started
 
@@ -192,7 +204,7 @@ def time_query(run: Callable[[], Any], repeat: int = 7) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def query_rows(store_dir: Path) -> list[dict[str, Any]]:
+def query_rows(url: str, data_dir: Path) -> list[dict[str, Any]]:
     filters = {
         "finding COVID-19 (any level) + view PA": queries.RecordFilter(
             findings=["COVID-19"], views=["PA"]
@@ -213,7 +225,7 @@ def query_rows(store_dir: Path) -> list[dict[str, Any]]:
     }
     rows = []
     with (
-        open_store(f"sqlite:///{store_dir / 'store.sqlite'}", store_dir / "data") as store,
+        open_store(url, data_dir) as store,
         store.read() as conn,
     ):
         for name, selection in filters.items():
@@ -224,6 +236,24 @@ def query_rows(store_dir: Path) -> list[dict[str, Any]]:
         ms, result = time_query(lambda: queries.list_records(conn), repeat=3)
         rows.append({"query": "list everything (not a filter)", "ms": ms, "rows": len(result)})
     return rows
+
+
+@contextlib.contextmanager
+def postgres_schema(url: str) -> Iterator[str]:
+    """A fresh schema in the PostgreSQL database at ``url``, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    schema = f"covidcxr_bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(url)
+    try:
+        with admin.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        separator = "&" if "?" in url else "?"
+        yield f"{url}{separator}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -249,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=256,
         help="side of the synthetic JPEGs in pixels (default 256)",
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="also ingest the synthetic collection into a new schema of this PostgreSQL "
+        "database (dropped afterwards) and time the queries there, e.g. "
+        "postgresql+psycopg://postgres@127.0.0.1:5432/test",
     )
     parser.add_argument(
         "--quick",
@@ -305,8 +342,18 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for row in results:
             print(f"  {row['case']}, {row['workers']} worker(s): {row['phases']}")
-        print(f"\nQueries on the synthetic store ({rows:,} rows; goal < 50 ms)")
-        print_table(query_rows(work / "synthetic-None"), ["query", "ms", "rows"])
+        store_dir = work / "synthetic-None"
+        print(f"\nQueries on the synthetic SQLite store ({rows:,} rows; goal < 50 ms)")
+        print_table(query_rows(sqlite_url(store_dir), store_dir / "data"), ["query", "ms", "rows"])
+        if args.postgres:
+            with postgres_schema(args.postgres) as url:
+                outcome, wall = timed_ingest(synthetic, work / "synthetic-postgres", None, url)
+                print(f"\nPostgreSQL ingest of the synthetic collection: {wall:.1f}s")
+                print("  " + ingest_rows("postgres", outcome, wall, floor, "")[0]["phases"])
+                print(f"\nQueries on the synthetic PostgreSQL store ({rows:,} rows; goal < 50 ms)")
+                print_table(
+                    query_rows(url, work / "synthetic-postgres" / "data"), ["query", "ms", "rows"]
+                )
     return 0
 
 

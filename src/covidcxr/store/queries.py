@@ -6,6 +6,7 @@ CSV and JSON output), so the CLI, the exports and the ML layers share them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -112,19 +113,32 @@ def stored_paths_under(conn: Connection, nodes: Iterable[str]) -> list[str]:
     )
 
 
-def where_clauses(conn: Connection, selection: RecordFilter) -> list[ColumnElement[bool]]:
+def where_clauses(
+    conn: Connection, selection: RecordFilter, *, listing_scan: bool = False
+) -> list[ColumnElement[bool]]:
     """SQL conditions for a filter (over ``records`` joined with its tables).
+
+    Args:
+        conn: the store.
+        selection: the filter.
+        listing_scan: write the finding and observation conditions so that no index
+            can drive them (``records.id + 0``, ``age_years + 0``): the planner then
+            walks records in listing order and stops at the page's end. For a page of
+            a filter whose finding set is large (see :func:`list_records`).
 
     Raises:
         MetadataError: a filter value is not valid (an unknown finding, view...).
     """
     clauses: list[ColumnElement[bool]] = []
+    record_id = Record.id + 0 if listing_scan else Record.id
+    age = Observation.age_years + 0 if listing_scan else Observation.age_years
+    sex = Observation.sex + "" if listing_scan else Observation.sex
     if selection.findings:
         paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
         # A set (the covering (path, record_id) index), not a probe per record: the
         # cost stays flat whatever else the filter holds and however the planner
         # orders the other conditions.
-        clauses.append(Record.id.in_(select(Finding.record_id).where(Finding.path.in_(paths))))
+        clauses.append(record_id.in_(_records_with(paths)))
     if selection.views:
         views: set[str] = set()
         for view in selection.views:
@@ -138,11 +152,11 @@ def where_clauses(conn: Connection, selection: RecordFilter) -> list[ColumnEleme
             Record.modality.in_(_normalised(selection.modalities, parse_modality, "modality"))
         )
     if selection.sexes:
-        clauses.append(Observation.sex.in_(_normalised(selection.sexes, parse_sex, "sex")))
+        clauses.append(sex.in_(_normalised(selection.sexes, parse_sex, "sex")))
     if selection.age_min is not None:
-        clauses.append(Observation.age_years >= selection.age_min)
+        clauses.append(age >= selection.age_min)
     if selection.age_max is not None:
-        clauses.append(Observation.age_years <= selection.age_max)
+        clauses.append(age <= selection.age_max)
     if selection.sources:
         clauses.append(Source.name.in_(list(selection.sources)))
     if selection.patients:
@@ -168,6 +182,10 @@ def where_clauses(conn: Connection, selection: RecordFilter) -> list[ColumnEleme
         padded = literal(",") + Record.flags + literal(",")
         clauses.append(padded.contains(f",{flag},", autoescape=True))
     return clauses
+
+
+def _records_with(paths: Sequence[str]) -> Select[Any]:
+    return select(Finding.record_id).where(Finding.path.in_(paths))
 
 
 def parse_outcome(text: str) -> bool | None:
@@ -334,9 +352,10 @@ def list_records(
         return _fetch(conn, where_clauses(conn, selection), limit, offset)
     # A page: find its record ids with a narrow query (sorting ids, not wide rows,
     # and joining only what the filter reads), then read those rows in full.
+    listing_scan = _page_by_listing_scan(conn, selection)
     page = (
         conn.execute(
-            _filtered(conn, select(Record.id), selection)
+            _filtered(conn, select(Record.id), selection, listing_scan=listing_scan)
             .order_by(*_LISTING_ORDER)
             .limit(limit)
             .offset(offset)
@@ -367,13 +386,74 @@ def iter_records(
         after = tuple(keys[-1])
 
 
+#: A finding set with at least this many rows makes a SQLite page walk the listing
+#: index instead (see :func:`_page_by_listing_scan`). Below it, driving the page from
+#: the set costs at most a few ms.
+LISTING_SCAN_MIN_FINDINGS = 5000
+
+
+def _page_by_listing_scan(conn: Connection, selection: RecordFilter) -> bool:
+    """Should a page of this filter walk records in listing order (SQLite only)?
+
+    SQLite's planner drives a finding filter from its record-id set, looks up every
+    record in it and sorts them all for the page: ~50 ms when a third of 100,000
+    records match. Walking the listing index and testing each record against the set
+    stops at the page's end instead (~15 ms), and costs at most one pass over the
+    index (~35 ms) when the other conditions match nothing. The set's size, from the
+    covering path index, decides; a patient filter keeps its own index.
+    """
+    if conn.dialect.name != "sqlite" or not selection.findings or selection.patients:
+        return False
+    paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
+    size = conn.execute(
+        select(func.count()).select_from(Finding).where(Finding.path.in_(paths))
+    ).scalar_one()
+    return int(size) >= LISTING_SCAN_MIN_FINDINGS
+
+
 def count_records(conn: Connection, selection: RecordFilter | None = None) -> int:
     """How many records match a filter."""
-    query = _filtered(conn, select(func.count()).select_from(Record), selection or RecordFilter())
+    selection = selection or RecordFilter()
+    if _reads_only_observations(selection):
+        # Each record has exactly one observation row: count those, without looking
+        # up every matching record (half the time for a wide finding + age filter).
+        query = select(func.count()).select_from(Observation)
+        if selection.findings:
+            paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
+            query = query.where(Observation.record_id.in_(_records_with(paths)))
+        rest = dataclasses.replace(selection, findings=[])
+        query = query.where(and_(True, *where_clauses(conn, rest)))
+    else:
+        query = _filtered(conn, select(func.count()).select_from(Record), selection)
     return int(conn.execute(query).scalar_one())
 
 
-def _filtered(conn: Connection, query: _Query, selection: RecordFilter) -> _Query:
+_OBSERVATION_FILTERS = frozenset({"findings", "sexes", "age_min", "age_max", "outcomes"})
+
+
+def _reads_only_observations(selection: RecordFilter) -> bool:
+    """Does the filter read observation columns, and nothing else but findings?"""
+    reads_observations = (
+        selection.sexes
+        or selection.age_min is not None
+        or selection.age_max is not None
+        or selection.outcomes
+    )
+    # Every other field must be unset (a field added later counts as read).
+    others_unset = all(
+        value is None or (isinstance(value, Sequence | dict) and len(value) == 0)
+        for value in (
+            getattr(selection, f.name)
+            for f in dataclasses.fields(selection)
+            if f.name not in _OBSERVATION_FILTERS
+        )
+    )
+    return bool(reads_observations) and others_unset
+
+
+def _filtered(
+    conn: Connection, query: _Query, selection: RecordFilter, *, listing_scan: bool = False
+) -> _Query:
     """``query`` (over ``records``) joined with only the tables ``selection`` reads, and
     filtered by it. Every record has exactly one source, patient and observation row,
     so leaving a join out never changes the result, only the work."""
@@ -388,7 +468,7 @@ def _filtered(conn: Connection, query: _Query, selection: RecordFilter) -> _Quer
         or selection.outcomes
     ):
         query = query.join(Observation, Observation.record_id == Record.id)
-    return query.where(and_(True, *where_clauses(conn, selection)))
+    return query.where(and_(True, *where_clauses(conn, selection, listing_scan=listing_scan)))
 
 
 def image_details(conn: Connection, sha256s: Iterable[str]) -> dict[str, dict[str, Any]]:
