@@ -14,7 +14,7 @@ from covidcxr.errors import IngestRefusedError, MetadataError, StoreError
 from covidcxr.ingest.pipeline import ingest_source
 from covidcxr.store import queries, writer
 from covidcxr.store.db import current_revision, head_revision, open_store, table_names
-from covidcxr.store.tables import Base, Image, IngestLog, Observation, Record
+from covidcxr.store.tables import Base, Finding, Image, IngestLog, Observation, Record
 
 DATA_TABLES = (
     "sources",
@@ -288,16 +288,16 @@ def test_stats(store, make_collection: MakeCollection) -> None:  # type: ignore[
     assert data["outcomes"]["survival"] == {"unknown": 3, "Y": 1}
 
 
-@pytest.mark.parametrize("listing_scan_from", [0, 10**9], ids=["listing-scan", "set-driven"])
+@pytest.mark.parametrize("listing_scan_from", [0.0, 2.0], ids=["listing-scan", "set-driven"])
 def test_pages_follow_ingest_order_of_sources_then_line(
     store,  # type: ignore[no-untyped-def]
     make_collection: MakeCollection,
     monkeypatch: pytest.MonkeyPatch,
-    listing_scan_from: int,
+    listing_scan_from: float,
 ) -> None:
     # Both ways of finding a page of a finding filter (SQLite walks the listing index
     # when the finding set is large) must give the same rows in the same order.
-    monkeypatch.setattr(queries, "LISTING_SCAN_MIN_FINDINGS", listing_scan_from)
+    monkeypatch.setattr(queries, "LISTING_SCAN_MIN_SHARE", listing_scan_from)
     # "zeta" is ingested first, so its rows come first although "alpha" sorts before it.
     ingest_source(make_collection(name="zeta"), store)
     ingest_source(make_collection(name="alpha"), store)
@@ -344,6 +344,17 @@ def test_hierarchy_filter_reads_the_paths_in_the_store(
         fungal = queries.RecordFilter(findings=["fungal"])
         assert queries.list_records(conn, fungal) == []
         assert queries.count_records(conn, fungal) == 0
+        # The index walk that finds the stored paths sees every one of them, once.
+        everything = conn.execute(select(Finding.path).distinct()).scalars().all()
+        assert len(everything) > 2
+        walked = conn.execute(queries._distinct_paths()).scalars().all()
+        assert sorted(walked) == sorted(everything)
+
+
+def test_empty_store_has_no_paths(store) -> None:  # type: ignore[no-untyped-def]
+    with store.read() as conn:
+        assert conn.execute(queries._distinct_paths()).scalars().all() == []
+        assert queries.stored_paths_under(conn, ["Pneumonia"]) == []
 
 
 def test_ingest_refreshes_planner_statistics(
