@@ -288,16 +288,23 @@ def test_stats(store, make_collection: MakeCollection) -> None:  # type: ignore[
     assert data["outcomes"]["survival"] == {"unknown": 3, "Y": 1}
 
 
-@pytest.mark.parametrize("listing_scan_from", [0.0, 2.0], ids=["listing-scan", "set-driven"])
+@pytest.mark.parametrize(
+    "window",
+    [
+        pytest.param(0, id="set-driven"),
+        pytest.param(4, id="window-then-set"),  # pages fill in the window or fall back
+        pytest.param(10**6, id="window-covers-all"),
+    ],
+)
 def test_pages_follow_ingest_order_of_sources_then_line(
     store,  # type: ignore[no-untyped-def]
     make_collection: MakeCollection,
     monkeypatch: pytest.MonkeyPatch,
-    listing_scan_from: float,
+    window: int,
 ) -> None:
-    # Both ways of finding a page of a finding filter (SQLite walks the listing index
-    # when the finding set is large) must give the same rows in the same order.
-    monkeypatch.setattr(queries, "LISTING_SCAN_MIN_SHARE", listing_scan_from)
+    # Every way of finding a page of a finding filter (SQLite first walks a window at
+    # the head of the listing order) must give the same rows in the same order.
+    monkeypatch.setattr(queries, "LISTING_WINDOW", window)
     # "zeta" is ingested first, so its rows come first although "alpha" sorts before it.
     ingest_source(make_collection(name="zeta"), store)
     ingest_source(make_collection(name="alpha"), store)
@@ -311,12 +318,9 @@ def test_pages_follow_ingest_order_of_sources_then_line(
         everything = queries.list_records(conn)
         assert [r["source"] for r in everything] == ["zeta"] * 4 + ["alpha"] * 4
         assert [r["line"] for r in everything[:4]] == sorted(r["line"] for r in everything[:4])
-        scans = store.engine.dialect.name == "sqlite" and listing_scan_from == 0
         for selection in selections:
             full = queries.list_records(conn, selection)
             assert len(full) == queries.count_records(conn, selection) > 0
-            by_scan = bool(selection.findings) and not selection.patients and scans
-            assert queries._page_by_listing_scan(conn, selection) is by_scan
             for limit, offset in ((1, 0), (2, 1), (3, 5), (100, 2), (2, 50)):
                 page = queries.list_records(conn, selection, limit=limit, offset=offset)
                 assert page == full[offset : offset + limit], (selection, limit, offset)

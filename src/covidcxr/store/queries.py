@@ -136,16 +136,15 @@ def where_clauses(
     Args:
         conn: the store.
         selection: the filter.
-        listing_scan: write the finding and observation conditions so that no index
-            can drive them (``records.id + 0``, ``age_years + 0``): the planner then
-            walks records in listing order and stops at the page's end. For a page of
-            a filter whose finding set is large (see :func:`_page_by_listing_scan`).
+        listing_scan: write the finding condition as a probe per record (``EXISTS``)
+            and the observation conditions so that no index can drive them
+            (``age_years + 0``): the planner then walks records in listing order and
+            stops at the page's end. For a page of a filter (see :func:`_page_ids`).
 
     Raises:
         MetadataError: a filter value is not valid (an unknown finding, view...).
     """
     clauses: list[ColumnElement[bool]] = []
-    record_id = Record.id + 0 if listing_scan else Record.id
     age = Observation.age_years + 0 if listing_scan else Observation.age_years
     sex = Observation.sex + "" if listing_scan else Observation.sex
     if selection.findings:
@@ -153,7 +152,16 @@ def where_clauses(
         # A set (the covering (path, record_id) index), not a probe per record: the
         # cost stays flat whatever else the filter holds and however the planner
         # orders the other conditions.
-        clauses.append(record_id.in_(_records_with(paths)))
+        if listing_scan:
+            # A probe per record on the unique (record_id, path) index: nothing is
+            # built up front, so a walk that stops early costs only what it walked.
+            clauses.append(
+                select(Finding.id)
+                .where(Finding.record_id == Record.id, Finding.path.in_(paths))
+                .exists()
+            )
+        else:
+            clauses.append(Record.id.in_(_records_with(paths)))
     if selection.views:
         views: set[str] = set()
         for view in selection.views:
@@ -367,18 +375,50 @@ def list_records(
         return _fetch(conn, where_clauses(conn, selection), limit, offset)
     # A page: find its record ids with a narrow query (sorting ids, not wide rows,
     # and joining only what the filter reads), then read those rows in full.
-    listing_scan = _page_by_listing_scan(conn, selection)
-    page = (
-        conn.execute(
-            _filtered(conn, select(Record.id), selection, listing_scan=listing_scan)
-            .order_by(*_LISTING_ORDER)
-            .limit(limit)
-            .offset(offset)
-        )
-        .scalars()
-        .all()
-    )
+    page = _page_ids(conn, selection, limit, offset)
     return _fetch(conn, [Record.id.in_(page)]) if page else []
+
+
+#: A SQLite page of a finding filter is first looked for among this many records at
+#: the head of the listing order (see :func:`_page_ids`); 0 turns that off.
+LISTING_WINDOW = 5000
+
+
+def _page_ids(
+    conn: Connection, selection: RecordFilter, limit: int | None, offset: int
+) -> Sequence[int]:
+    """The record ids of one page of a filter, in listing order.
+
+    SQLite's planner drives a finding filter from its record-id set: it looks up every
+    record in the set and sorts the matches, about 1.3 us a set row (50 ms when 40,000
+    of 100,000 records match), even for a page of 100. So a page of a finding filter
+    is first looked for by walking the first :data:`LISTING_WINDOW` records in listing
+    order and probing the findings index for each (``EXISTS``, nothing built first):
+    a few ms, and enough whenever one record in 50 or more matches (for a page of
+    100). Only when the window does not fill the page does the set drive. A patient
+    filter keeps its own index; PostgreSQL's planner needs no help.
+    """
+    window = LISTING_WINDOW
+    if (
+        window > 0
+        and limit is not None
+        and offset + limit <= window
+        and conn.dialect.name == "sqlite"
+        and selection.findings
+        and not selection.patients
+    ):
+        walk = _filtered(conn, select(Record.id), selection, listing_scan=True)
+        boundary = conn.execute(
+            select(*_LISTING_ORDER).order_by(*_LISTING_ORDER).offset(window - 1).limit(1)
+        ).first()
+        if boundary is not None:
+            walk = walk.where(tuple_(*_LISTING_ORDER) <= tuple_(*boundary))
+        page = conn.execute(walk.order_by(*_LISTING_ORDER).limit(limit).offset(offset))
+        ids = page.scalars().all()
+        if len(ids) == limit or boundary is None:
+            return ids  # the window is a prefix of the order: these are the page's rows
+    query = _filtered(conn, select(Record.id), selection).order_by(*_LISTING_ORDER)
+    return conn.execute(query.limit(limit).offset(offset)).scalars().all()
 
 
 def iter_records(
@@ -399,35 +439,6 @@ def iter_records(
             return
         yield _fetch(conn, [Record.id.in_([key.id for key in keys])])
         after = tuple(keys[-1])
-
-
-#: A SQLite page of a finding filter walks the listing index when the finding set
-#: holds at least this share of the store's records (see :func:`_page_by_listing_scan`).
-LISTING_SCAN_MIN_SHARE = 0.25
-
-
-def _page_by_listing_scan(conn: Connection, selection: RecordFilter) -> bool:
-    """Should a page of this filter walk records in listing order (SQLite only)?
-
-    SQLite's planner drives a finding filter from its record-id set: it looks up every
-    record in the set and sorts the matches for the page, about 1.3 us a set row (50 ms
-    for 40,000 of 100,000 records). Walking the listing index instead tests each
-    record against the set and stops at the page's end: ~15 ms for that filter, but up
-    to one whole pass, about 0.4 us a record, when the other conditions match nothing.
-    Taking the walk only when the set holds a quarter of the records or more keeps the
-    worst case of either plan near one pass over the index (~40 ms at 100,000 records)
-    and makes wide filters fast. A patient filter keeps its own index.
-    """
-    if conn.dialect.name != "sqlite" or not selection.findings or selection.patients:
-        return False
-    paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
-    set_rows = conn.execute(
-        select(func.count()).select_from(Finding).where(Finding.path.in_(paths))
-    ).scalar_one()
-    # The largest id stands in for the record count (exact unless rows were deleted,
-    # and then an overestimate, which only favours the set-driven plan): O(log n).
-    records = conn.execute(select(func.max(Record.id))).scalar_one() or 0
-    return int(set_rows) >= LISTING_SCAN_MIN_SHARE * int(records)
 
 
 def count_records(conn: Connection, selection: RecordFilter | None = None) -> int:
