@@ -116,6 +116,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         yield from _postgres_schema_url()
 
 
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL schema's URL (tests using it are marked ``postgres``)."""
+    yield from _postgres_schema_url()
+
+
 def xray_like(seed: int, size: tuple[int, int] = (96, 80)) -> np.ndarray:
     """A smooth, noisy grayscale picture (uint8) that differs clearly per seed."""
     rng = np.random.default_rng(seed)

@@ -374,6 +374,25 @@ def test_ingest_refreshes_planner_statistics(
     assert {"records", "findings", "observations", "patients"} <= tables
 
 
+@pytest.mark.postgres
+def test_ingest_vacuums_and_analyzes_on_postgresql(
+    postgres_url: str, tmp_path: Path, make_collection: MakeCollection
+) -> None:
+    # Fresh pages are not all-visible until VACUUM: index-only scans would still read
+    # the table behind every index entry.
+    with open_store(postgres_url, tmp_path / "data") as store:
+        ingest_source(make_collection(), store)
+        with store.read() as conn:
+            done = conn.execute(
+                text(
+                    "SELECT relname FROM pg_stat_user_tables WHERE schemaname = "
+                    "current_schema() AND last_vacuum IS NOT NULL AND last_analyze IS NOT NULL"
+                )
+            )
+            vacuumed = {row[0] for row in done}
+    assert {"records", "findings", "observations", "patients"} <= vacuumed
+
+
 def test_store_at_the_first_migration_is_upgraded_with_its_data(
     db_url: str, tmp_path: Path, make_collection: MakeCollection
 ) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 from covidcxr import config
 from covidcxr.errors import MissingExtraError, StoreError
 from covidcxr.store.blobs import BlobStore
+from covidcxr.store.tables import Base
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +142,25 @@ class Store:
             yield connection
 
     def analyze(self) -> None:
-        """Refresh the database's planner statistics (``ANALYZE``).
+        """Refresh the database's planner statistics.
 
         Run after an ingest: with statistics, SQLite walks the (source, line) index
         for a listing's first rows instead of sorting every match, which keeps
-        filtered listings of 100,000 rows in milliseconds.
+        filtered listings of 100,000 rows in milliseconds. On PostgreSQL this is
+        ``VACUUM (ANALYZE)`` of covidcxr's own tables (0.7 s at 100,000 records): it
+        also marks the freshly written pages all-visible, so that counts can read the
+        findings and observations indexes alone instead of the tables behind them.
         """
+        if self.engine.dialect.name == "postgresql":
+            tables = ", ".join(
+                self.engine.dialect.identifier_preparer.quote(table.name)
+                for table in Base.metadata.sorted_tables
+            )
+            # VACUUM cannot run inside a transaction.
+            autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+            with autocommit.connect() as connection:
+                connection.exec_driver_sql(f"VACUUM (ANALYZE) {tables}")
+            return
         with self.engine.begin() as connection:
             connection.exec_driver_sql("ANALYZE")
 
