@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -262,3 +264,39 @@ def test_reports_are_written_as_json_and_csv(
     text = csv_path.read_text()
     assert text.splitlines()[0] == "severity,code,file,row,column,value,action,message"
     assert "'=cmd|' /C calc'!A0" in text  # escaped for spreadsheets
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scan_restores_the_garbage_collector(
+    make_collection: MakeCollection, monkeypatch: pytest.MonkeyPatch, enabled: bool
+) -> None:
+    # The image phase pauses the cyclic collector; it must come back as it was, also
+    # when the phase fails.
+    import gc
+
+    from covidcxr.ingest import scan as scan_module
+
+    root = make_collection()
+    seen: list[bool] = []
+    real = scan_module.process_files
+
+    def watching(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        seen.append(gc.isenabled())
+        yield from real(*args, **kwargs)
+
+    (gc.enable if enabled else gc.disable)()
+    try:
+        monkeypatch.setattr(scan_module, "process_files", watching)
+        check_source(root)
+        assert seen[0] is False and gc.isenabled() is enabled  # images, then masks
+
+        def failing(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            raise RuntimeError("worker died")
+            yield
+
+        monkeypatch.setattr(scan_module, "process_files", failing)
+        with pytest.raises(RuntimeError, match="worker died"):
+            check_source(root)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()
