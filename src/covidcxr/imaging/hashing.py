@@ -158,11 +158,8 @@ def _any_uniform_edge(gray: NDArray[np.float32], tolerance: float) -> bool:
     """Is the first or last row or column uniform? Two sorts instead of four."""
     if gray.shape[0] < 2 or gray.shape[1] < 2:
         return True  # let the full loop decide (it returns ``gray`` untrimmed)
-    rows = gray[[0, -1]]
-    columns = gray[:, [0, -1]].T
-    if rows.shape == columns.shape:
-        return bool(_uniform_lines(np.concatenate((rows, columns)), tolerance).any())
-    return bool(_uniform_lines(rows, tolerance).any() or _uniform_lines(columns, tolerance).any())
+    edge_rows = _uniform_lines(gray[[0, -1]], tolerance)
+    return bool(edge_rows.any() or _uniform_lines(gray[:, [0, -1]].T, tolerance).any())
 
 
 def _uniform_run(lines: NDArray[np.float32], tolerance: float) -> int:

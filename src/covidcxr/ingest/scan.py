@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -341,8 +340,8 @@ class _SourceFiles:
     """
 
     def __init__(self, root: Path) -> None:
-        self.root = root
-        self._prefix = os.path.join(str(root), "")  # noqa: PTH118
+        self.root = str(root)
+        self._prefix = os.path.join(self.root, "")  # noqa: PTH118
         self._folders: dict[str, str] = {}
 
     def locate(self, relative: str) -> tuple[Path, str]:
@@ -350,31 +349,16 @@ class _SourceFiles:
         ``unsafe`` (it resolves outside the root, through ``..`` or a link)."""
         folder, _, name = relative.rpartition("/")
         if name in ("", ".", ".."):
-            return self._checked(str((self.root / relative).resolve()))
-        resolved = self._folders.get(folder)
-        if resolved is None:
-            resolved = str((self.root / folder).resolve()) if folder else str(self.root)
-            self._folders[folder] = resolved
-        candidate = os.path.join(resolved, name)  # noqa: PTH118
-        try:
-            info = os.lstat(candidate)
-        except OSError:
-            return self._checked(candidate, exists=False)
-        if stat.S_ISLNK(info.st_mode):
-            return self._checked(str(Path(candidate).resolve()))
-        return self._checked(candidate, regular=stat.S_ISREG(info.st_mode))
-
-    def _checked(
-        self, resolved: str, *, exists: bool = True, regular: bool | None = None
-    ) -> tuple[Path, str]:
-        path = Path(resolved)
-        if not resolved.startswith(self._prefix) and resolved != str(self.root):
-            return path, "unsafe"
-        if not exists:
-            return path, "missing"
-        if regular is None:
-            regular = path.is_file()
-        return path, "file" if regular else "missing"
+            resolved = str(Path(self.root, relative).resolve())
+        else:
+            if folder not in self._folders:
+                self._folders[folder] = str(Path(self.root, folder).resolve())
+            resolved = os.path.join(self._folders[folder], name)  # noqa: PTH118
+            if os.path.islink(resolved):  # noqa: PTH114
+                resolved = str(Path(resolved).resolve())
+        if resolved != self.root and not resolved.startswith(self._prefix):
+            return Path(resolved), "unsafe"
+        return Path(resolved), "file" if os.path.isfile(resolved) else "missing"  # noqa: PTH113
 
 
 def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) -> None:
@@ -417,7 +401,7 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
             continue
         jobs.append(FileJob(str(target), relative))
     report.counts["images_referenced"] = len(by_path)
-    with paused_gc():
+    with _paused_gc():
         _collect_outcomes(
             result, by_path, process_files(jobs, workers=workers, max_pixels=max_pixels)
         )
@@ -429,7 +413,7 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
 
 
 @contextlib.contextmanager
-def paused_gc() -> Iterator[None]:
+def _paused_gc() -> Iterator[None]:
     """Switch the cyclic garbage collector off for a block (restored afterwards).
 
     While outcomes stream in, every full collection walks the scan's 100,000s of
