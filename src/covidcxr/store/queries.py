@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Select, and_, func, literal, or_, select, tuple_
+from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
 from covidcxr.errors import MetadataError
@@ -129,13 +130,20 @@ def _distinct_paths() -> Select[Any]:
 
 
 def where_clauses(
-    conn: Connection, selection: RecordFilter, *, listing_scan: bool = False
+    conn: Connection,
+    selection: RecordFilter,
+    *,
+    listing_scan: bool = False,
+    record_key: InstrumentedAttribute[int] | None = None,
 ) -> list[ColumnElement[bool]]:
     """SQL conditions for a filter (over ``records`` joined with its tables).
 
     Args:
         conn: the store.
         selection: the filter.
+        record_key: the column the finding condition matches record ids against
+            (default ``records.id``; ``observations.record_id`` for a filter that
+            reads nothing else of ``records``).
         listing_scan: write the finding condition as a probe per record (``EXISTS``)
             and the observation conditions so that no index can drive them
             (``age_years + 0``): the planner then walks records in listing order and
@@ -149,19 +157,18 @@ def where_clauses(
     sex = Observation.sex + "" if listing_scan else Observation.sex
     if selection.findings:
         paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
-        # A set (the covering (path, record_id) index), not a probe per record: the
-        # cost stays flat whatever else the filter holds and however the planner
-        # orders the other conditions.
+        key = Record.id if record_key is None else record_key
         if listing_scan:
             # A probe per record on the unique (record_id, path) index: nothing is
             # built up front, so a walk that stops early costs only what it walked.
             clauses.append(
-                select(Finding.id)
-                .where(Finding.record_id == Record.id, Finding.path.in_(paths))
-                .exists()
+                select(Finding.id).where(Finding.record_id == key, Finding.path.in_(paths)).exists()
             )
         else:
-            clauses.append(Record.id.in_(_records_with(paths)))
+            # A set (the covering (path, record_id) index), not a probe per record: the
+            # cost stays flat whatever else the filter holds and however the planner
+            # orders the other conditions.
+            clauses.append(key.in_(select(Finding.record_id).where(Finding.path.in_(paths))))
     if selection.views:
         views: set[str] = set()
         for view in selection.views:
@@ -205,10 +212,6 @@ def where_clauses(
         padded = literal(",") + Record.flags + literal(",")
         clauses.append(padded.contains(f",{flag},", autoescape=True))
     return clauses
-
-
-def _records_with(paths: Sequence[str]) -> Select[Any]:
-    return select(Finding.record_id).where(Finding.path.in_(paths))
 
 
 def parse_outcome(text: str) -> bool | None:
@@ -447,12 +450,8 @@ def count_records(conn: Connection, selection: RecordFilter | None = None) -> in
     if _reads_only_observations(selection):
         # Each record has exactly one observation row: count those, without looking
         # up every matching record (half the time for a wide finding + age filter).
-        query = select(func.count()).select_from(Observation)
-        if selection.findings:
-            paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
-            query = query.where(Observation.record_id.in_(_records_with(paths)))
-        rest = dataclasses.replace(selection, findings=[])
-        query = query.where(and_(True, *where_clauses(conn, rest)))
+        clauses = where_clauses(conn, selection, record_key=Observation.record_id)
+        query = select(func.count()).select_from(Observation).where(and_(True, *clauses))
     else:
         query = _filtered(conn, select(func.count()).select_from(Record), selection)
     return int(conn.execute(query).scalar_one())
@@ -463,12 +462,6 @@ _OBSERVATION_FILTERS = frozenset({"findings", "sexes", "age_min", "age_max", "ou
 
 def _reads_only_observations(selection: RecordFilter) -> bool:
     """Does the filter read observation columns, and nothing else but findings?"""
-    reads_observations = (
-        selection.sexes
-        or selection.age_min is not None
-        or selection.age_max is not None
-        or selection.outcomes
-    )
     # Every other field must be unset (a field added later counts as read).
     others_unset = all(
         value is None or (isinstance(value, Sequence | dict) and len(value) == 0)
@@ -478,7 +471,16 @@ def _reads_only_observations(selection: RecordFilter) -> bool:
             if f.name not in _OBSERVATION_FILTERS
         )
     )
-    return bool(reads_observations) and others_unset
+    return _reads_observations(selection) and others_unset
+
+
+def _reads_observations(selection: RecordFilter) -> bool:
+    return bool(
+        selection.sexes
+        or selection.age_min is not None
+        or selection.age_max is not None
+        or selection.outcomes
+    )
 
 
 def _filtered(
@@ -491,12 +493,7 @@ def _filtered(
         query = query.join(Source, Source.id == Record.source_id)
     if selection.patients:
         query = query.join(Patient, Patient.id == Record.patient_pk)
-    if (
-        selection.sexes
-        or selection.age_min is not None
-        or selection.age_max is not None
-        or selection.outcomes
-    ):
+    if _reads_observations(selection):
         query = query.join(Observation, Observation.record_id == Record.id)
     return query.where(and_(True, *where_clauses(conn, selection, listing_scan=listing_scan)))
 
