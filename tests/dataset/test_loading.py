@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from conftest import encode, xray_like
+from covidcxr.dataset import loading
 from covidcxr.dataset.loading import (
     CACHE_VERSION,
     DEFAULT_CACHE_DIR,
@@ -119,12 +121,13 @@ def test_bad_requests_are_refused(tmp_path: Path, size: Any, crop: Any, message:
         PreprocessCache(tmp_path, size, crop)
 
 
-def test_decompression_bomb_is_an_image_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("depth", [8, 16])  # libpng's path, Pillow's path
+def test_decompression_bomb_is_an_image_error(tmp_path: Path, depth: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
 
-    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 0, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, depth, 0, 0, 0, 0)
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
     with pytest.raises(ImageError, match="pixel limit") as raised:
@@ -132,17 +135,21 @@ def test_decompression_bomb_is_an_image_error(tmp_path: Path) -> None:
     assert raised.value.code == "too_many_pixels"
 
 
-def test_missing_and_undecodable_files(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])  # libpng's path, Pillow's path
+def test_missing_and_undecodable_files(tmp_path: Path, dtype: type) -> None:
     with pytest.raises(ImageError, match="does not exist") as missing:
         load_image(tmp_path / "nope.png", 8)
     assert missing.value.code == "missing_file"
+    with pytest.raises(ImageError, match="cannot be read") as folder:
+        load_image(tmp_path, 8)
+    assert folder.value.code == "undecodable"
     text = tmp_path / "page.png"
     text.write_text("<html>not an image</html>", encoding="utf-8")
     with pytest.raises(ImageError, match="not a PNG or JPEG") as bad:
         load_image(text, 8)
     assert bad.value.code == "undecodable"
     cut = tmp_path / "cut.png"
-    cut.write_bytes(encode(xray_like(1))[:200])
+    cut.write_bytes(encode(xray_like(1).astype(dtype) * (257 if dtype is np.uint16 else 1))[:200])
     with pytest.raises(ImageError, match="cannot be decoded") as truncated:
         load_image(cut, 8)
     assert truncated.value.code == "undecodable"
@@ -252,6 +259,60 @@ def test_palette_la_and_cmyk(tmp_path: Path) -> None:
     cmyk = Image.fromarray(gray).convert("CMYK")
     path = _save(tmp_path / "cmyk.jpg", cmyk, "JPEG", quality=95)
     assert load_image(path, 48).shape == (48, 48)
+
+
+def _colour(seed: int, channels: int) -> np.ndarray:
+    planes = [xray_like(seed + i, (61, 83)) for i in range(channels)]
+    return planes[0] if channels == 1 else np.stack(planes, axis=-1)
+
+
+@pytest.mark.parametrize(
+    ("mode", "channels", "fast"),
+    [
+        ("L", 1, True),
+        ("LA", 2, True),
+        ("RGB", 3, True),
+        ("RGBA", 4, True),
+        ("P", 1, False),
+        ("I;16", 1, False),
+        ("1", 1, False),
+    ],
+)
+@pytest.mark.parametrize("crop", ["center", "pad"])
+def test_plain_pngs_decode_through_libpng_to_pillows_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, channels: int, fast: bool, crop: Any
+) -> None:
+    image = Image.fromarray(_colour(7, channels))
+    if mode == "I;16":
+        image = Image.fromarray(_colour(7, 1).astype(np.uint16) * 257)
+    elif mode in ("P", "1"):
+        image = image.convert(mode)
+    assert image.mode == mode
+    path = _save(tmp_path / "image.png", image)
+    calls = Counter[str]()
+    png_decode = loading.imagecodecs.png_decode
+
+    def counted(data: bytes) -> np.ndarray:
+        calls["libpng"] += 1
+        return png_decode(data)
+
+    monkeypatch.setattr(loading.imagecodecs, "png_decode", counted)
+    got = {size: load_image(path, size, crop=crop) for size in (24, 61, 90)}
+    mask = load_mask(path, 30, crop=crop)
+    assert calls["libpng"] == (4 if fast else 0)
+    monkeypatch.setattr(loading, "_plain_png", lambda *_: None)  # Pillow decodes all
+    for size, pixels in got.items():
+        np.testing.assert_array_equal(pixels, load_image(path, size, crop=crop))
+    np.testing.assert_array_equal(mask, load_mask(path, 30, crop=crop))
+
+
+def test_png_whose_pixels_disagree_with_its_header(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _save(tmp_path / "image.png", Image.fromarray(_colour(3, 3)))
+    monkeypatch.setattr(loading.imagecodecs, "png_decode", lambda _: np.zeros((2, 2), np.uint8))
+    with pytest.raises(ImageError, match=r"decoded to uint8 \(2, 2\), not uint8 \(61, 83, 3\)"):
+        load_image(path, 8)
 
 
 def test_png_holding_jpeg_name_and_jpeg_bytes(tmp_path: Path) -> None:
@@ -428,6 +489,31 @@ def test_concurrent_writers_of_one_key(tmp_path: Path) -> None:
         assert got is not None
         np.testing.assert_array_equal(got, pixels)
     assert [p.name for p in cache.path(SHA_A).parent.iterdir()] == [f"{SHA_A}.u8"]
+
+
+def test_failed_write_leaves_no_temporary_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = PreprocessCache(tmp_path, 8)
+    cache.path(SHA_A).mkdir(parents=True)  # the rename onto a folder fails
+    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.loading"):
+        cache.put(SHA_A, _noise(8, 8))
+    assert "cannot write" in caplog.text
+    assert [p.name for p in cache.path(SHA_A).parent.iterdir()] == [f"{SHA_A}.u8"]
+    assert cache.path(SHA_A).is_dir()
+
+
+def test_cache_deleted_while_in_use_is_made_again(tmp_path: Path) -> None:
+    cache = PreprocessCache(tmp_path / "cache", 8)
+    cache.put(SHA_A, _noise(8, 8, seed=1))
+    shutil.rmtree(tmp_path / "cache")
+    pixels = _noise(8, 8, seed=2)
+    cache.put(SHA_A, pixels)
+    cache.put(SHA_B, pixels)
+    for sha in (SHA_A, SHA_B):
+        got = cache.get(sha)
+        assert got is not None
+        np.testing.assert_array_equal(got, pixels)
 
 
 def test_resolve_cache_dir(tmp_path: Path, _isolated_data_dir: Path) -> None:
