@@ -168,7 +168,7 @@ def _xrv_dataset(covid: Path) -> tuple[Any, list[int]]:
 def _compare_selection(xrv_dataset: Any, present: list[int], ours: Any) -> list[str]:
     """Say how the two selections relate (they should hold the same images)."""
     theirs = sorted(str(xrv_dataset.csv["filename"].iloc[i]) for i in present)
-    mine = sorted(str(row["filename"]) for row in ours.csv)
+    mine = sorted(str(name) for name in ours.csv["filename"])
     lines = [
         f"torchxrayvision: {len(xrv_dataset)} rows with view PA/AP and a finding other than "
         f"todo/Unknown; {len(xrv_dataset) - len(present)} of them name a file that is not in "
@@ -230,8 +230,8 @@ def throughput(args: argparse.Namespace, workdir: Path) -> list[Timing]:
     _warm_page_cache(samples.image_path(s) for s in samples.samples)
     _warm_page_cache(p for s in samples.samples if (p := samples.mask_path(s)) is not None)
     timed_theirs = [str(xrv_dataset.csv["filename"].iloc[i]) for i in xrv_indices]
-    rows = full.csv
-    timed_mine = [str(rows[i]["filename"]) for i in our_indices]
+    names = full.csv["filename"]
+    timed_mine = [str(names.iloc[i]) for i in our_indices]
     print(
         f"timed on {len(xrv_indices)} images (the same rows in the same order: "
         f"{'yes' if timed_theirs == timed_mine else 'NO'}), batch size {BATCH_SIZE}, {SIZE} px"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import encode, upstream_row, write_metadata, xray_like
@@ -89,7 +90,7 @@ def _dataset(samples: SampleSet, tmp_path: Path, **options: Any) -> CollectionDa
 
 
 def _by_file(dataset: CollectionDataset) -> dict[str, int]:
-    return {row["filename"]: i for i, row in enumerate(dataset.csv)}
+    return {name: i for i, name in enumerate(dataset.csv["filename"])}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -388,10 +389,16 @@ def test_xrv_attributes_and_summary(sample_set: SampleSet, tmp_path: Path) -> No
     assert totals["Pneumonia/Viral"] == {0.0: 2, 1.0: 2}  # p4's is unknown
     rows = dataset.csv
     assert len(rows) == 5
-    assert rows[0]["filename"] == "p1.png"
-    assert rows[0]["geographic_mean"] == 4.5
-    assert rows[0]["has_mask"] is True
-    assert rows[3]["sex"] is None
+    assert rows.iloc[0]["filename"] == "p1.png"
+    assert rows.iloc[0]["geographic_mean"] == 4.5
+    assert bool(rows.iloc[0]["has_mask"]) is True
+    assert math.isnan(rows.iloc[1]["geographic_mean"])
+    assert pd.isna(rows.iloc[3]["sex"])
+    assert list(rows["patientid"]) == dataset.patients
+    assert list(rows["record_id"]) == [dataset[i]["record_id"] for i in range(5)]
+    assert list(rows["sex_male"]) == [sex == "M" for sex in rows["sex"]]
+    assert list(rows["sex_female"]) == [sex == "F" for sex in rows["sex"]]
+    np.testing.assert_array_equal(rows["offset_day_int"], rows["offset_days"])
     summary = dataset.summary()
     assert summary["samples"] == 5
     assert summary["patients"] == 4
@@ -405,6 +412,36 @@ def test_xrv_attributes_and_summary(sample_set: SampleSet, tmp_path: Path) -> No
     for reason, count in sample_set.excluded.items():
         assert f"{reason}: {count}" in text
     assert dataset.patients == ["tiny:1", "tiny:1", "tiny:2", "tiny:3", "tiny:4"]
+
+
+def test_torchxrayvision_tools_take_the_dataset(sample_set: SampleSet, tmp_path: Path) -> None:
+    xrv = pytest.importorskip("torchxrayvision")
+    state = np.random.get_state()  # MergeDataset reseeds numpy's global generator
+    try:
+        dataset = _dataset(sample_set, tmp_path, masks=False)
+        images = [dataset[i]["image_id"] for i in range(len(dataset))]
+        subset = xrv.datasets.SubsetDataset(dataset, [0, 2])
+        assert len(subset) == 2
+        assert subset[1]["image_id"] == images[2]
+        assert list(subset.csv["image_id"]) == [images[0], images[2]]
+        assert "SubsetDataset num_samples=2" in subset.string()
+        pneumonia = xrv.datasets.FilterDataset(dataset, labels=["Pneumonia"])
+        assert len(pneumonia) == 4
+        assert all(pneumonia[i]["lab"][0] == 1 for i in range(4))
+        merged = xrv.datasets.MergeDataset([dataset, _dataset(sample_set, tmp_path, masks=False)])
+        assert len(merged) == 10
+        assert list(merged.csv["patientid"]) == dataset.patients * 2
+        assert merged[7]["image_id"] == images[2]
+        # relabel_dataset swaps in a float64 array; samples keep float32 labels.
+        xrv.datasets.relabel_dataset(["Pneumonia/Viral", "Pneumonia", "Effusion"], dataset, True)
+        assert dataset.pathologies == ["Pneumonia/Viral", "Pneumonia", "Effusion"]
+        label = dataset[0]["lab"]
+        assert label.dtype == torch.float32
+        assert label.shape == (3,)
+        assert label[1] == 1
+        assert torch.isnan(label[2])
+    finally:
+        np.random.set_state(state)
 
 
 def test_from_store(store: Store, tmp_path: Path) -> None:

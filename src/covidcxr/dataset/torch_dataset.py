@@ -4,12 +4,14 @@ torchxrayvision's conventions.
 A user of ``torchxrayvision.datasets.COVID19_Dataset`` can swap
 :class:`CollectionDataset` in: samples are dicts with ``img`` (float32, 1 x H x W, in
 [-1024, 1024]), ``lab`` (float32, NaN = unknown) and ``idx``; the dataset has
-``pathologies``, ``labels``, ``csv``, ``totals()`` and ``transform``/``data_aug`` work
-as there. It adds the lung ``mask`` (with ``has_mask``), ``severity``, ``patient``,
-``image_id`` (sha256), ``record_id`` and metadata, and it is fast: pixels are decoded
-once (reduced JPEG decoding, one resize, see :mod:`covidcxr.dataset.loading`) and then
-read from an on-disk cache; batches fetched by a DataLoader in the main process decode
-their uncached images on several threads.
+``pathologies``, ``labels``, ``csv`` (a pandas DataFrame with torchxrayvision's common
+fields) and ``totals()``, ``transform``/``data_aug`` work as there, and so do
+torchxrayvision's ``relabel_dataset``, ``SubsetDataset``, ``FilterDataset`` and
+``MergeDataset``. It adds the lung ``mask`` (with ``has_mask``), ``severity``,
+``patient``, ``image_id`` (sha256), ``record_id`` and metadata, and it is fast: pixels
+are decoded once (reduced JPEG decoding, one resize, see
+:mod:`covidcxr.dataset.loading`) and then read from an on-disk cache; batches fetched
+by a DataLoader in the main process decode their uncached images on several threads.
 
 The per-sample data is held in numpy arrays (a few hundred bytes per sample), not in
 Python objects, so memory stays small as the collection grows and DataLoader workers do
@@ -35,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -56,6 +58,9 @@ from covidcxr.dataset.samples import METADATA_KEYS, Sample, SampleSet, Selection
 from covidcxr.dataset.tasks import Task, get_task
 from covidcxr.errors import MissingExtraError
 from covidcxr.store.db import Store
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 try:
     import torch
@@ -435,7 +440,8 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         item: dict[str, Any] = {
             "idx": position,
             "img": image,
-            "lab": torch.from_numpy(self.labels[position].copy()),
+            # float32 also after torchxrayvision's relabel_dataset (which sets float64)
+            "lab": torch.from_numpy(np.array(self.labels[position], dtype=np.float32)),
         }
         if self.masks:
             item["mask"] = torch.zeros_like(image) if mask is None else mask
@@ -455,29 +461,40 @@ class CollectionDataset(Dataset[dict[str, Any]]):
     # -- torchxrayvision compatibility and summaries -------------------------------
 
     @property
-    def csv(self) -> list[dict[str, Any]]:
-        """One metadata dict per item (``pandas.DataFrame(ds.csv)`` gives
-        torchxrayvision's ``csv``); built on each access, not stored."""
-        rows = []
-        for i in range(len(self)):
-            row: dict[str, Any] = {
-                "record_id": int(self._record_ids[i]),
-                "image_id": self._image_sha[i].decode("ascii"),
-                "patient": self._patients.get(i),
-                "source": self._sources.get(i),
-            }
-            for key in METADATA_KEYS:
-                if key in self._numbers:
-                    value = float(self._numbers[key][i])
-                    row[key] = None if math.isnan(value) else value
-                else:
-                    row[key] = self._strings[key].get(i)
-            row["has_mask"] = bool(self._mask_sha[i])
-            geographic, opacity = (float(v) for v in self._severity[i])
-            row["geographic_mean"] = None if math.isnan(geographic) else geographic
-            row["opacity_mean"] = None if math.isnan(opacity) else opacity
-            rows.append(row)
-        return rows
+    def csv(self) -> pd.DataFrame:
+        """The items' metadata as torchxrayvision's ``.csv``: a pandas DataFrame with
+        one row per item, in item order, so ``.iloc`` works and torchxrayvision's
+        ``SubsetDataset``, ``FilterDataset`` and ``MergeDataset`` accept this dataset.
+
+        Columns: ``record_id``, ``image_id`` (sha256), ``patient``, ``source``, the
+        metadata (``view``, ``modality``, ``sex``, ``age_years``, ``offset_days``,
+        ``finding``, ``location``, ``license``, ``doi``, ``filename``), ``has_mask``,
+        ``geographic_mean`` and ``opacity_mean``; then torchxrayvision's common fields
+        ``patientid``, ``offset_day_int``, ``sex_male`` and ``sex_female`` (and
+        ``age_years``, already there). Unknown values are missing (NaN or None). Built
+        on each access, not stored.
+        """
+        import pandas as pd
+
+        columns: dict[str, list[Any]] = {
+            "record_id": [int(v) for v in self._record_ids],
+            "image_id": [sha.decode("ascii") for sha in self._image_sha],
+            "patient": [self._patients.get(i) for i in range(len(self))],
+            "source": [self._sources.get(i) for i in range(len(self))],
+        }
+        for key in METADATA_KEYS:
+            if key in self._numbers:
+                columns[key] = self._numbers[key].tolist()
+            else:
+                columns[key] = [self._strings[key].get(i) for i in range(len(self))]
+        columns["has_mask"] = [bool(sha) for sha in self._mask_sha]
+        columns["geographic_mean"] = self._severity[:, 0].tolist()
+        columns["opacity_mean"] = self._severity[:, 1].tolist()
+        columns["patientid"] = columns["patient"]
+        columns["offset_day_int"] = columns["offset_days"]
+        columns["sex_male"] = [sex == "M" for sex in columns["sex"]]
+        columns["sex_female"] = [sex == "F" for sex in columns["sex"]]
+        return pd.DataFrame(columns)
 
     @property
     def patients(self) -> list[str]:
