@@ -306,13 +306,67 @@ def test_plain_pngs_decode_through_libpng_to_pillows_pixels(
     np.testing.assert_array_equal(mask, load_mask(path, 30, crop=crop))
 
 
-def test_png_whose_pixels_disagree_with_its_header(
+def _png_chunks(data: bytes) -> dict[bytes, tuple[int, int]]:
+    """Each chunk type's (offset, data length), the last of each type."""
+    chunks, position = {}, 8
+    while position < len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        chunks[kind] = (position, length)
+        position += 12 + length
+    return chunks
+
+
+def _with_chunk_before_idat(data: bytes, kind: bytes, body: bytes) -> bytes:
+    position, _ = _png_chunks(data)[b"IDAT"]
+    crc = struct.pack(">I", zlib.crc32(kind + body))
+    return data[:position] + struct.pack(">I", len(body)) + kind + body + crc + data[position:]
+
+
+def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "_plain_png", lambda *_: None)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_png_with_a_transparent_colour_keeps_its_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    image = Image.fromarray(_colour(5, len(mode)))
+    transparent = 0 if mode == "L" else (0, 0, 0)
+    path = _save(tmp_path / "trns.png", image, transparency=transparent)
+    assert b"tRNS" in _png_chunks(path.read_bytes())
+    assert loading.imagecodecs.png_decode(path.read_bytes()).shape[-1] == len(mode) + 1
+    decoded = loading._plain_png(path.read_bytes(), path, "test")
+    assert decoded is not None  # libpng decoded it; its alpha is dropped
+    assert decoded.mode == mode
+    got = load_image(path, 40)
+    _pillow_only(monkeypatch)
+    np.testing.assert_array_equal(got, load_image(path, 40))
+
+
+def test_png_libpng_refuses_is_left_to_pillow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = bytearray(encode(xray_like(6)))
+    position, length = _png_chunks(bytes(data))[b"IDAT"]
+    data[position + 8 + length] ^= 0xFF  # IDAT's checksum: libpng refuses, Pillow reads
+    path = tmp_path / "bad-crc.png"
+    path.write_bytes(bytes(data))
+    with pytest.raises(loading.imagecodecs.PngError, match="CRC"):
+        loading.imagecodecs.png_decode(bytes(data))
+    assert loading._plain_png(bytes(data), path, "test") is None
+    got = load_image(path, 32)
+    _pillow_only(monkeypatch)
+    np.testing.assert_array_equal(got, load_image(path, 32))
+
+
+def test_png_libpng_decodes_to_another_shape_is_left_to_pillow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = _save(tmp_path / "image.png", Image.fromarray(_colour(3, 3)))
+    expected = load_image(path, 8)
     monkeypatch.setattr(loading.imagecodecs, "png_decode", lambda _: np.zeros((2, 2), np.uint8))
-    with pytest.raises(ImageError, match=r"decoded to uint8 \(2, 2\), not uint8 \(61, 83, 3\)"):
-        load_image(path, 8)
+    assert loading._plain_png(path.read_bytes(), path, "test") is None
+    np.testing.assert_array_equal(load_image(path, 8), expected)
 
 
 def test_png_holding_jpeg_name_and_jpeg_bytes(tmp_path: Path) -> None:

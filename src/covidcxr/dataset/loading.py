@@ -202,10 +202,12 @@ def _open(data: bytes, path: Path, function: str) -> Image.Image:
 
 def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
     """An 8-bit grey, RGB, grey+alpha or RGBA PNG decoded by libpng; None for any
-    other file (which Pillow then opens).
+    other file, and for any file libpng refuses or decodes to another shape.
 
-    The pixels are Pillow's to the bit (libpng applies no gamma or colour profile,
-    and neither does Pillow); only the decoder is faster.
+    Pillow opens what this returns None for, and it stays the judge of what is
+    readable: ingest checked the blobs with it, and it accepts some files libpng
+    refuses (a wrong IDAT checksum, for one). The pixels are Pillow's to the bit
+    (neither applies gamma or a colour profile); only the decoder is faster.
     """
     if len(data) < _PNG_HEADER_BYTES or not data.startswith(_PNG_SIGNATURE):
         return None
@@ -220,19 +222,15 @@ def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
         raise _too_many_pixels(path, function, f"{width} x {height} pixels")
     try:
         pixels = imagecodecs.png_decode(data)
-    except (imagecodecs.PngError, ValueError, MemoryError) as exc:
-        raise ImageError(
-            f"{function}: {str(path)!r} cannot be decoded ({exc}); re-ingest it",
-            code="undecodable",
-        ) from exc
+    except (imagecodecs.PngError, ValueError):
+        return None
     channels = len(mode)
+    if mode in ("L", "RGB") and pixels.ndim == 3 and pixels.shape[2] == channels + 1:
+        # libpng turned a tRNS chunk into alpha; Pillow keeps the colour type's mode.
+        pixels = pixels[..., 0] if channels == 1 else pixels[..., :channels]
     expected = (height, width) if channels == 1 else (height, width, channels)
     if pixels.shape != expected or pixels.dtype != np.uint8:
-        raise ImageError(
-            f"{function}: {str(path)!r} decoded to {pixels.dtype} {pixels.shape}, not "
-            f"uint8 {expected} as its header says; re-ingest it",
-            code="undecodable",
-        )
+        return None
     return Image.frombuffer(mode, (width, height), np.ascontiguousarray(pixels), "raw", mode, 0, 1)
 
 
