@@ -201,6 +201,42 @@ def test_masks_off(sample_set: SampleSet, tmp_path: Path) -> None:
     assert "has_mask" not in item
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uint8_items_normalise_on_the_device_to_the_same_values(
+    sample_set: SampleSet, tmp_path: Path, workers: int
+) -> None:
+    floats = _dataset(sample_set, tmp_path)
+    raw = _dataset(sample_set, tmp_path, normalise=False)
+    assert raw.normalise is False
+    loader = DataLoader(raw, batch_size=5, num_workers=workers)
+    (batch,) = list(loader)
+    (expected,) = list(DataLoader(floats, batch_size=5))
+    assert batch["img"].dtype == torch.uint8
+    assert batch["mask"].dtype == torch.uint8
+    assert batch["img"].shape == expected["img"].shape == (5, 1, SIZE, SIZE)
+    assert torch.equal(torch_dataset.normalise_batch(batch["img"]), expected["img"])
+    assert torch.equal(batch["mask"].float(), expected["mask"])
+    assert torch.equal(batch["has_mask"], expected["has_mask"])
+    for key in ("lab", "severity", "idx", "record_id"):
+        assert _same(batch[key], expected[key]), key
+    assert batch["image_id"] == expected["image_id"]
+
+
+def test_normalise_batch_matches_normalise_on_every_grey_level() -> None:
+    levels = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    got = torch_dataset.normalise_batch(torch.from_numpy(levels))
+    assert got.dtype == torch.float32
+    np.testing.assert_array_equal(got.numpy(), normalise(levels))
+    with pytest.raises(TypeError, match="expected uint8"):
+        torch_dataset.normalise_batch(got)
+
+
+def test_uint8_items_refuse_transforms(sample_set: SampleSet, tmp_path: Path) -> None:
+    for option in ("transform", "data_aug"):
+        with pytest.raises(ValueError, match="normalise=False hands out uint8 pixels"):
+            _dataset(sample_set, tmp_path, normalise=False, **{option: _halve})
+
+
 def test_severity_and_unknown_metadata(sample_set: SampleSet, tmp_path: Path) -> None:
     dataset = _dataset(sample_set, tmp_path)
     index = _by_file(dataset)

@@ -68,7 +68,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without torch
     raise MissingExtraError("torch", "ml") from exc
 
-__all__ = ["CollectionDataset", "ImageTransform"]
+__all__ = ["CollectionDataset", "ImageTransform", "normalise_batch"]
 
 #: A transform as torchxrayvision applies them: it gets the numpy (or, for
 #: ``data_aug``, torch) 1 x H x W float32 image and returns an array or tensor.
@@ -135,6 +135,25 @@ def _numbers(items: Sequence[Any]) -> NDArray[np.float64]:
     return np.fromiter(
         (math.nan if v is None else float(v) for v in items), dtype=np.float64, count=len(items)
     )
+
+
+def normalise_batch(images: torch.Tensor) -> torch.Tensor:
+    """``uint8`` grey levels (items of a ``normalise=False`` dataset, batched, on any
+    device) as float32 in torchxrayvision's [-1024, 1024]: to the bit the values of
+    ``normalise=True`` items (the same float32 operations in the same order as
+    :func:`covidcxr.dataset.loading.normalise`).
+
+    Raises:
+        TypeError: ``images`` is not ``uint8``.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalise_batch: expected uint8 grey levels, got {images.dtype}")
+    scaled = images.to(torch.float32)
+    scaled /= 255
+    scaled *= 2
+    scaled -= 1
+    scaled *= 1024
+    return scaled
 
 
 @contextmanager
@@ -204,6 +223,7 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         data_aug: ImageTransform | None = None,
         masks: bool = True,
         decode_threads: int | None = None,
+        normalise: bool = True,
     ) -> None:
         """Hold the samples (as compact arrays) and how to load them.
 
@@ -222,11 +242,24 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             decode_threads: threads that decode the uncached images of a batch
                 (``__getitems__``); default: all CPUs in the main process, 1 inside a
                 DataLoader worker (the workers already use the CPUs).
+            normalise: True: ``img`` is float32 in [-1024, 1024] (torchxrayvision's
+                range). False: ``img`` is the ``uint8`` grey levels and ``mask`` is
+                ``uint8`` 0/1, a quarter of the bytes for DataLoader workers to hand
+                over; apply :func:`normalise_batch` to the batch on the accelerator
+                (same values). Transforms need normalised images, so False refuses
+                ``transform`` and ``data_aug``.
 
         Raises:
-            ValueError: a bad size, crop, index or thread count.
+            ValueError: a bad size, crop, index or thread count, or transforms with
+                ``normalise=False``.
         """
         check_request("CollectionDataset", size, crop)
+        if not normalise and (transform is not None or data_aug is not None):
+            raise ValueError(
+                "CollectionDataset: normalise=False hands out uint8 pixels, and transform "
+                "and data_aug work on normalised images; apply them after normalise_batch "
+                "or keep normalise=True"
+            )
         if decode_threads is not None and decode_threads < 1:
             raise ValueError(
                 f"CollectionDataset: decode_threads must be >= 1, got {decode_threads}"
@@ -255,6 +288,7 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         self.transform = transform
         self.data_aug = data_aug
         self.decode_threads = decode_threads
+        self.normalise = normalise
         self.sample_indices = order
         self.pathologies: list[str] = list(samples.label_names)
         self.task: dict[str, Any] = samples.task.as_dict()
@@ -428,6 +462,8 @@ class CollectionDataset(Dataset[dict[str, Any]]):
     def _item(
         self, position: int, pixels: NDArray[np.uint8], mask_pixels: NDArray[np.uint8] | None
     ) -> dict[str, Any]:
+        if not self.normalise:
+            return self._raw_item(position, pixels, mask_pixels)
         image: Any = normalise(pixels)[None]
         mask: Any = None if mask_pixels is None else mask_pixels.astype(np.float32)[None]
         if self.transform is not None:
@@ -446,6 +482,29 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         if self.masks:
             item["mask"] = torch.zeros_like(image) if mask is None else mask
             item["has_mask"] = mask is not None
+        return self._with_metadata(position, item)
+
+    def _raw_item(
+        self, position: int, pixels: NDArray[np.uint8], mask_pixels: NDArray[np.uint8] | None
+    ) -> dict[str, Any]:
+        """The item with ``uint8`` pixels (``normalise=False``); each tensor owns its
+        pixels, as normalised ones do (cached arrays can be shared within a batch)."""
+        image = torch.from_numpy(np.array(pixels[None]))
+        item: dict[str, Any] = {
+            "idx": position,
+            "img": image,
+            "lab": torch.from_numpy(np.array(self.labels[position], dtype=np.float32)),
+        }
+        if self.masks:
+            item["mask"] = (
+                torch.zeros_like(image)
+                if mask_pixels is None
+                else torch.from_numpy(np.array(mask_pixels[None]))
+            )
+            item["has_mask"] = mask_pixels is not None
+        return self._with_metadata(position, item)
+
+    def _with_metadata(self, position: int, item: dict[str, Any]) -> dict[str, Any]:
         item["severity"] = torch.from_numpy(self._severity[position].copy())
         item["patient"] = self._patients.get(position) or ""
         item["image_id"] = self._image_sha[position].decode("ascii")
