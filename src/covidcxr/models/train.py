@@ -81,7 +81,7 @@ from covidcxr.dataset.loading import DEFAULT_CACHE_DIR, CacheDir
 from covidcxr.dataset.samples import SampleSet, Selection, build_samples
 from covidcxr.dataset.splits import Split, linked_patients, make_split
 from covidcxr.dataset.tasks import SECOND_OPINION_LABELS, Labels, Task, get_task
-from covidcxr.dataset.torch_dataset import CollectionDataset
+from covidcxr.dataset.torch_dataset import CollectionDataset, normalise_batch
 from covidcxr.errors import MetadataError
 from covidcxr.models import bundle as bundle_module
 from covidcxr.models import card as card_module
@@ -522,33 +522,26 @@ def _load_pixels(
     if not indices:
         return np.zeros((0, size, size), dtype=np.uint8)
     dataset = CollectionDataset(
-        samples, size=size, indices=list(indices), cache_dir=cache_dir, masks=False
+        samples,
+        size=size,
+        indices=list(indices),
+        cache_dir=cache_dir,
+        masks=False,
+        normalise=False,
     )
     pixels = np.empty((len(dataset), size, size), dtype=np.uint8)
     chunk = 64
     for start in range(0, len(dataset), chunk):
         items = dataset.__getitems__(list(range(start, min(start + chunk, len(dataset)))))
         for offset, item in enumerate(items):
-            pixels[start + offset] = _to_uint8(item["img"][0].numpy())
+            pixels[start + offset] = item["img"][0].numpy()
     return pixels
 
 
-def _to_uint8(normalised: NDArray[np.float32]) -> NDArray[np.uint8]:
-    """Inverse of :func:`covidcxr.dataset.loading.normalise` (exact for its outputs)."""
-    grey = (normalised.astype(np.float64) / 1024.0 + 1.0) / 2.0 * 255.0
-    result: NDArray[np.uint8] = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
-    return result
-
-
 def to_input(pixels: Tensor) -> Tensor:
-    """uint8 (N, S, S) -> float32 (N, 1, S, S) in [-1024, 1024], the same operations
-    as :func:`covidcxr.dataset.loading.normalise`."""
-    x = pixels.to(torch.float32)
-    x = x / 255.0
-    x = x * 2.0
-    x = x - 1.0
-    x = x * 1024.0
-    return x.unsqueeze(1)
+    """uint8 (N, S, S) -> float32 (N, 1, S, S) in [-1024, 1024], the values of
+    :func:`covidcxr.dataset.loading.normalise`."""
+    return normalise_batch(pixels.unsqueeze(1))
 
 
 # --- losses and augmentation ----------------------------------------------------------
