@@ -231,6 +231,13 @@ def test_normalise_batch_matches_normalise_on_every_grey_level() -> None:
         torch_dataset.normalise_batch(got)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_normalise_batch_on_a_gpu_gives_the_same_bits() -> None:
+    levels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(64, 1, 1, 1)
+    on_gpu = torch_dataset.normalise_batch(levels.cuda()).cpu()
+    np.testing.assert_array_equal(on_gpu.numpy(), normalise(levels.numpy()))
+
+
 def test_uint8_items_refuse_transforms(sample_set: SampleSet, tmp_path: Path) -> None:
     for option in ("transform", "data_aug"):
         with pytest.raises(ValueError, match="normalise=False hands out uint8 pixels"):

@@ -137,23 +137,29 @@ def _numbers(items: Sequence[Any]) -> NDArray[np.float64]:
     )
 
 
+#: normalise's value for each grey level, computed once on the CPU.
+_LEVELS: NDArray[np.float32] = normalise(np.arange(256, dtype=np.uint8))
+_level_tables: dict[torch.device, torch.Tensor] = {}
+
+
 def normalise_batch(images: torch.Tensor) -> torch.Tensor:
     """``uint8`` grey levels (items of a ``normalise=False`` dataset, batched, on any
     device) as float32 in torchxrayvision's [-1024, 1024]: to the bit the values of
-    ``normalise=True`` items (the same float32 operations in the same order as
-    :func:`covidcxr.dataset.loading.normalise`).
+    ``normalise=True`` items.
+
+    A lookup in :func:`covidcxr.dataset.loading.normalise`'s table of the 256 levels,
+    not the arithmetic again: CUDA divides by a constant as a multiplication by its
+    reciprocal, which lands one unit in the last place off for some levels.
 
     Raises:
         TypeError: ``images`` is not ``uint8``.
     """
     if images.dtype != torch.uint8:
         raise TypeError(f"normalise_batch: expected uint8 grey levels, got {images.dtype}")
-    scaled = images.to(torch.float32)
-    scaled /= 255
-    scaled *= 2
-    scaled -= 1
-    scaled *= 1024
-    return scaled
+    table = _level_tables.get(images.device)
+    if table is None:
+        table = _level_tables[images.device] = torch.from_numpy(_LEVELS).to(images.device)
+    return table[images.long()]
 
 
 @contextmanager
