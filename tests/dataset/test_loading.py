@@ -261,6 +261,17 @@ def test_palette_la_and_cmyk(tmp_path: Path) -> None:
     assert load_image(path, 48).shape == (48, 48)
 
 
+def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "_plain_png", lambda *_: None)
+
+
+def _assert_same_as_pillow(monkeypatch: pytest.MonkeyPatch, path: Path, size: int) -> None:
+    """load_image gives the pixels it gives with every file left to Pillow."""
+    got = load_image(path, size)
+    _pillow_only(monkeypatch)
+    np.testing.assert_array_equal(got, load_image(path, size))
+
+
 def _colour(seed: int, channels: int) -> np.ndarray:
     planes = [xray_like(seed + i, (61, 83)) for i in range(channels)]
     return planes[0] if channels == 1 else np.stack(planes, axis=-1)
@@ -300,7 +311,7 @@ def test_plain_pngs_decode_through_libpng_to_pillows_pixels(
     got = {size: load_image(path, size, crop=crop) for size in (24, 61, 90)}
     mask = load_mask(path, 30, crop=crop)
     assert calls["libpng"] == (4 if fast else 0)
-    monkeypatch.setattr(loading, "_plain_png", lambda *_: None)  # Pillow decodes all
+    _pillow_only(monkeypatch)
     for size, pixels in got.items():
         np.testing.assert_array_equal(pixels, load_image(path, size, crop=crop))
     np.testing.assert_array_equal(mask, load_mask(path, 30, crop=crop))
@@ -322,10 +333,6 @@ def _with_chunk_before_idat(data: bytes, kind: bytes, body: bytes) -> bytes:
     return data[:position] + struct.pack(">I", len(body)) + kind + body + crc + data[position:]
 
 
-def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_plain_png", lambda *_: None)
-
-
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_png_with_a_transparent_colour_keeps_its_mode(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
@@ -338,9 +345,7 @@ def test_png_with_a_transparent_colour_keeps_its_mode(
     decoded = loading._plain_png(path.read_bytes(), path, "test")
     assert decoded is not None  # libpng decoded it; its alpha is dropped
     assert decoded.mode == mode
-    got = load_image(path, 40)
-    _pillow_only(monkeypatch)
-    np.testing.assert_array_equal(got, load_image(path, 40))
+    _assert_same_as_pillow(monkeypatch, path, 40)
 
 
 def test_png_libpng_refuses_is_left_to_pillow(
@@ -354,9 +359,7 @@ def test_png_libpng_refuses_is_left_to_pillow(
     with pytest.raises(loading.imagecodecs.PngError, match="CRC"):
         loading.imagecodecs.png_decode(bytes(data))
     assert loading._plain_png(bytes(data), path, "test") is None
-    got = load_image(path, 32)
-    _pillow_only(monkeypatch)
-    np.testing.assert_array_equal(got, load_image(path, 32))
+    _assert_same_as_pillow(monkeypatch, path, 32)
 
 
 def test_png_libpng_decodes_to_another_shape_is_left_to_pillow(

@@ -10,11 +10,11 @@ work per image is kept to what the output needs:
   to ``size x size`` are one antialiased Pillow resize (crop box in source pixels, so the
   geometry matches the full-resolution crop even after a reduced decode).
 - **libpng for plain PNGs.** 8-bit grey, RGB, grey+alpha and RGBA PNGs are decoded by
-  libpng (through ``imagecodecs``, which releases the GIL): on the collection's blobs
-  13.0 -> 8.7 ms per colour PNG and 2.9 -> 1.8 ms per grey one (mostly masks) against
-  Pillow's decoder. The pixels are identical, so the grey conversion, crop and resize
-  after them are Pillow's as before. Other PNGs (16 bits, palettes, fewer than 8 bits)
-  keep Pillow's decoder.
+  libpng (through ``imagecodecs``, which releases the GIL): a colour PNG or a lung mask
+  loads in about 1.4x less CPU than with Pillow's decoder (``benchmarks/decode.py``).
+  The pixels are identical, so the grey conversion, crop and resize after them are
+  Pillow's as before. Other PNGs (16 bits, palettes, fewer than 8 bits) keep Pillow's
+  decoder.
 - **No decoding after the first epoch.** :class:`PreprocessCache` keeps each result as
   raw ``uint8`` bytes keyed by the image's sha256 and the output size and crop;
   :func:`fill_cache` fills it ahead, on every CPU, so that even the first epoch
@@ -509,7 +509,7 @@ class PreprocessCache:
                 f"PreprocessCache.put: expected uint8 {self.size}x{self.size} pixels, got "
                 f"{pixels.dtype} {pixels.shape}"
             )
-        path = Path(self._file(sha256))
+        path = self.path(sha256)
         # What covidcxr.atomic.atomic_output does, in fewer system calls (this runs once
         # per image of a first epoch): a temporary name of this process and thread, a
         # folder made only when missing, one write, a rename.

@@ -468,17 +468,15 @@ class CollectionDataset(Dataset[dict[str, Any]]):
     def _item(
         self, position: int, pixels: NDArray[np.uint8], mask_pixels: NDArray[np.uint8] | None
     ) -> dict[str, Any]:
-        if not self.normalise:
-            return self._raw_item(position, pixels, mask_pixels)
-        image: Any = normalise(pixels)[None]
-        mask: Any = None if mask_pixels is None else mask_pixels.astype(np.float32)[None]
-        if self.transform is not None:
-            image, mask = self._transformed(self.transform, image, mask)
-        image = _as_tensor(image)
-        if mask is not None:
-            mask = _as_tensor(mask)
-        if self.data_aug is not None:
-            image, mask = self._transformed(self.data_aug, image, mask)
+        image: Any
+        mask: Any
+        if self.normalise:
+            image, mask = self._normalised(pixels, mask_pixels)
+        else:
+            # uint8 tensors that own their pixels, as normalised ones do (a cached array
+            # can be shared by two items of a batch).
+            image = torch.from_numpy(np.array(pixels[None]))
+            mask = None if mask_pixels is None else torch.from_numpy(np.array(mask_pixels[None]))
         item: dict[str, Any] = {
             "idx": position,
             "img": image,
@@ -488,29 +486,6 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         if self.masks:
             item["mask"] = torch.zeros_like(image) if mask is None else mask
             item["has_mask"] = mask is not None
-        return self._with_metadata(position, item)
-
-    def _raw_item(
-        self, position: int, pixels: NDArray[np.uint8], mask_pixels: NDArray[np.uint8] | None
-    ) -> dict[str, Any]:
-        """The item with ``uint8`` pixels (``normalise=False``); each tensor owns its
-        pixels, as normalised ones do (cached arrays can be shared within a batch)."""
-        image = torch.from_numpy(np.array(pixels[None]))
-        item: dict[str, Any] = {
-            "idx": position,
-            "img": image,
-            "lab": torch.from_numpy(np.array(self.labels[position], dtype=np.float32)),
-        }
-        if self.masks:
-            item["mask"] = (
-                torch.zeros_like(image)
-                if mask_pixels is None
-                else torch.from_numpy(np.array(mask_pixels[None]))
-            )
-            item["has_mask"] = mask_pixels is not None
-        return self._with_metadata(position, item)
-
-    def _with_metadata(self, position: int, item: dict[str, Any]) -> dict[str, Any]:
         item["severity"] = torch.from_numpy(self._severity[position].copy())
         item["patient"] = self._patients.get(position) or ""
         item["image_id"] = self._image_sha[position].decode("ascii")
@@ -522,6 +497,21 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             else:
                 item[key] = self._strings[key].get(position) or ""
         return item
+
+    def _normalised(
+        self, pixels: NDArray[np.uint8], mask_pixels: NDArray[np.uint8] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image in [-1024, 1024] and float mask, through ``transform`` and ``data_aug``."""
+        image: Any = normalise(pixels)[None]
+        mask: Any = None if mask_pixels is None else mask_pixels.astype(np.float32)[None]
+        if self.transform is not None:
+            image, mask = self._transformed(self.transform, image, mask)
+        image = _as_tensor(image)
+        if mask is not None:
+            mask = _as_tensor(mask)
+        if self.data_aug is not None:
+            image, mask = self._transformed(self.data_aug, image, mask)
+        return image, mask
 
     # -- torchxrayvision compatibility and summaries -------------------------------
 
