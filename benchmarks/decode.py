@@ -1,10 +1,11 @@
 """Per-image decode cost of the training loader, by file kind: covidcxr's vs Pillow alone.
 
 For every image (and lung mask) of the collection, times :func:`load_image` (or
-:func:`load_mask`) at 224 px as covidcxr runs it (libpng for 8-bit PNGs, reduced JPEG
-decoding) and the same call with every file left to Pillow, in one process on one
-thread, and prints the CPU milliseconds per file by kind (format, progressive, mode)
-with the ratio. The outputs of both are compared pixel for pixel.
+:func:`load_mask`) at 224 px as covidcxr runs it (8-bit PNGs inflated by libdeflate and
+unfiltered by its C extension, reduced JPEG decoding), the same call with libpng
+decoding those PNGs (as where the extension was not built) and with every file left to
+Pillow, in one process on one thread, and prints the CPU milliseconds per file by kind
+(format, progressive, mode) with the ratios. The outputs are compared pixel for pixel.
 
 This is where a first epoch's time goes: ``benchmarks/loader.py`` times whole passes.
 
@@ -74,47 +75,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         load = loading.load_image if what == "image" else loading.load_mask
         return load(path, SIZE)
 
-    plain_png = loading._plain_png
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # n, ours, Pillow
+    # covidcxr as installed; with libpng where the C extension is not built; Pillow alone.
+    variants: dict[str, dict[str, object]] = {"covidcxr": {}}
+    if loading.NATIVE_PNG:
+        variants["libpng"] = {"_unfilter": None}
+    variants["Pillow"] = {"_plain_png": lambda *_: None}
+    saved = {name: getattr(loading, name) for name in ("_unfilter", "_plain_png")}
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     differing = 0
     for path, what, kind in jobs:
-        ours = decode(path, what)
-        ours_ms = _best_cpu_ms(lambda p=path, w=what: decode(p, w), args.repeats)
-        loading._plain_png = lambda *_: None  # type: ignore[assignment]
-        try:
-            pillow = decode(path, what)
-            pillow_ms = _best_cpu_ms(lambda p=path, w=what: decode(p, w), args.repeats)
-        finally:
-            loading._plain_png = plain_png
-        differing += not np.array_equal(ours, pillow)
-        row = totals[kind]
-        row[0] += 1
-        row[1] += ours_ms
-        row[2] += pillow_ms
+        outputs = []
+        for variant, patch in variants.items():
+            for name, value in patch.items():
+                setattr(loading, name, value)
+            try:
+                outputs.append(decode(path, what))
+                ms = _best_cpu_ms(lambda p=path, w=what: decode(p, w), args.repeats)
+            finally:
+                for name, value in saved.items():
+                    setattr(loading, name, value)
+            totals[kind][variant] += ms
+        totals[kind]["n"] += 1
+        differing += any(not np.array_equal(outputs[0], other) for other in outputs[1:])
 
-    header = f"{'kind':<28} {'files':>5} {'covidcxr ms':>11} {'Pillow ms':>9} {'x faster':>8}"
+    names = list(variants)
+    header = f"{'kind':<28} {'files':>5} " + " ".join(f"{n + ' ms':>11}" for n in names)
+    header += " " + " ".join(f"{'vs ' + n:>10}" for n in names[1:])
     print(header)
     print("-" * len(header))
+
+    def line(label: str, row: dict[str, float]) -> None:
+        n = row["n"]
+        times = " ".join(f"{row[name] / n:>11.2f}" for name in names)
+        ratios = " ".join(f"{row[name] / row['covidcxr']:>9.2f}x" for name in names[1:])
+        print(f"{label:<28} {int(n):>5} {times} {ratios}")
+
     for group in ("image", "mask"):
-        n_all = ours_all = pillow_all = 0.0
-        for kind, (n, ours_ms, pillow_ms) in sorted(totals.items(), key=lambda kv: -kv[1][2]):
+        total: dict[str, float] = defaultdict(float)
+        for kind, row in sorted(totals.items(), key=lambda kv: -kv[1]["Pillow"]):
             if kind.startswith("mask") != (group == "mask"):
                 continue
-            n_all, ours_all, pillow_all = n_all + n, ours_all + ours_ms, pillow_all + pillow_ms
-            print(
-                f"{kind:<28} {int(n):>5} {ours_ms / n:>11.2f} {pillow_ms / n:>9.2f} "
-                f"{pillow_ms / ours_ms:>7.2f}x"
-            )
-        if n_all:
-            print(
-                f"{'all ' + group + 's':<28} {int(n_all):>5} {ours_all / n_all:>11.2f} "
-                f"{pillow_all / n_all:>9.2f} {pillow_all / ours_all:>7.2f}x"
-            )
+            for key, value in row.items():
+                total[key] += value
+            line(kind, row)
+        if total:
+            line(f"all {group}s", total)
     print(
         "ms: CPU milliseconds per file for load_image/load_mask at 224 px (read, decode, "
-        "grey, crop, resize); Pillow: the same with every file decoded by Pillow"
+        "grey, crop, resize); vs X: how many times covidcxr's time X's is"
     )
-    print(f"outputs that differ between the two: {differing} of {len(jobs)}")
+    print(
+        "covidcxr: 8-bit PNGs inflated by libdeflate and unfiltered by covidcxr's C extension"
+        if loading.NATIVE_PNG
+        else "covidcxr: the C extension was not built, so 8-bit PNGs go to libpng"
+    )
+    print("libpng: the same with 8-bit PNGs decoded by libpng (as without the C extension)")
+    print("Pillow: the same with every file decoded by Pillow")
+    print(f"outputs that differ between them: {differing} of {len(jobs)}")
     return 1 if differing else 0
 
 

@@ -71,6 +71,19 @@ def _isolated_data_dir(
     return data
 
 
+@pytest.fixture(params=["native", "libpng"])
+def png_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which decoder the training loader uses for plain PNGs: covidcxr's C extension
+    (skipped where it was not built) or libpng, as where it was not."""
+    from covidcxr.dataset import loading
+
+    if request.param == "native" and not loading.NATIVE_PNG:
+        pytest.skip("the C extension covidcxr.dataset._pngfilter was not built")
+    if request.param == "libpng":
+        monkeypatch.setattr(loading, "_unfilter", None)
+    return str(request.param)
+
+
 @pytest.fixture
 def covid_dir() -> Path:
     """The real collection snapshot (skips when ../shared is absent)."""

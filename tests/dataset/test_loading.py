@@ -121,7 +121,7 @@ def test_bad_requests_are_refused(tmp_path: Path, size: Any, crop: Any, message:
         PreprocessCache(tmp_path, size, crop)
 
 
-@pytest.mark.parametrize("depth", [8, 16])  # libpng's path, Pillow's path
+@pytest.mark.parametrize("depth", [8, 16])  # the fast PNG path, Pillow's path
 def test_decompression_bomb_is_an_image_error(tmp_path: Path, depth: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
@@ -135,8 +135,8 @@ def test_decompression_bomb_is_an_image_error(tmp_path: Path, depth: int) -> Non
     assert raised.value.code == "too_many_pixels"
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])  # libpng's path, Pillow's path
-def test_missing_and_undecodable_files(tmp_path: Path, dtype: type) -> None:
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])  # the fast PNG path, Pillow's path
+def test_missing_and_undecodable_files(tmp_path: Path, png_decoder: str, dtype: type) -> None:
     with pytest.raises(ImageError, match="does not exist") as missing:
         load_image(tmp_path / "nope.png", 8)
     assert missing.value.code == "missing_file"
@@ -290,8 +290,14 @@ def _colour(seed: int, channels: int) -> np.ndarray:
     ],
 )
 @pytest.mark.parametrize("crop", ["center", "pad"])
-def test_plain_pngs_decode_through_libpng_to_pillows_pixels(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, channels: int, fast: bool, crop: Any
+def test_plain_pngs_decode_fast_to_pillows_pixels(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    png_decoder: str,
+    mode: str,
+    channels: int,
+    fast: bool,
+    crop: Any,
 ) -> None:
     image = Image.fromarray(_colour(7, channels))
     if mode == "I;16":
@@ -301,16 +307,23 @@ def test_plain_pngs_decode_through_libpng_to_pillows_pixels(
     assert image.mode == mode
     path = _save(tmp_path / "image.png", image)
     calls = Counter[str]()
-    png_decode = loading.imagecodecs.png_decode
+    png_decode, native_png = loading.imagecodecs.png_decode, loading._native_png
 
-    def counted(data: bytes) -> np.ndarray:
+    def libpng(data: bytes) -> np.ndarray:
         calls["libpng"] += 1
         return png_decode(data)
 
-    monkeypatch.setattr(loading.imagecodecs, "png_decode", counted)
+    def native(*args: Any) -> np.ndarray | None:
+        pixels = native_png(*args)
+        calls["native"] += pixels is not None
+        return pixels
+
+    monkeypatch.setattr(loading.imagecodecs, "png_decode", libpng)
+    monkeypatch.setattr(loading, "_native_png", native)
     got = {size: load_image(path, size, crop=crop) for size in (24, 61, 90)}
     mask = load_mask(path, 30, crop=crop)
-    assert calls["libpng"] == (4 if fast else 0)
+    assert calls[png_decoder] == (4 if fast else 0)
+    assert sum(calls.values()) == calls[png_decoder]
     _pillow_only(monkeypatch)
     for size, pixels in got.items():
         np.testing.assert_array_equal(pixels, load_image(path, size, crop=crop))
@@ -335,7 +348,7 @@ def _with_chunk_before_idat(data: bytes, kind: bytes, body: bytes) -> bytes:
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
 def test_png_with_a_transparent_colour_keeps_its_mode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, png_decoder: str, mode: str
 ) -> None:
     image = Image.fromarray(_colour(5, len(mode)))
     transparent = 0 if mode == "L" else (0, 0, 0)
@@ -343,13 +356,13 @@ def test_png_with_a_transparent_colour_keeps_its_mode(
     assert b"tRNS" in _png_chunks(path.read_bytes())
     assert loading.imagecodecs.png_decode(path.read_bytes()).shape[-1] == len(mode) + 1
     decoded = loading._plain_png(path.read_bytes(), path, "test")
-    assert decoded is not None  # libpng decoded it; its alpha is dropped
+    assert decoded is not None  # decoded fast; libpng's alpha is dropped
     assert decoded.mode == mode
     _assert_same_as_pillow(monkeypatch, path, 40)
 
 
 def test_png_libpng_refuses_is_left_to_pillow(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, png_decoder: str
 ) -> None:
     data = bytearray(encode(xray_like(6)))
     position, length = _png_chunks(bytes(data))[b"IDAT"]
@@ -358,7 +371,9 @@ def test_png_libpng_refuses_is_left_to_pillow(
     path.write_bytes(bytes(data))
     with pytest.raises(loading.imagecodecs.PngError, match="CRC"):
         loading.imagecodecs.png_decode(bytes(data))
-    assert loading._plain_png(bytes(data), path, "test") is None
+    decoded = loading._plain_png(bytes(data), path, "test")
+    # The native decoder, like Pillow, does not check the data chunks' checksums.
+    assert (decoded is not None) is (png_decoder == "native")
     _assert_same_as_pillow(monkeypatch, path, 32)
 
 
@@ -367,6 +382,7 @@ def test_png_libpng_decodes_to_another_shape_is_left_to_pillow(
 ) -> None:
     path = _save(tmp_path / "image.png", Image.fromarray(_colour(3, 3)))
     expected = load_image(path, 8)
+    monkeypatch.setattr(loading, "_unfilter", None)
     monkeypatch.setattr(loading.imagecodecs, "png_decode", lambda _: np.zeros((2, 2), np.uint8))
     assert loading._plain_png(path.read_bytes(), path, "test") is None
     np.testing.assert_array_equal(load_image(path, 8), expected)

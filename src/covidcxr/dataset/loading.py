@@ -9,12 +9,16 @@ work per image is kept to what the output needs:
 - **One resize.** The square crop of torchxrayvision's ``XRayCenterCrop`` and the resize
   to ``size x size`` are one antialiased Pillow resize (crop box in source pixels, so the
   geometry matches the full-resolution crop even after a reduced decode).
-- **libpng for plain PNGs.** 8-bit grey, RGB, grey+alpha and RGBA PNGs are decoded by
-  libpng (through ``imagecodecs``, which releases the GIL): a colour PNG or a lung mask
-  loads in about 1.4x less CPU than with Pillow's decoder (``benchmarks/decode.py``).
-  The pixels are identical, so the grey conversion, crop and resize after them are
-  Pillow's as before. Other PNGs (16 bits, palettes, fewer than 8 bits) keep Pillow's
-  decoder.
+- **A faster PNG decoder for plain PNGs.** Most of a PNG's load time is inflating its
+  data and undoing its row filters. For 8-bit, non-interlaced grey, RGB, grey+alpha and
+  RGBA PNGs, libdeflate (through ``imagecodecs``) inflates the data and covidcxr's C
+  extension ``_pngfilter`` (SSE2 for RGB and RGBA) undoes the filters, both without
+  the GIL. Where the extension was not built (no C compiler at install), libpng decodes
+  these files instead; anything unusual (interlaced, a damaged header chunk, a data
+  stream of the wrong length) goes to libpng and then Pillow. The pixels are Pillow's
+  to the bit either way, so the grey conversion, crop and resize after them are
+  Pillow's. Other PNGs (16 bits, palettes, fewer than 8 bits) keep Pillow's decoder.
+  ``benchmarks/decode.py`` prints the CPU time per file of each decoder.
 - **No decoding after the first epoch.** :class:`PreprocessCache` keeps each result as
   raw ``uint8`` bytes keyed by the image's sha256 and the output size and crop;
   :func:`fill_cache` fills it ahead, on every CPU, so that even the first epoch
@@ -32,12 +36,14 @@ them directly (PNG and JPEG only). Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
 import re
 import struct
 import threading
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,6 +93,22 @@ _PLAIN_PNG_MODES: Final = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 _CACHE_MAGIC: Final = b"CXRPIX01"
 _HEADER_BYTES: Final = 16
 _SHA256: Final = re.compile("[0-9a-f]{64}")
+
+
+def _native_unfilter() -> Callable[..., None] | None:
+    """The C extension's ``unfilter``, or None where it was not built."""
+    try:
+        module = importlib.import_module("covidcxr.dataset._pngfilter")
+    except ImportError:
+        return None
+    unfilter: Callable[..., None] = module.unfilter
+    return unfilter
+
+
+_unfilter: Final = _native_unfilter()
+#: Whether plain PNGs are decoded by libdeflate and covidcxr's C extension (``True``
+#: wherever a C compiler was there at install) rather than by libpng.
+NATIVE_PNG: Final = _unfilter is not None
 
 
 class _DefaultCacheDir:
@@ -201,13 +223,14 @@ def _open(data: bytes, path: Path, function: str) -> Image.Image:
 
 
 def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
-    """An 8-bit grey, RGB, grey+alpha or RGBA PNG decoded by libpng; None for any
-    other file, and for any file libpng refuses or decodes to another shape.
+    """An 8-bit grey, RGB, grey+alpha or RGBA PNG decoded without Pillow; None for any
+    other file, and for any file that neither faster decoder takes.
 
-    Pillow opens what this returns None for, and it stays the judge of what is
-    readable: ingest checked the blobs with it, and it accepts some files libpng
-    refuses (a wrong IDAT checksum, for one). The pixels are Pillow's to the bit
-    (neither applies gamma or a colour profile); only the decoder is faster.
+    The native decoder (:func:`_native_png`) comes first, then libpng. Pillow opens
+    what this returns None for, and it stays the judge of what is readable: ingest
+    checked the blobs with it, and it accepts some files libpng refuses (a wrong IDAT
+    checksum, for one). The pixels are Pillow's to the bit (none of the three applies
+    gamma or a colour profile); only the decoder is faster.
     """
     if len(data) < _PNG_HEADER_BYTES or not data.startswith(_PNG_SIGNATURE):
         return None
@@ -220,18 +243,93 @@ def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > 2 * limit:  # where Pillow's open refuses
         raise _too_many_pixels(path, function, f"{width} x {height} pixels")
+    channels = len(mode)
+    expected = (height, width) if channels == 1 else (height, width, channels)
+    stream = _png_data(data)
+    if stream is None:
+        return None  # a damaged file: Pillow refuses it, saying why
+    pixels = None if _unfilter is None else _native_png(data, stream, expected, _unfilter)
+    if pixels is None:
+        pixels = _libpng(data, expected)
+    if pixels is None:
+        return None
+    return Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
+
+
+def _png_data(data: bytes) -> bytes | memoryview | None:
+    """The compressed image data of a PNG (its IDAT chunks, joined); None where Pillow
+    would refuse the file or read it another way.
+
+    That is: a chunk that runs past the end of the file, a chunk before the data whose
+    checksum is wrong (Pillow checks those and refuses the file; libpng only warns about
+    an ancillary one), no data. Like Pillow, it does not check the checksums of the data
+    chunks, nor read past them.
+    """
+    parts: list[memoryview] = []
+    view = memoryview(data)
+    position = len(_PNG_SIGNATURE)
+    while position + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        end = position + 12 + length
+        if end > len(data):
+            return None
+        if kind == b"IDAT":
+            parts.append(view[position + 8 : position + 8 + length])
+        elif parts:
+            break  # the data chunks are consecutive
+        else:
+            (crc,) = struct.unpack_from(">I", data, end - 4)
+            if zlib.crc32(view[position + 4 : end - 4]) != crc:
+                return None
+        position = end
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _native_png(
+    data: bytes, stream: bytes | memoryview, shape: tuple[int, ...], unfilter: Callable[..., None]
+) -> NDArray[np.uint8] | None:
+    """The pixels of a plain PNG, inflated by libdeflate and unfiltered by ``_pngfilter``.
+
+    ``stream`` is the file's compressed data (:func:`_png_data`). None for anything this
+    path does not handle, to be left to libpng and Pillow: an interlaced image, an
+    unknown compression or filter method, a data stream that is damaged or does not hold
+    exactly the image (libdeflate checks its Adler-32 checksum), an unknown row filter.
+    """
+    height, width = shape[:2]
+    bpp = shape[2] if len(shape) == 3 else 1
+    header = data[_PNG_HEADER_BYTES : _PNG_HEADER_BYTES + 3]
+    if header != b"\0\0\0" or data[8:12] != b"\0\0\0\x0d" or width == 0 or height == 0:
+        return None  # compression, filter or interlace method, IHDR length
+    rowbytes = width * bpp
+    try:
+        # Any buffer is read in place, a memoryview included (its stub says bytes).
+        size = height * (rowbytes + 1)
+        filtered = imagecodecs.deflate_decode(stream, out=size)  # type: ignore[arg-type]
+    except (imagecodecs.DeflateError, ValueError, MemoryError):
+        return None
+    pixels = np.empty(shape, dtype=np.uint8)
+    try:
+        unfilter(filtered, pixels, height, rowbytes, bpp)
+    except ValueError:  # a short stream or an unknown filter type
+        return None
+    return pixels
+
+
+def _libpng(data: bytes, shape: tuple[int, ...]) -> NDArray[np.uint8] | None:
+    """The pixels of a plain PNG as libpng decodes them; None where it refuses."""
     try:
         pixels = imagecodecs.png_decode(data)
     except (imagecodecs.PngError, ValueError):
         return None
-    channels = len(mode)
-    if mode in ("L", "RGB") and pixels.ndim == 3 and pixels.shape[2] == channels + 1:
-        # libpng turned a tRNS chunk into alpha; Pillow keeps the colour type's mode.
-        pixels = pixels[..., 0] if channels == 1 else pixels[..., :channels]
-    expected = (height, width) if channels == 1 else (height, width, channels)
-    if pixels.shape != expected or pixels.dtype != np.uint8:
+    if len(shape) == 2 and pixels.ndim == 3 and pixels.shape[2] == 2:
+        pixels = pixels[..., 0]  # libpng turned a tRNS chunk into alpha; Pillow keeps L
+    elif len(shape) == 3 and shape[2] == 3 and pixels.ndim == 3 and pixels.shape[2] == 4:
+        pixels = pixels[..., :3]  # likewise, RGB
+    if pixels.shape != shape or pixels.dtype != np.uint8:
         return None
-    return Image.frombuffer(mode, (width, height), np.ascontiguousarray(pixels), "raw", mode, 0, 1)
+    return np.ascontiguousarray(pixels)
 
 
 def _gray(image: Image.Image) -> Image.Image:

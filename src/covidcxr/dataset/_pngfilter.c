@@ -1,0 +1,307 @@
+/*
+ * Undo PNG's per-row filters (PNG specification, section 9).
+ *
+ * covidcxr's training loader inflates a PNG's IDAT stream with libdeflate (through
+ * imagecodecs) and calls unfilter() here on the result: together about 3x less CPU
+ * than libpng, whose zlib inflate and scalar Paeth filter are most of a colour PNG's
+ * load time (benchmarks/decode.py). Only 8-bit, non-interlaced images come here
+ * (dataset/loading.py checks that and leaves everything else to Pillow), so a pixel is
+ * a whole number of bytes: bpp (1 to 8) bytes per pixel.
+ *
+ * The four filters whose value depends on the reconstructed pixel to the left (Sub,
+ * Average, Paeth) are sequential along a row. For 3 and 4 bytes per pixel (RGB, RGBA:
+ * the large images of the collection) Average and Paeth reconstruct a whole pixel at a
+ * time in SSE2's 16-bit lanes; every other case is plain C, which is also the reference
+ * the tests compare the SSE2 path with. The GIL is released while the rows are
+ * reconstructed, so DataLoader's decode threads run in parallel.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define HAVE_SSE2 1
+#else
+#define HAVE_SSE2 0
+#endif
+
+#if defined(_MSC_VER)
+#define ALWAYS_INLINE __forceinline
+#else
+#define ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
+
+enum { FILTER_NONE, FILTER_SUB, FILTER_UP, FILTER_AVERAGE, FILTER_PAETH, FILTER_COUNT };
+
+/* The Paeth predictor without branches: the choice depends on the pixels, so branches
+   would be mispredicted about half the time. */
+static inline uint8_t paeth_predictor(int a, int b, int c) {
+    int pa = abs(b - c);
+    int pb = abs(a - c);
+    int pc = abs(a + b - 2 * c);
+    int b_or_c = pb <= pc ? b : c;
+    return (uint8_t)(pa <= pb && pa <= pc ? a : b_or_c);
+}
+
+/* One row in plain C. prior is the previous reconstructed row (all zeros for the first).
+   Always inlined with a constant bpp, so that the compiler unrolls the pixel. */
+static ALWAYS_INLINE void
+unfilter_row_scalar(int filter, const uint8_t *in, uint8_t *out, const uint8_t *prior,
+                    size_t rowbytes, size_t bpp) {
+    size_t i;
+    size_t first = bpp < rowbytes ? bpp : rowbytes;
+    switch (filter) {
+    case FILTER_NONE:
+        memcpy(out, in, rowbytes);
+        break;
+    case FILTER_SUB:
+        for (i = 0; i < first; i++) out[i] = in[i];
+        for (; i < rowbytes; i++) out[i] = (uint8_t)(in[i] + out[i - bpp]);
+        break;
+    case FILTER_UP:
+        for (i = 0; i < rowbytes; i++) out[i] = (uint8_t)(in[i] + prior[i]);
+        break;
+    case FILTER_AVERAGE:
+        for (i = 0; i < first; i++) out[i] = (uint8_t)(in[i] + (prior[i] >> 1));
+        for (; i < rowbytes; i++) {
+            out[i] = (uint8_t)(in[i] + ((out[i - bpp] + prior[i]) >> 1));
+        }
+        break;
+    case FILTER_PAETH:
+        /* With no pixel to the left, a = c = 0 and the predictor is b (prior). */
+        for (i = 0; i < first; i++) out[i] = (uint8_t)(in[i] + prior[i]);
+        for (; i < rowbytes; i++) {
+            out[i] = (uint8_t)(in[i] + paeth_predictor(out[i - bpp], prior[i], prior[i - bpp]));
+        }
+        break;
+    }
+}
+
+#if HAVE_SSE2
+/* A 3- or 4-byte pixel as the low 16-bit lanes. `wide` allows a 4-byte load of a
+   3-byte pixel (the byte after it is in the buffer). */
+static ALWAYS_INLINE __m128i
+load_pixel(const uint8_t *p, size_t bpp, int wide) {
+    uint32_t v = 0;
+    if (bpp == 4 || wide) {
+        memcpy(&v, p, 4);
+    } else {
+        memcpy(&v, p, 3);
+    }
+    return _mm_unpacklo_epi8(_mm_cvtsi32_si128((int)v), _mm_setzero_si128());
+}
+
+static ALWAYS_INLINE void
+store_pixel(uint8_t *p, __m128i v, size_t bpp, int wide) {
+    uint32_t packed = (uint32_t)_mm_cvtsi128_si32(_mm_packus_epi16(v, v));
+    if (bpp == 4 || wide) {
+        memcpy(p, &packed, 4);
+    } else {
+        memcpy(p, &packed, 3);
+    }
+}
+
+static inline __m128i abs_epi16(__m128i x) {
+    return _mm_max_epi16(x, _mm_sub_epi16(_mm_setzero_si128(), x));
+}
+
+/* One Paeth pixel in 16-bit lanes (no overflow of a + b - 2c). What does not depend on
+   a, the pixel just reconstructed, is computed first, off the critical path. */
+static ALWAYS_INLINE __m128i
+paeth_pixel(__m128i a, __m128i b, __m128i c, __m128i x) {
+    __m128i b_minus_c = _mm_sub_epi16(b, c);
+    __m128i pa = abs_epi16(b_minus_c);
+    __m128i b_xor_c = _mm_xor_si128(b, c);
+    __m128i a_minus_c = _mm_sub_epi16(a, c);
+    __m128i pb = abs_epi16(a_minus_c);
+    __m128i pc = abs_epi16(_mm_add_epi16(a_minus_c, b_minus_c));
+    /* Ties favour a over b over c, as the specification's order of tests does. */
+    __m128i not_a = _mm_cmpgt_epi16(pa, _mm_min_epi16(pb, pc));
+    __m128i c_not_b = _mm_cmpgt_epi16(pb, pc);
+    __m128i b_or_c = _mm_xor_si128(b, _mm_and_si128(b_xor_c, c_not_b));
+    __m128i predictor = _mm_or_si128(_mm_and_si128(not_a, b_or_c), _mm_andnot_si128(not_a, a));
+    /* Both lanes' high bytes are zero, so a byte add is the sum modulo 256. */
+    return _mm_add_epi8(x, predictor);
+}
+
+static ALWAYS_INLINE void
+paeth_row_sse2(const uint8_t *in, uint8_t *out, const uint8_t *prior, size_t rowbytes,
+               size_t bpp) {
+    __m128i a = _mm_setzero_si128();
+    __m128i c = _mm_setzero_si128();
+    size_t i = 0;
+    /* All pixels but the last: a 3-byte pixel is moved with 4-byte loads and stores
+       (the extra byte read belongs to the next pixel, and the one written is
+       overwritten by it). */
+    for (; i + bpp < rowbytes; i += bpp) {
+        __m128i b = load_pixel(prior + i, bpp, 1);
+        a = paeth_pixel(a, b, c, load_pixel(in + i, bpp, 1));
+        store_pixel(out + i, a, bpp, 1);
+        c = b;
+    }
+    if (i + bpp == rowbytes) {
+        __m128i b = load_pixel(prior + i, bpp, 0);
+        a = paeth_pixel(a, b, c, load_pixel(in + i, bpp, 0));
+        store_pixel(out + i, a, bpp, 0);
+    }
+}
+
+static ALWAYS_INLINE __m128i
+average_pixel(__m128i a, __m128i b, __m128i x) {
+    return _mm_add_epi8(x, _mm_srli_epi16(_mm_add_epi16(a, b), 1));
+}
+
+static ALWAYS_INLINE void
+average_row_sse2(const uint8_t *in, uint8_t *out, const uint8_t *prior, size_t rowbytes,
+                 size_t bpp) {
+    __m128i a = _mm_setzero_si128();
+    size_t i = 0;
+    for (; i + bpp < rowbytes; i += bpp) {
+        a = average_pixel(a, load_pixel(prior + i, bpp, 1), load_pixel(in + i, bpp, 1));
+        store_pixel(out + i, a, bpp, 1);
+    }
+    if (i + bpp == rowbytes) {
+        a = average_pixel(a, load_pixel(prior + i, bpp, 0), load_pixel(in + i, bpp, 0));
+        store_pixel(out + i, a, bpp, 0);
+    }
+}
+#endif
+
+static ALWAYS_INLINE void
+unfilter_row_bpp(int filter, const uint8_t *in, uint8_t *out, const uint8_t *prior,
+                 size_t rowbytes, size_t bpp, int use_simd) {
+#if HAVE_SSE2
+    if (use_simd && (bpp == 3 || bpp == 4) && rowbytes % bpp == 0) {
+        if (filter == FILTER_PAETH) {
+            paeth_row_sse2(in, out, prior, rowbytes, bpp);
+            return;
+        }
+        if (filter == FILTER_AVERAGE) {
+            average_row_sse2(in, out, prior, rowbytes, bpp);
+            return;
+        }
+    }
+#else
+    (void)use_simd;
+#endif
+    unfilter_row_scalar(filter, in, out, prior, rowbytes, bpp);
+}
+
+/* A copy of the row loop for each bpp, so that bpp is a constant in each. */
+static void unfilter_row(int filter, const uint8_t *in, uint8_t *out, const uint8_t *prior,
+                         size_t rowbytes, size_t bpp, int use_simd) {
+    switch (bpp) {
+    case 1: unfilter_row_bpp(filter, in, out, prior, rowbytes, 1, use_simd); break;
+    case 2: unfilter_row_bpp(filter, in, out, prior, rowbytes, 2, use_simd); break;
+    case 3: unfilter_row_bpp(filter, in, out, prior, rowbytes, 3, use_simd); break;
+    case 4: unfilter_row_bpp(filter, in, out, prior, rowbytes, 4, use_simd); break;
+    case 6: unfilter_row_bpp(filter, in, out, prior, rowbytes, 6, use_simd); break;
+    case 8: unfilter_row_bpp(filter, in, out, prior, rowbytes, 8, use_simd); break;
+    default: unfilter_row_scalar(filter, in, out, prior, rowbytes, bpp); break;
+    }
+}
+
+PyDoc_STRVAR(unfilter_doc,
+"unfilter(filtered, out, height, rowbytes, bpp, simd=True)\n"
+"--\n\n"
+"Reconstruct PNG scanlines.\n\n"
+"filtered: the inflated IDAT data, height rows of a filter-type byte and rowbytes\n"
+"bytes. out: a writable C-contiguous buffer of height * rowbytes bytes. bpp: bytes\n"
+"per pixel (1 to 8). simd=False forces the plain C path (for tests).\n\n"
+"Raises ValueError for a wrong length or a filter type above 4, naming the row; out\n"
+"is then partly written.");
+
+static PyObject *unfilter(PyObject *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"filtered", "out", "height", "rowbytes", "bpp", "simd", NULL};
+    Py_buffer filtered, out;
+    Py_ssize_t height, rowbytes, bpp;
+    int simd = 1;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*w*nnn|p", keywords, &filtered, &out,
+                                     &height, &rowbytes, &bpp, &simd)) {
+        return NULL;
+    }
+    PyObject *result = NULL;
+    if (height < 0 || rowbytes < 0 || bpp < 1 || bpp > 8) {
+        PyErr_Format(PyExc_ValueError,
+                     "unfilter: height %zd, rowbytes %zd and bpp %zd are not valid",
+                     height, rowbytes, bpp);
+        goto done;
+    }
+    if (rowbytes > 0 && height > (PY_SSIZE_T_MAX / (rowbytes + 1))) {
+        PyErr_SetString(PyExc_ValueError, "unfilter: height * rowbytes overflows");
+        goto done;
+    }
+    if (filtered.len != height * (rowbytes + 1)) {
+        PyErr_Format(PyExc_ValueError,
+                     "unfilter: %zd filtered bytes, expected %zd rows of 1 + %zd bytes",
+                     filtered.len, height, rowbytes);
+        goto done;
+    }
+    if (out.len != height * rowbytes) {
+        PyErr_Format(PyExc_ValueError, "unfilter: out holds %zd bytes, expected %zd",
+                     out.len, height * rowbytes);
+        goto done;
+    }
+    const uint8_t *in = (const uint8_t *)filtered.buf;
+    uint8_t *dst = (uint8_t *)out.buf;
+    Py_ssize_t bad_row = -1;
+    int bad_filter = 0;
+    uint8_t *zeros = calloc((size_t)rowbytes + 1, 1);
+    if (zeros == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *prior = zeros;
+    for (Py_ssize_t row = 0; row < height; row++) {
+        const uint8_t *source = in + row * (rowbytes + 1);
+        uint8_t *target = dst + row * rowbytes;
+        int filter = source[0];
+        if (filter >= FILTER_COUNT) {
+            bad_row = row;
+            bad_filter = filter;
+            break;
+        }
+        unfilter_row(filter, source + 1, target, prior, (size_t)rowbytes, (size_t)bpp, simd);
+        prior = target;
+    }
+    Py_END_ALLOW_THREADS
+    free(zeros);
+    if (bad_row >= 0) {
+        PyErr_Format(PyExc_ValueError, "unfilter: row %zd has filter type %d (0 to 4 exist)",
+                     bad_row, bad_filter);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&filtered);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"unfilter", (PyCFunction)(void (*)(void))unfilter, METH_VARARGS | METH_KEYWORDS,
+     unfilter_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_pngfilter",
+    .m_doc = "PNG scanline reconstruction for covidcxr's training loader.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__pngfilter(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "SIMD", HAVE_SSE2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
