@@ -7,6 +7,7 @@ import math
 import pickle
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -314,6 +315,33 @@ def test_getitems_matches_getitem(sample_set: SampleSet, tmp_path: Path) -> None
             assert _same(item[key], expected[key]), key
     with pytest.raises(ValueError, match="decode_threads"):
         _dataset(sample_set, tmp_path, decode_threads=0)
+
+
+def test_threaded_batch_decodes_the_largest_files_first(
+    sample_set: SampleSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = _dataset(sample_set, tmp_path / "a", decode_threads=2)
+    submitted: list[tuple[str, str]] = []
+
+    class InOrder:
+        """A pool that runs each task when it is submitted, in submission order."""
+
+        def submit(self, function: Any, key: tuple[str, str]) -> Future[Any]:
+            submitted.append(key)
+            future: Future[Any] = Future()
+            future.set_result(function(key))
+            return future
+
+    monkeypatch.setattr(torch_dataset, "_thread_pool", lambda threads: InOrder())
+    indices = list(range(len(dataset)))
+    batch = dataset.__getitems__(indices)
+    sizes = [dataset._blob(sha).stat().st_size for _, sha in submitted]
+    assert len(set(sizes)) > 1
+    assert sizes == sorted(sizes, reverse=True)
+    assert {kind for kind, _ in submitted} == {"image", "mask"}
+    plain = _dataset(sample_set, tmp_path / "b", decode_threads=1)
+    for item, i in zip(batch, indices, strict=True):  # still in index order
+        assert torch.equal(item["img"], plain[i]["img"])
 
 
 # -- the cache --------------------------------------------------------------------------

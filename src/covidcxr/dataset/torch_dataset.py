@@ -33,11 +33,11 @@ import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -429,20 +429,38 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             wanted[kind, sha] = None if cache is None else cache.get(sha)
         missing = [key for key, pixels in wanted.items() if pixels is None]
         threads = self._threads()
+        decoding: dict[tuple[str, str], Future[NDArray[np.uint8]]] = {}
         if len(missing) > 1 and threads > 1:
-            results = _thread_pool(threads).map(self._load_kind, missing)
-            wanted.update(zip(missing, results, strict=True))
+            # Largest files first: a batch is done when its last decode is, and a big
+            # file started last would leave the other threads idle while it decodes.
+            pool = _thread_pool(threads)
+            for key in sorted(missing, key=self._file_size, reverse=True):
+                decoding[key] = pool.submit(self._load_kind, key)
         else:
             for key in missing:
                 wanted[key] = self._load_kind(key)
+
+        def pixels(key: tuple[str, str]) -> NDArray[np.uint8]:
+            found = wanted[key]
+            if found is None:  # items are made while later images still decode
+                found = wanted[key] = decoding[key].result()
+            return found
+
         items = []
         for position in positions:
-            image = wanted["image", self._image_sha[position].decode("ascii")]
+            image = pixels(("image", self._image_sha[position].decode("ascii")))
             mask = None
             if self.masks and self._mask_sha[position]:
-                mask = wanted["mask", self._mask_sha[position].decode("ascii")]
-            items.append(self._item(position, cast(NDArray[np.uint8], image), mask))
+                mask = pixels(("mask", self._mask_sha[position].decode("ascii")))
+            items.append(self._item(position, image, mask))
         return items
+
+    def _file_size(self, key: tuple[str, str]) -> int:
+        """A blob's size in bytes (0 where it is missing: loading it says why)."""
+        try:
+            return self._blob(key[1]).stat().st_size
+        except OSError:
+            return 0
 
     def _load_kind(self, key: tuple[str, str]) -> NDArray[np.uint8]:
         kind, sha = key
