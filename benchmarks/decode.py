@@ -125,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "grey, crop, resize); vs X: how many times covidcxr's time X's is"
     )
     print(
-        "covidcxr: 8-bit PNGs inflated by libdeflate and unfiltered by covidcxr's C extension"
+        "covidcxr: 8-bit PNGs inflated by libdeflate, unfiltered and made grey by covidcxr's C "
+        "extension"
         if loading.NATIVE_PNG
         else "covidcxr: the C extension was not built, so 8-bit PNGs go to libpng"
     )

@@ -22,7 +22,7 @@ from PIL import Image
 
 from conftest import encode, xray_like
 from covidcxr.dataset import loading
-from covidcxr.dataset.loading import load_image
+from covidcxr.dataset.loading import grey_levels, load_image
 from covidcxr.errors import ImageError
 
 MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
@@ -136,22 +136,64 @@ def test_sse2_paths_exist_on_x86_64() -> None:
 
 @native
 @pytest.mark.parametrize(
-    ("filtered", "out", "height", "rowbytes", "bpp", "message"),
+    ("filtered", "out", "height", "rowbytes", "bpp", "grey", "message"),
     [
-        (b"\0\0\0\5\0\0", 4, 2, 2, 1, "row 1 has filter type 5"),
-        (b"\xff\0\0", 2, 1, 2, 1, "row 0 has filter type 255"),
-        (b"\0\0\0\0", 4, 2, 2, 1, "4 filtered bytes, expected 2 rows of 1 \\+ 2 bytes"),
-        (b"\0\0\0", 3, 1, 2, 1, "out holds 3 bytes, expected 2"),
-        (b"\0\0\0", 2, 1, 2, 0, "bpp 0 are not valid"),
-        (b"\0\0\0", 2, 1, 2, 9, "bpp 9 are not valid"),
-        (b"", 0, -1, 2, 1, "height -1"),
+        (b"\0\0\0\5\0\0", 4, 2, 2, 1, False, "row 1 has filter type 5"),
+        (b"\xff\0\0", 2, 1, 2, 1, False, "row 0 has filter type 255"),
+        (b"\0\0\0\5\0\0", 2, 2, 2, 2, True, "row 1 has filter type 5"),
+        (b"\0\0\0\0", 4, 2, 2, 1, False, "4 filtered bytes, expected 2 rows of 1 \\+ 2 bytes"),
+        (b"\0\0\0", 3, 1, 2, 1, False, "out holds 3 bytes, expected 2"),
+        (b"\0" * 7, 6, 1, 6, 3, True, "out holds 6 bytes, expected 2"),
+        (b"\0\0\0", 2, 1, 2, 0, False, "bpp 0 are not valid"),
+        (b"\0\0\0", 2, 1, 2, 9, False, "bpp 9 are not valid"),
+        (b"", 0, -1, 2, 1, False, "height -1"),
+        (b"\0" * 7, 1, 1, 6, 6, True, "grey needs 1 to 4 bytes per pixel"),
+        (b"\0" * 6, 1, 1, 5, 3, True, "whole pixels in a row, got bpp 3 and rowbytes 5"),
     ],
 )
 def test_unfilter_refuses_bad_input(
-    filtered: bytes, out: int, height: int, rowbytes: int, bpp: int, message: str
+    filtered: bytes, out: int, height: int, rowbytes: int, bpp: int, grey: bool, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
-        _unfilter()(filtered, bytearray(out), height, rowbytes, bpp)
+        _unfilter()(filtered, bytearray(out), height, rowbytes, bpp, grey=grey)
+
+
+@native
+@pytest.mark.parametrize("bpp", [1, 2, 3, 4])
+@pytest.mark.parametrize("width", [1, 2, 3, 17])
+@pytest.mark.parametrize("simd", [True, False])
+def test_unfilter_grey_is_pillows_grey_of_the_rows(bpp: int, width: int, simd: bool) -> None:
+    height = 10
+    pixels = _pixels(height, width, bpp, seed=width)
+    filtered = _filter_rows(pixels.reshape(height, -1), _all_filters(height), bpp)
+    grey = np.full((height, width), 0xAB, dtype=np.uint8)
+    _unfilter()(filtered, grey, height, width * bpp, bpp, simd=simd, grey=True)
+    np.testing.assert_array_equal(grey, grey_levels(Image.fromarray(pixels, MODES[bpp])))
+
+
+def _every_colour(bpp: int) -> np.ndarray:
+    """All 2**24 colours (4096 x 4096), with noise as alpha for RGBA; all 65,536 grey and
+    alpha pairs for LA."""
+    if bpp == 2:
+        values = np.arange(1 << 16, dtype=np.uint32)
+        return np.stack([values >> 8, values & 255], axis=-1).astype(np.uint8).reshape(256, 256, 2)
+    values = np.arange(1 << 24, dtype=np.uint32)
+    planes = [values >> 16, (values >> 8) & 255, values & 255]
+    if bpp == 4:
+        planes.append(np.random.default_rng(0).integers(0, 256, 1 << 24, dtype=np.uint32))
+    return np.stack(planes, axis=-1).astype(np.uint8).reshape(4096, 4096, bpp)
+
+
+@native
+@pytest.mark.parametrize("bpp", [2, 3, 4])
+def test_unfilter_grey_is_pillows_for_every_colour(bpp: int) -> None:
+    pixels = _every_colour(bpp)
+    height, width = pixels.shape[:2]
+    rows = pixels.reshape(height, -1)
+    filtered = np.concatenate([np.zeros((height, 1), np.uint8), rows], axis=1)  # filter None
+    grey = np.empty((height, width), dtype=np.uint8)
+    _unfilter()(filtered.tobytes(), grey, height, width * bpp, bpp, grey=True)
+    np.testing.assert_array_equal(grey, grey_levels(Image.fromarray(pixels, MODES[bpp])))
 
 
 @native
@@ -176,15 +218,15 @@ def _shape(pixels: np.ndarray) -> tuple[int, ...]:
 @pytest.mark.parametrize("bpp", [1, 2, 3, 4])
 @pytest.mark.parametrize(("height", "width"), [(1, 1), (5, 3), (40, 57)])
 @pytest.mark.parametrize("idat_chunks", [1, 3])
-def test_native_png_gives_pillows_pixels(
+def test_native_png_gives_pillows_grey_levels(
     bpp: int, height: int, width: int, idat_chunks: int
 ) -> None:
     pixels = _pixels(height, width, bpp, seed=height + bpp)
     data = _png(pixels, _all_filters(height), idat_chunks=idat_chunks)
     with Image.open(io.BytesIO(data)) as image:
         assert image.mode == MODES[bpp]
-        expected = np.asarray(image)
-    np.testing.assert_array_equal(expected, pixels)
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+        expected = grey_levels(image)
     got = _native_png(data, _shape(pixels))
     assert got is not None
     np.testing.assert_array_equal(got, expected)
@@ -197,7 +239,7 @@ def test_pillows_own_pngs_decode_natively(mode: str) -> None:
     data = encode(pixels)  # Pillow chooses the filters (an adaptive mix)
     got = _native_png(data, _shape(pixels))
     assert got is not None
-    np.testing.assert_array_equal(got, pixels)
+    np.testing.assert_array_equal(got, grey_levels(Image.fromarray(pixels, mode)))
 
 
 def _chunk_at(data: bytes, kind: bytes) -> tuple[int, int]:
@@ -231,6 +273,7 @@ def _set_byte(index: int, value: int) -> Callable[[bytes], bytes]:
 PIXELS = _pixels(20, 30, 3, seed=9)
 FILTERED = _filter_rows(PIXELS.reshape(20, -1), _all_filters(20), 3)
 GOOD = _png(PIXELS, _all_filters(20))
+GREY = grey_levels(Image.fromarray(PIXELS))
 
 LEFT_TO_OTHERS = {
     "interlaced": _broken(GOOD, b"IHDR", _set_byte(12, 1)),
@@ -260,7 +303,7 @@ def test_native_png_leaves_what_it_does_not_handle(case: str) -> None:
 def test_good_file_of_those_cases_decodes() -> None:
     got = _native_png(GOOD, _shape(PIXELS))
     assert got is not None
-    np.testing.assert_array_equal(got, PIXELS)
+    np.testing.assert_array_equal(got, GREY)
 
 
 @pytest.mark.parametrize(
@@ -282,7 +325,7 @@ def test_data_chunk_checksum_is_not_checked_like_pillow(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(image), PIXELS)
     got = _native_png(data, _shape(PIXELS))
     assert got is not None
-    np.testing.assert_array_equal(got, PIXELS)
+    np.testing.assert_array_equal(got, GREY)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -14,6 +14,10 @@
  * time in SSE2's 16-bit lanes; every other case is plain C, which is also the reference
  * the tests compare the SSE2 path with. The GIL is released while the rows are
  * reconstructed, so DataLoader's decode threads run in parallel.
+ *
+ * The loader only needs grey levels: with grey=True each reconstructed row is turned
+ * into grey at once (Pillow's arithmetic, to the bit), so a colour image is never held
+ * whole and Pillow's own copy and conversion of it are not needed.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -190,6 +194,33 @@ unfilter_row_bpp(int filter, const uint8_t *in, uint8_t *out, const uint8_t *pri
     unfilter_row_scalar(filter, in, out, prior, rowbytes, bpp);
 }
 
+/* A reconstructed row as grey levels, exactly as Pillow's convert("L") makes them from
+   RGB and RGBA (ITU-R 601-2 luma in 16-bit fixed point, rounded; alpha ignored), and
+   as getchannel("L") from grey+alpha. */
+static ALWAYS_INLINE void
+grey_row_bpp(const uint8_t *in, uint8_t *out, size_t width, size_t bpp) {
+    size_t x;
+    if (bpp == 2) {
+        for (x = 0; x < width; x++) out[x] = in[2 * x];
+        return;
+    }
+    for (x = 0; x < width; x++) {
+        const uint8_t *p = in + x * bpp;
+        uint32_t luma = (uint32_t)p[0] * 19595u + (uint32_t)p[1] * 38470u +
+                        (uint32_t)p[2] * 7471u + 0x8000u;
+        out[x] = (uint8_t)(luma >> 16);
+    }
+}
+
+static void grey_row(const uint8_t *in, uint8_t *out, size_t width, size_t bpp) {
+    switch (bpp) {
+    case 2: grey_row_bpp(in, out, width, 2); break;
+    case 3: grey_row_bpp(in, out, width, 3); break;
+    case 4: grey_row_bpp(in, out, width, 4); break;
+    default: memcpy(out, in, width); break; /* 1: already grey */
+    }
+}
+
 /* A copy of the row loop for each bpp, so that bpp is a constant in each. */
 static void unfilter_row(int filter, const uint8_t *in, uint8_t *out, const uint8_t *prior,
                          size_t rowbytes, size_t bpp, int use_simd) {
@@ -205,23 +236,29 @@ static void unfilter_row(int filter, const uint8_t *in, uint8_t *out, const uint
 }
 
 PyDoc_STRVAR(unfilter_doc,
-"unfilter(filtered, out, height, rowbytes, bpp, simd=True)\n"
+"unfilter(filtered, out, height, rowbytes, bpp, simd=True, grey=False)\n"
 "--\n\n"
 "Reconstruct PNG scanlines.\n\n"
 "filtered: the inflated IDAT data, height rows of a filter-type byte and rowbytes\n"
 "bytes. out: a writable C-contiguous buffer of height * rowbytes bytes. bpp: bytes\n"
 "per pixel (1 to 8). simd=False forces the plain C path (for tests).\n\n"
+"grey=True (bpp 1 to 4, rowbytes a multiple of bpp) writes each reconstructed row's\n"
+"grey levels instead, as Pillow's convert(\"L\") makes them from RGB and RGBA and\n"
+"getchannel(\"L\") from grey+alpha: out then holds height * rowbytes / bpp bytes,\n"
+"and the colour image is never held whole.\n\n"
 "Raises ValueError for a wrong length or a filter type above 4, naming the row; out\n"
 "is then partly written.");
 
 static PyObject *unfilter(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"filtered", "out", "height", "rowbytes", "bpp", "simd", NULL};
+    static char *keywords[] = {"filtered", "out",  "height", "rowbytes",
+                               "bpp",      "simd", "grey",   NULL};
     Py_buffer filtered, out;
     Py_ssize_t height, rowbytes, bpp;
     int simd = 1;
+    int grey = 0;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*w*nnn|p", keywords, &filtered, &out,
-                                     &height, &rowbytes, &bpp, &simd)) {
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*w*nnn|pp", keywords, &filtered, &out,
+                                     &height, &rowbytes, &bpp, &simd, &grey)) {
         return NULL;
     }
     PyObject *result = NULL;
@@ -241,16 +278,28 @@ static PyObject *unfilter(PyObject *self, PyObject *args, PyObject *kwargs) {
                      filtered.len, height, rowbytes);
         goto done;
     }
-    if (out.len != height * rowbytes) {
+    if (grey && (bpp > 4 || rowbytes % bpp != 0)) {
+        PyErr_Format(PyExc_ValueError,
+                     "unfilter: grey needs 1 to 4 bytes per pixel and whole pixels in a row, "
+                     "got bpp %zd and rowbytes %zd",
+                     bpp, rowbytes);
+        goto done;
+    }
+    Py_ssize_t width = rowbytes / bpp;
+    Py_ssize_t out_row = grey ? width : rowbytes;
+    if (out.len != height * out_row) {
         PyErr_Format(PyExc_ValueError, "unfilter: out holds %zd bytes, expected %zd",
-                     out.len, height * rowbytes);
+                     out.len, height * out_row);
         goto done;
     }
     const uint8_t *in = (const uint8_t *)filtered.buf;
     uint8_t *dst = (uint8_t *)out.buf;
     Py_ssize_t bad_row = -1;
     int bad_filter = 0;
-    uint8_t *zeros = calloc((size_t)rowbytes + 1, 1);
+    /* A row of zeros (the prior of the first row) and, for grey, two rows that take
+       turns holding the current reconstructed row and the one before it. */
+    size_t scratch_rows = grey ? 3 : 1;
+    uint8_t *zeros = calloc(scratch_rows * ((size_t)rowbytes + 1), 1);
     if (zeros == NULL) {
         PyErr_NoMemory();
         goto done;
@@ -259,7 +308,8 @@ static PyObject *unfilter(PyObject *self, PyObject *args, PyObject *kwargs) {
     const uint8_t *prior = zeros;
     for (Py_ssize_t row = 0; row < height; row++) {
         const uint8_t *source = in + row * (rowbytes + 1);
-        uint8_t *target = dst + row * rowbytes;
+        uint8_t *target = grey ? zeros + (size_t)(1 + (row & 1)) * ((size_t)rowbytes + 1)
+                               : dst + row * rowbytes;
         int filter = source[0];
         if (filter >= FILTER_COUNT) {
             bad_row = row;
@@ -267,6 +317,9 @@ static PyObject *unfilter(PyObject *self, PyObject *args, PyObject *kwargs) {
             break;
         }
         unfilter_row(filter, source + 1, target, prior, (size_t)rowbytes, (size_t)bpp, simd);
+        if (grey) {
+            grey_row(target, dst + row * width, (size_t)width, (size_t)bpp);
+        }
         prior = target;
     }
     Py_END_ALLOW_THREADS

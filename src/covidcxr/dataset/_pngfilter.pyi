@@ -7,10 +7,11 @@ from numpy.typing import NDArray
 SIMD: int
 
 def unfilter(
-    filtered: bytes | bytearray | memoryview,
+    filtered: bytes | bytearray | memoryview | NDArray[np.uint8],
     out: NDArray[np.uint8] | bytearray | memoryview,
     height: int,
     rowbytes: int,
     bpp: int,
     simd: bool = True,
+    grey: bool = False,
 ) -> None: ...

@@ -12,8 +12,8 @@ work per image is kept to what the output needs:
 - **A faster PNG decoder for plain PNGs.** Most of a PNG's load time is inflating its
   data and undoing its row filters. For 8-bit, non-interlaced grey, RGB, grey+alpha and
   RGBA PNGs, libdeflate (through ``imagecodecs``) inflates the data and covidcxr's C
-  extension ``_pngfilter`` (SSE2 for RGB and RGBA) undoes the filters, both without
-  the GIL. Where the extension was not built (no C compiler at install), libpng decodes
+  extension ``_pngfilter`` (SSE2 for RGB and RGBA) undoes the filters and makes each
+  row grey as it goes (Pillow's arithmetic), both without the GIL. Where the extension was not built (no C compiler at install), libpng decodes
   these files instead; anything unusual (interlaced, a damaged header chunk, a data
   stream of the wrong length) goes to libpng and then Pillow. The pixels are Pillow's
   to the bit either way, so the grey conversion, crop and resize after them are
@@ -226,7 +226,9 @@ def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
     """An 8-bit grey, RGB, grey+alpha or RGBA PNG decoded without Pillow; None for any
     other file, and for any file that neither faster decoder takes.
 
-    The native decoder (:func:`_native_png`) comes first, then libpng. Pillow opens
+    The native decoder (:func:`_native_png`) comes first and gives the grey levels
+    (mode ``L``) that :func:`_gray` would make of the pixels; libpng, next, gives the
+    pixels in the file's mode. Pillow opens
     what this returns None for, and it stays the judge of what is readable: ingest
     checked the blobs with it, and it accepts some files libpng refuses (a wrong IDAT
     checksum, for one). The pixels are Pillow's to the bit (none of the three applies
@@ -248,9 +250,11 @@ def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
     stream = _png_data(data)
     if stream is None:
         return None  # a damaged file: Pillow refuses it, saying why
-    pixels = None if _unfilter is None else _native_png(data, stream, expected, _unfilter)
-    if pixels is None:
-        pixels = _libpng(data, expected)
+    if _unfilter is not None:
+        grey = _native_png(data, stream, expected, _unfilter)
+        if grey is not None:
+            return Image.frombuffer("L", (width, height), grey, "raw", "L", 0, 1)
+    pixels = _libpng(data, expected)
     if pixels is None:
         return None
     return Image.frombuffer(mode, (width, height), pixels, "raw", mode, 0, 1)
@@ -290,12 +294,14 @@ def _png_data(data: bytes) -> bytes | memoryview | None:
 def _native_png(
     data: bytes, stream: bytes | memoryview, shape: tuple[int, ...], unfilter: Callable[..., None]
 ) -> NDArray[np.uint8] | None:
-    """The pixels of a plain PNG, inflated by libdeflate and unfiltered by ``_pngfilter``.
+    """The grey levels of a plain PNG (``height x width``), as :func:`_gray` makes them
+    from its pixels, inflated by libdeflate and unfiltered by ``_pngfilter``.
 
-    ``stream`` is the file's compressed data (:func:`_png_data`). None for anything this
-    path does not handle, to be left to libpng and Pillow: an interlaced image, an
-    unknown compression or filter method, a data stream that is damaged or does not hold
-    exactly the image (libdeflate checks its Adler-32 checksum), an unknown row filter.
+    ``shape`` is the pixels' (with the channels), ``stream`` the file's compressed data
+    (:func:`_png_data`). None for anything this path does not handle, to be left to
+    libpng and Pillow: an interlaced image, an unknown compression or filter method, a
+    data stream that is damaged or does not hold exactly the image (libdeflate checks
+    its Adler-32 checksum), an unknown row filter.
     """
     height, width = shape[:2]
     bpp = shape[2] if len(shape) == 3 else 1
@@ -309,12 +315,12 @@ def _native_png(
         filtered = imagecodecs.deflate_decode(stream, out=size)  # type: ignore[arg-type]
     except (imagecodecs.DeflateError, ValueError, MemoryError):
         return None
-    pixels = np.empty(shape, dtype=np.uint8)
+    grey = np.empty((height, width), dtype=np.uint8)
     try:
-        unfilter(filtered, pixels, height, rowbytes, bpp)
+        unfilter(filtered, grey, height, rowbytes, bpp, grey=True)
     except ValueError:  # a short stream or an unknown filter type
         return None
-    return pixels
+    return grey
 
 
 def _libpng(data: bytes, shape: tuple[int, ...]) -> NDArray[np.uint8] | None:
