@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -198,8 +199,11 @@ def _loader(dataset: Any, workers: int) -> Any:
     )
 
 
-def throughput(args: argparse.Namespace, workdir: Path) -> list[Timing]:
-    """Time both loaders on the real collection."""
+def throughput(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[list[Timing], dict[tuple[str, int], float]]:
+    """Time both loaders on the real collection: the fastest first pass of each loader
+    and number of workers (then its cached passes), and the median first-pass rates."""
     from torch.utils.data import Subset
 
     from covidcxr.dataset.torch_dataset import CollectionDataset
@@ -237,32 +241,64 @@ def throughput(args: argparse.Namespace, workdir: Path) -> list[Timing]:
         f"{'yes' if timed_theirs == timed_mine else 'NO'}), batch size {BATCH_SIZE}, {SIZE} px"
     )
 
-    timings: list[Timing] = []
+    # First passes are repeated, interleaved (torchxrayvision, then ours, then again), and
+    # the fastest of each is reported: on a shared machine that is the least noisy
+    # estimate, and interleaving gives both loaders the same quiet and busy moments.
+    # Each of ours starts on an empty cache, in the data directory when one is given
+    # (where covidcxr keeps its cache by default; creating files costs more in some
+    # temporary folders than elsewhere on the same disk).
+    cache_parent = Path(args.data_dir) if args.data_dir else workdir
+    cache_parent.mkdir(parents=True, exist_ok=True)
+    first: dict[tuple[str, int], list[Timing]] = {}
+    cached: list[Timing] = []
     workers_list = (0, 2)
-    for workers in workers_list:
-        _log(f"torchxrayvision, {workers} workers ...")
-        loader = _loader(Subset(xrv_dataset, xrv_indices), workers)
-        count, seconds, cpu = _time_pass(loader)
-        timings.append(Timing("torchxrayvision", workers, "one pass", count, seconds, cpu / count))
-        del loader  # stops its workers
-    for masks in (False, True):
-        name = "covidcxr" + (" +masks" if masks else "")
+    for repeat in range(args.first_passes):
+        last = repeat == args.first_passes - 1
         for workers in workers_list:
-            cache = workdir / f"cache-{workers}-{int(masks)}"
-            dataset = CollectionDataset(
-                samples, size=SIZE, cache_dir=cache, indices=our_indices, masks=masks
-            )
-            _log(f"{name}, {workers} workers ...")
-            loader = _loader(dataset, workers)
-            # The first pass includes starting the workers, as torchxrayvision's does.
+            _log(f"torchxrayvision, {workers} workers, pass {repeat + 1} ...")
+            loader = _loader(Subset(xrv_dataset, xrv_indices), workers)
             count, seconds, cpu = _time_pass(loader)
-            timings.append(Timing(name, workers, "first pass", count, seconds, cpu / count))
-            cached = _time_passes(loader, args.cached_passes, args.min_seconds)
-            timings.append(Timing(name, workers, "cached pass", *cached))
-    return timings
+            timing = Timing("torchxrayvision", workers, "one pass", count, seconds, cpu / count)
+            first.setdefault(("torchxrayvision", workers), []).append(timing)
+            del loader  # stops its workers
+        for masks in (False, True):
+            name = "covidcxr" + (" +masks" if masks else "")
+            for workers in workers_list:
+                cache = Path(tempfile.mkdtemp(prefix="covidcxr-bench-cache-", dir=cache_parent))
+                try:
+                    dataset = CollectionDataset(
+                        samples, size=SIZE, cache_dir=cache, indices=our_indices, masks=masks
+                    )
+                    _log(f"{name}, {workers} workers, first pass {repeat + 1} ...")
+                    loader = _loader(dataset, workers)
+                    # The first pass includes starting the workers, as torchxrayvision's does.
+                    count, seconds, cpu = _time_pass(loader)
+                    timing = Timing(name, workers, "first pass", count, seconds, cpu / count)
+                    first.setdefault((name, workers), []).append(timing)
+                    if last:
+                        passes = _time_passes(loader, args.cached_passes, args.min_seconds)
+                        cached.append(Timing(name, workers, "cached pass", *passes))
+                    del loader
+                finally:
+                    shutil.rmtree(cache, ignore_errors=True)
+    timings = [min(runs, key=lambda t: t.seconds) for runs in first.values()]
+    medians = {key: statistics.median(t.rate for t in runs) for key, runs in first.items()}
+    for timing in cached:
+        position = next(
+            i
+            for i, t in enumerate(timings)
+            if t.loader == timing.loader and t.workers == timing.workers
+        )
+        timings.insert(position + 1, timing)
+    return timings, medians
 
 
-def print_throughput(timings: Sequence[Timing], load_before: float) -> None:
+def print_throughput(
+    timings: Sequence[Timing],
+    medians: dict[tuple[str, int], float],
+    first_passes: int,
+    load_before: float,
+) -> None:
     """The table, and the goals."""
     baseline = {t.workers: t for t in timings if t.loader == "torchxrayvision"}
     header = (
@@ -288,6 +324,12 @@ def print_throughput(timings: Sequence[Timing], load_before: float) -> None:
         "workers; main process, its threads and the workers), which other programs on "
         "the machine hardly change"
     )
+    if first_passes > 1:
+        print(
+            f"one pass, first pass: the fastest of {first_passes}, interleaved with the other "
+            "loader's (each of covidcxr's on an empty cache, its workers started anew); "
+            "cached pass: the median of the last one's"
+        )
 
     def find(run: str, workers: int) -> Timing:
         return next(
@@ -308,10 +350,15 @@ def print_throughput(timings: Sequence[Timing], load_before: float) -> None:
             for w in sorted(baseline)
         )
         verdict = "met" if best_ratio >= goal else "NOT met"
+        median = ""
+        if run == "first pass" and first_passes > 1:
+            ours = max(medians["covidcxr", w] for w in baseline)
+            theirs = max(medians["torchxrayvision", w] for w in baseline)
+            median = f" (medians of the {first_passes} passes, best vs best: {ours / theirs:.1f}x)"
         print(
             f"goal {run} >= {goal:.0f}x torchxrayvision: best vs best ({best.workers} vs "
-            f"{best_xrv.workers} workers) {best_ratio:.1f}x -> {verdict}; like for like: "
-            f"{same}; by CPU time: {by_cpu}"
+            f"{best_xrv.workers} workers) {best_ratio:.1f}x -> {verdict}{median}; like for "
+            f"like: {same}; by CPU time: {by_cpu}"
         )
     load_after = os.getloadavg()[0]
     if max(load_before, load_after) > 1.5:
@@ -508,6 +555,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="reuse this store's data directory")
     parser.add_argument("--images", type=int, help="time only the first N images")
     parser.add_argument(
+        "--first-passes",
+        type=int,
+        help="first passes of each loader, the fastest reported (default 3, --quick 1)",
+    )
+    parser.add_argument(
         "--cached-passes", type=int, default=5, help="cached passes (median reported)"
     )
     parser.add_argument(
@@ -530,6 +582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.min_seconds is None:
         args.min_seconds = 0.3 if args.quick else 2.0
+    if args.first_passes is None:
+        args.first_passes = 1 if args.quick else 3
+    if args.first_passes < 1:
+        parser.error(f"--first-passes must be at least 1, got {args.first_passes}")
 
     if args.memory_child:
         print(json.dumps(memory_child(Path(args.memory_child), args.workers)))
@@ -550,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         workdir = Path(temporary)
         if not args.skip_throughput:
             load_before = os.getloadavg()[0]
-            print_throughput(throughput(args, workdir), load_before)
+            timings, medians = throughput(args, workdir)
+            print_throughput(timings, medians, args.first_passes, load_before)
         if not args.skip_memory:
             print_memory(memory(sizes, workdir, args.workers), args.workers)
     return 0
