@@ -102,6 +102,39 @@ def _cpu_seconds(loader: Any) -> float:
     return total
 
 
+@dataclass
+class MachineShare:
+    """What else used the CPUs while the benchmark ran, as fractions of all of them."""
+
+    others: float  # CPU time of other programs (all busy time less this process's)
+    steal: float  # time the hypervisor gave the virtual CPUs to other machines
+
+
+def _machine_counters() -> tuple[float, float, float, float] | None:
+    """Wall seconds, busy and steal CPU seconds of the machine (from /proc/stat), and
+    this process's CPU seconds with its finished children's; None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0].split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    busy = (user + nice + system + irq + softirq) / _TICKS_PER_SECOND
+    own = os.times()
+    mine = own.user + own.system + own.children_user + own.children_system
+    return time.perf_counter(), busy, steal / _TICKS_PER_SECOND, mine
+
+
+def _machine_share(
+    before: tuple[float, float, float, float] | None,
+    after: tuple[float, float, float, float] | None,
+) -> MachineShare | None:
+    if before is None or after is None:
+        return None
+    wall, busy, steal, mine = (b - a for a, b in zip(before, after, strict=True))
+    capacity = wall * (os.cpu_count() or 1)
+    return MachineShare(max(0.0, busy - mine) / capacity, steal / capacity)
+
+
 def _time_pass(loader: Any) -> tuple[int, float, float]:
     """Images, wall seconds and CPU seconds of one pass."""
     cpu = _cpu_seconds(loader)
@@ -297,7 +330,7 @@ def print_throughput(
     timings: Sequence[Timing],
     medians: dict[tuple[str, int], float],
     first_passes: int,
-    load_before: float,
+    machine: MachineShare | None,
 ) -> None:
     """The table, and the goals."""
     baseline = {t.workers: t for t in timings if t.loader == "torchxrayvision"}
@@ -360,12 +393,16 @@ def print_throughput(
             f"{best_xrv.workers} workers) {best_ratio:.1f}x -> {verdict}{median}; like for "
             f"like: {same}; by CPU time: {by_cpu}"
         )
-    load_after = os.getloadavg()[0]
-    if max(load_before, load_after) > 1.5:
+    if machine is None:
+        return
+    print(
+        f"while timing: other programs used {machine.others:.0%} of the {os.cpu_count()} "
+        f"CPUs, the hypervisor held back {machine.steal:.0%} (steal)"
+    )
+    if machine.others > 0.05 or machine.steal > 0.05:
         print(
-            f"warning: load average {load_before:.1f} before, {load_after:.1f} after on "
-            f"{os.cpu_count()} CPUs: other programs shared the machine, so wall-clock "
-            "ratios are unreliable; trust the CPU-time ratios or rerun on a quiet machine"
+            "warning: the machine was shared, so wall-clock ratios are unreliable; trust "
+            "the CPU-time ratios or rerun on a quiet machine"
         )
 
 
@@ -605,9 +642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="covidcxr-bench-") as temporary:
         workdir = Path(temporary)
         if not args.skip_throughput:
-            load_before = os.getloadavg()[0]
+            before = _machine_counters()
             timings, medians = throughput(args, workdir)
-            print_throughput(timings, medians, args.first_passes, load_before)
+            gc.collect()  # the last loaders' workers are joined, so their CPU time counts
+            machine = _machine_share(before, _machine_counters())
+            print_throughput(timings, medians, args.first_passes, machine)
         if not args.skip_memory:
             print_memory(memory(sizes, workdir, args.workers), args.workers)
     return 0
