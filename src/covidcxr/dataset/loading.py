@@ -13,12 +13,13 @@ work per image is kept to what the output needs:
   data and undoing its row filters. For 8-bit, non-interlaced grey, RGB, grey+alpha and
   RGBA PNGs, libdeflate (through ``imagecodecs``) inflates the data and covidcxr's C
   extension ``_pngfilter`` (SSE2 for RGB and RGBA) undoes the filters and makes each
-  row grey as it goes (Pillow's arithmetic), both without the GIL. Where the extension was not built (no C compiler at install), libpng decodes
-  these files instead; anything unusual (interlaced, a damaged header chunk, a data
-  stream of the wrong length) goes to libpng and then Pillow. The pixels are Pillow's
-  to the bit either way, so the grey conversion, crop and resize after them are
-  Pillow's. Other PNGs (16 bits, palettes, fewer than 8 bits) keep Pillow's decoder.
-  ``benchmarks/decode.py`` prints the CPU time per file of each decoder.
+  row grey as it goes, both without the GIL. Where the extension was not built (no C
+  compiler at install), libpng decodes these files instead. Anything unusual goes on
+  to libpng (interlaced, a data stream of the wrong length) or straight to Pillow (a
+  damaged chunk before the data). The grey levels are Pillow's to the bit either way
+  (tested on every colour), so the crop and resize after them are too. Other PNGs (16
+  bits, palettes, fewer than 8 bits) keep Pillow's decoder. ``benchmarks/decode.py``
+  prints the CPU time per file of each decoder.
 - **No decoding after the first epoch.** :class:`PreprocessCache` keeps each result as
   raw ``uint8`` bytes keyed by the image's sha256 and the output size and crop;
   :func:`fill_cache` fills it ahead, on every CPU, so that even the first epoch
