@@ -283,7 +283,7 @@ def throughput(
     cache_parent = Path(args.data_dir) if args.data_dir else workdir
     cache_parent.mkdir(parents=True, exist_ok=True)
     first: dict[tuple[str, int], list[Timing]] = {}
-    cached: list[Timing] = []
+    cached: dict[tuple[str, int], Timing] = {}
     workers_list = (0, 2)
     for repeat in range(args.first_passes):
         last = repeat == args.first_passes - 1
@@ -310,19 +310,16 @@ def throughput(
                     first.setdefault((name, workers), []).append(timing)
                     if last:
                         passes = _time_passes(loader, args.cached_passes, args.min_seconds)
-                        cached.append(Timing(name, workers, "cached pass", *passes))
+                        cached[name, workers] = Timing(name, workers, "cached pass", *passes)
                     del loader
                 finally:
                     shutil.rmtree(cache, ignore_errors=True)
-    timings = [min(runs, key=lambda t: t.seconds) for runs in first.values()]
+    timings = []
+    for key, runs in first.items():
+        timings.append(min(runs, key=lambda t: t.seconds))
+        if key in cached:
+            timings.append(cached[key])
     medians = {key: statistics.median(t.rate for t in runs) for key, runs in first.items()}
-    for timing in cached:
-        position = next(
-            i
-            for i, t in enumerate(timings)
-            if t.loader == timing.loader and t.workers == timing.workers
-        )
-        timings.insert(position + 1, timing)
     return timings, medians
 
 

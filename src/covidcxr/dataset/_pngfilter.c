@@ -2,11 +2,12 @@
  * Undo PNG's per-row filters (PNG specification, section 9).
  *
  * covidcxr's training loader inflates a PNG's IDAT stream with libdeflate (through
- * imagecodecs) and calls unfilter() here on the result: together about 3x less CPU
- * than libpng, whose zlib inflate and scalar Paeth filter are most of a colour PNG's
- * load time (benchmarks/decode.py). Only 8-bit, non-interlaced images come here
- * (dataset/loading.py checks that and leaves everything else to Pillow), so a pixel is
- * a whole number of bytes: bpp (1 to 8) bytes per pixel.
+ * imagecodecs) and calls unfilter() here on the result: a colour PNG then loads in
+ * about half the CPU it takes through libpng, whose zlib inflate and scalar Paeth filter
+ * are most of its load time, and a lung mask in about a quarter (benchmarks/decode.py).
+ * Only 8-bit, non-interlaced images come here (dataset/loading.py checks that and
+ * leaves everything else to libpng and Pillow), so a pixel is a whole number of bytes:
+ * bpp (1 to 8) bytes per pixel.
  *
  * The four filters whose value depends on the reconstructed pixel to the left (Sub,
  * Average, Paeth) are sequential along a row. For 3 and 4 bytes per pixel (RGB, RGBA:

@@ -37,7 +37,6 @@ them directly (PNG and JPEG only). Nothing here imports torch.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import io
 import logging
 import os
@@ -87,9 +86,10 @@ CACHE_VERSION: Final = 1
 
 _FORMATS: Final = ("PNG", "JPEG")
 _PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
-#: Signature, IHDR length and type, width, height, bit depth, colour type.
-_PNG_HEADER_BYTES: Final = 26
-#: PNG colour types decoded by libpng when 8-bit, and the Pillow mode of their pixels.
+#: Signature, IHDR length and type, then its 13 bytes: width, height, bit depth, colour
+#: type, compression, filter and interlace methods.
+_PNG_HEADER_BYTES: Final = 29
+#: PNG colour types decoded without Pillow when 8-bit, and the Pillow mode of their pixels.
 _PLAIN_PNG_MODES: Final = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 _CACHE_MAGIC: Final = b"CXRPIX01"
 _HEADER_BYTES: Final = 16
@@ -99,10 +99,9 @@ _SHA256: Final = re.compile("[0-9a-f]{64}")
 def _native_unfilter() -> Callable[..., None] | None:
     """The C extension's ``unfilter``, or None where it was not built."""
     try:
-        module = importlib.import_module("covidcxr.dataset._pngfilter")
+        from covidcxr.dataset._pngfilter import unfilter
     except ImportError:
         return None
-    unfilter: Callable[..., None] = module.unfilter
     return unfilter
 
 
@@ -228,21 +227,23 @@ def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
     other file, and for any file that neither faster decoder takes.
 
     The native decoder (:func:`_native_png`) comes first and gives the grey levels
-    (mode ``L``) that :func:`_gray` would make of the pixels; libpng, next, gives the
-    pixels in the file's mode. Pillow opens
-    what this returns None for, and it stays the judge of what is readable: ingest
-    checked the blobs with it, and it accepts some files libpng refuses (a wrong IDAT
-    checksum, for one). The pixels are Pillow's to the bit (none of the three applies
-    gamma or a colour profile); only the decoder is faster.
+    (mode ``L``) that :func:`_gray` would make of the pixels; libpng, next (and for
+    interlaced files), gives the pixels in the file's mode. Pillow opens what this
+    returns None for, and it stays the judge of what is readable: ingest checked the
+    blobs with it, and it accepts some files libpng refuses (a wrong IDAT checksum, for
+    one). The pixels are Pillow's to the bit (none of the three applies gamma or a
+    colour profile); only the decoder is faster.
     """
     if len(data) < _PNG_HEADER_BYTES or not data.startswith(_PNG_SIGNATURE):
         return None
-    if data[12:16] != b"IHDR":
+    if data[8:16] != b"\0\0\0\x0dIHDR":
         return None  # not a valid PNG; Pillow says why
-    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+    width, height, depth, colour, *methods = struct.unpack_from(">IIBBBBB", data, 16)
     mode = _PLAIN_PNG_MODES.get(colour)
-    if depth != 8 or mode is None:
+    if depth != 8 or mode is None or width == 0 or height == 0:
         return None
+    if methods[:2] != [0, 0]:
+        return None  # an unknown compression or filter method; Pillow says why
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > 2 * limit:  # where Pillow's open refuses
         raise _too_many_pixels(path, function, f"{width} x {height} pixels")
@@ -251,8 +252,9 @@ def _plain_png(data: bytes, path: Path, function: str) -> Image.Image | None:
     stream = _png_data(data)
     if stream is None:
         return None  # a damaged file: Pillow refuses it, saying why
-    if _unfilter is not None:
-        grey = _native_png(data, stream, expected, _unfilter)
+    interlaced = methods[2] != 0
+    if _unfilter is not None and not interlaced:
+        grey = _native_png(stream, expected, _unfilter)
         if grey is not None:
             return Image.frombuffer("L", (width, height), grey, "raw", "L", 0, 1)
     pixels = _libpng(data, expected)
@@ -293,22 +295,18 @@ def _png_data(data: bytes) -> bytes | memoryview | None:
 
 
 def _native_png(
-    data: bytes, stream: bytes | memoryview, shape: tuple[int, ...], unfilter: Callable[..., None]
+    stream: bytes | memoryview, shape: tuple[int, ...], unfilter: Callable[..., None]
 ) -> NDArray[np.uint8] | None:
     """The grey levels of a plain PNG (``height x width``), as :func:`_gray` makes them
     from its pixels, inflated by libdeflate and unfiltered by ``_pngfilter``.
 
-    ``shape`` is the pixels' (with the channels), ``stream`` the file's compressed data
-    (:func:`_png_data`). None for anything this path does not handle, to be left to
-    libpng and Pillow: an interlaced image, an unknown compression or filter method, a
-    data stream that is damaged or does not hold exactly the image (libdeflate checks
-    its Adler-32 checksum), an unknown row filter.
+    ``shape`` is the pixels' (with the channels), ``stream`` the compressed data of a
+    non-interlaced file (:func:`_png_data`). None where it does not hold exactly the
+    image (damaged: libdeflate checks its Adler-32 checksum; too short or too long), or
+    names an unknown row filter: libpng and Pillow are left to judge those.
     """
     height, width = shape[:2]
     bpp = shape[2] if len(shape) == 3 else 1
-    header = data[_PNG_HEADER_BYTES : _PNG_HEADER_BYTES + 3]
-    if header != b"\0\0\0" or data[8:12] != b"\0\0\0\x0d" or width == 0 or height == 0:
-        return None  # compression, filter or interlace method, IHDR length
     rowbytes = width * bpp
     try:
         # Any buffer is read in place, a memoryview included (its stub says bytes).
