@@ -2,9 +2,10 @@
 
 For every image (and lung mask) of the collection, times :func:`load_image` (or
 :func:`load_mask`) at 224 px as covidcxr runs it (8-bit PNGs inflated by libdeflate and
-unfiltered by its C extension, reduced JPEG decoding), the same call with libpng
-decoding those PNGs (as where the extension was not built) and with every file left to
-Pillow, in one process on one thread, and prints the CPU milliseconds per file by kind
+unfiltered by its C extension, reduced JPEG decoding, the resize by its second C
+extension), the same call with libpng decoding those PNGs, and with every file decoded
+and resized by Pillow (as where neither extension was built), in one process on one
+thread, and prints the CPU milliseconds per file by kind
 (format, progressive, mode) with the ratios. The outputs are compared pixel for pixel.
 
 This is where a first epoch's time goes: ``benchmarks/loader.py`` times whole passes.
@@ -75,12 +76,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         load = loading.load_image if what == "image" else loading.load_mask
         return load(path, SIZE)
 
-    # covidcxr as installed; with libpng where the C extension is not built; Pillow alone.
+    # covidcxr as installed; with libpng for PNGs; Pillow alone (no C extension).
     variants: dict[str, dict[str, object]] = {"covidcxr": {}}
     if loading.NATIVE_PNG:
         variants["libpng"] = {"_unfilter": None}
-    variants["Pillow"] = {"_plain_png": lambda *_: None}
-    saved = {name: getattr(loading, name) for name in ("_unfilter", "_plain_png")}
+    variants["Pillow"] = {"_plain_png": lambda *_: None, "_resizer": None}
+    saved = {name: getattr(loading, name) for name in ("_unfilter", "_plain_png", "_resizer")}
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     differing = 0
     for path, what, kind in jobs:
@@ -130,8 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if loading.NATIVE_PNG
         else "covidcxr: the C extension was not built, so 8-bit PNGs go to libpng"
     )
-    print("libpng: the same with 8-bit PNGs decoded by libpng (as without the C extension)")
-    print("Pillow: the same with every file decoded by Pillow")
+    print(
+        "covidcxr: grey images resized by covidcxr's C extension"
+        if loading.NATIVE_RESIZE
+        else "covidcxr: the resize extension was not built, so Pillow resizes"
+    )
+    print("libpng: the same with 8-bit PNGs decoded by libpng")
+    print("Pillow: every file decoded and resized by Pillow (as without the C extensions)")
     print(f"outputs that differ between them: {differing} of {len(jobs)}")
     return 1 if differing else 0
 

@@ -39,7 +39,7 @@ read from the preprocessed-pixel cache
 (:class:`covidcxr.dataset.loading.PreprocessCache`, the same files the torch Dataset
 and training use) or decoded from the blobs when absent, so an evaluation can run from
 a store's database plus its cache folder alone (``<data dir>/covidcxr.sqlite`` and
-``<data dir>/cache/v1-<size>-center`` and ``...-center-mask``).
+``<data dir>/cache/v<CACHE_VERSION>-<size>-center`` and ``...-center-mask``).
 """
 
 from __future__ import annotations
