@@ -584,6 +584,21 @@ def test_failed_write_leaves_no_temporary_file(
     assert cache.path(SHA_A).is_dir()
 
 
+def test_short_write_is_not_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A write that stores fewer bytes than the file needs (a full disk) leaves no file,
+    neither under the key nor as a temporary one."""
+    cache = PreprocessCache(tmp_path, 8)
+    real_writev = loading.os.writev
+    monkeypatch.setattr(loading.os, "writev", lambda fd, parts: real_writev(fd, parts[:1]))
+    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.loading"):
+        cache.put(SHA_A, _noise(8, 8))
+    assert "short write (16 of 80 bytes)" in caplog.text
+    assert list(cache.path(SHA_A).parent.iterdir()) == []
+    assert cache.get(SHA_A) is None
+
+
 def test_cache_deleted_while_in_use_is_made_again(tmp_path: Path) -> None:
     cache = PreprocessCache(tmp_path / "cache", 8)
     cache.put(SHA_A, _noise(8, 8, seed=1))

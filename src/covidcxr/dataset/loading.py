@@ -102,6 +102,7 @@ _PNG_HEADER_BYTES: Final = 29
 #: PNG colour types decoded without Pillow when 8-bit, and the Pillow mode of their pixels.
 _PLAIN_PNG_MODES: Final = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 _CACHE_MAGIC: Final = b"CXRPIX01"
+_WRITE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 _HEADER_BYTES: Final = 16
 _SHA256: Final = re.compile("[0-9a-f]{64}")
 
@@ -725,22 +726,29 @@ class PreprocessCache:
                 f"PreprocessCache.put: expected uint8 {self.size}x{self.size} pixels, got "
                 f"{pixels.dtype} {pixels.shape}"
             )
-        path = self.path(sha256)
-        # What covidcxr.atomic.atomic_output does, in fewer system calls (this runs once
-        # per image of a first epoch): a temporary name of this process and thread, a
-        # folder made only when missing, one write, a rename.
-        temporary = path.with_name(f".{sha256}.{os.getpid()}-{threading.get_ident()}.tmp")
-        payload = self._header + np.ascontiguousarray(pixels).tobytes()
+        path = self._file(sha256)
+        # What covidcxr.atomic.atomic_output does, in fewer system calls and no copy of the
+        # pixels (this runs once per image of a first epoch): a temporary name of this
+        # process and thread, a folder made only when missing, one write, a rename.
+        folder = path[: path.rindex(os.sep)]
+        temporary = f"{folder}{os.sep}.{sha256}.{os.getpid()}-{threading.get_ident()}.tmp"
+        pixels = np.ascontiguousarray(pixels)
         try:
             try:
-                temporary.write_bytes(payload)
+                descriptor = os.open(temporary, _WRITE_FLAGS, 0o644)
             except FileNotFoundError:  # the first file of its folder
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary.write_bytes(payload)
-            temporary.replace(path)
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                descriptor = os.open(temporary, _WRITE_FLAGS, 0o644)
+            try:
+                written = os.writev(descriptor, [self._header, pixels.data])
+            finally:
+                os.close(descriptor)
+            if written != self._file_bytes:
+                raise OSError(f"short write ({written} of {self._file_bytes} bytes)")
+            os.replace(temporary, path)  # noqa: PTH105 - strings: no Path per image
         except OSError as exc:
             with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
+                Path(temporary).unlink()
             if not self._write_failed:
                 self._write_failed = True
                 logger.warning(

@@ -400,6 +400,16 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             return load()
         return self._mask_cache.get_or_load(sha256, load)
 
+    def _decode_and_store(self, key: tuple[str, str]) -> NDArray[np.uint8]:
+        """Decode a file the cache was just found to lack, and store the result."""
+        kind, sha = key
+        load = load_image if kind == "image" else load_mask
+        pixels = load(self._blob(sha), self.size, crop=self.crop)
+        cache = self._image_cache if kind == "image" else self._mask_cache
+        if cache is not None:
+            cache.put(sha, pixels)
+        return pixels
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         position = self._position(index)
         image = self._image_pixels(self._image_sha[position].decode("ascii"))
@@ -435,10 +445,10 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             # file started last would leave the other threads idle while it decodes.
             pool = _thread_pool(threads)
             for key in sorted(missing, key=self._file_size, reverse=True):
-                decoding[key] = pool.submit(self._load_kind, key)
+                decoding[key] = pool.submit(self._decode_and_store, key)
         else:
             for key in missing:
-                wanted[key] = self._load_kind(key)
+                wanted[key] = self._decode_and_store(key)
 
         def pixels(key: tuple[str, str]) -> NDArray[np.uint8]:
             found = wanted[key]
@@ -461,10 +471,6 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             return self._blob(key[1]).stat().st_size
         except OSError:
             return 0
-
-    def _load_kind(self, key: tuple[str, str]) -> NDArray[np.uint8]:
-        kind, sha = key
-        return self._image_pixels(sha) if kind == "image" else self._mask_pixels(sha)
 
     def _threads(self) -> int:
         if self.decode_threads is not None:
