@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import io
 import platform
-import shutil
 import struct
-import sysconfig
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import encode, xray_like
+from conftest import encode, skip_without_c_compiler, xray_like
 from covidcxr.dataset import loading
 from covidcxr.dataset.loading import grey_levels, load_image
 from covidcxr.errors import ImageError
@@ -33,9 +31,7 @@ native = pytest.mark.skipif(not loading.NATIVE_PNG, reason="the C extension was 
 
 
 def test_extension_is_built_where_there_is_a_c_compiler() -> None:
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}): libpng decodes plain PNGs")
+    skip_without_c_compiler("libpng decodes plain PNGs")
     assert loading.NATIVE_PNG, "a C compiler is here but covidcxr.dataset._pngfilter is not"
 
 

@@ -10,8 +10,6 @@ pass first for some shapes).
 
 from __future__ import annotations
 
-import shutil
-import sysconfig
 from pathlib import Path
 from types import ModuleType
 
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import xray_like
+from conftest import skip_without_c_compiler, xray_like
 from covidcxr.dataset import loading
 from covidcxr.dataset.loading import load_image, preprocess_image
 
@@ -29,9 +27,7 @@ native = pytest.mark.skipif(not loading.NATIVE_RESIZE, reason="the C extension w
 
 
 def test_extension_is_built_where_there_is_a_c_compiler() -> None:
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}): Pillow resizes")
+    skip_without_c_compiler("Pillow resizes")
     assert loading.NATIVE_RESIZE, "a C compiler is here but covidcxr.dataset._resize is not"
 
 
