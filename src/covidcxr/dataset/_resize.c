@@ -128,16 +128,6 @@ typedef struct {
     int32_t *kk;   /* per output pixel: ksize weights with 22 fraction bits */
 } Coefficients;
 
-/* A weight's two halves for pmaddwd (see SPLIT_BITS); false where one does not fit. */
-static int weights_split(const Coefficients *c, int out_size) {
-    for (size_t i = 0; i < (size_t)out_size * (size_t)c->ksize; i++) {
-        if (c->kk[i] < 0 || (c->kk[i] >> SPLIT_BITS) > 32767) {
-            return 0;
-        }
-    }
-    return 1;
-}
-
 static double bilinear(double x) {
     if (x < 0.0) {
         x = -x;
@@ -573,15 +563,18 @@ static PyObject *resize_bilinear(PyObject *self, PyObject *args, PyObject *kwarg
             goto done;
         }
     }
-    Py_ssize_t sums_width = need_horizontal ? out_width : width;
-    sums = malloc((size_t)sums_width * sizeof(int32_t));
-    if (sums == NULL) {
-        PyErr_NoMemory();
-        goto done;
+    /* BILINEAR's weights are 0 to 1, so 0 to 2^22 as integers: both halves of each fit
+       pmaddwd's 16 bits (SPLIT_BITS). */
+    int vertical_simd = HAVE_SSE2 && simd;
+    int horizontal_simd = HAVE_SSE2 && simd && need_horizontal;
+    Py_ssize_t row_width = need_horizontal ? out_width : width;  /* what the vertical pass reads */
+    if (need_vertical && !vertical_simd) {
+        sums = malloc((size_t)row_width * sizeof(int32_t));
+        if (sums == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
     }
-    int vertical_simd = HAVE_SSE2 && simd && weights_split(&vertical, (int)out_height);
-    int horizontal_simd = HAVE_SSE2 && simd && need_horizontal &&
-                          weights_split(&horizontal, (int)out_width);
 #if HAVE_SSE2
     if (horizontal_simd) {
         int npairs = (horizontal.ksize + 1) / 2;
@@ -629,12 +622,12 @@ static PyObject *resize_bilinear(PyObject *self, PyObject *args, PyObject *kwarg
     if (need_vertical) {
 #if HAVE_SSE2
         if (vertical_simd) {
-            vertical_pass_sse2(source, source_stride, (int)sums_width, &vertical,
+            vertical_pass_sse2(source, source_stride, (int)row_width, &vertical,
                                (int)out_height, target);
         } else
 #endif
         {
-            vertical_pass(source, source_stride, (int)sums_width, &vertical, (int)out_height,
+            vertical_pass(source, source_stride, (int)row_width, &vertical, (int)out_height,
                           target, sums);
         }
     } else {

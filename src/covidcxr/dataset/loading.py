@@ -404,10 +404,10 @@ def _reduce_grey(
     pixels: NDArray[np.uint8], box: tuple[int, int, int, int], factor_x: int, factor_y: int
 ) -> NDArray[np.uint8]:
     """Pillow's ``reduce((factor_x, factor_y), box)`` of grey levels."""
-    height, width = pixels.shape
     if _resizer is None:
         reduced = Image.fromarray(pixels).reduce((factor_x, factor_y), box=box)
         return np.asarray(reduced, dtype=np.uint8)
+    height, width = pixels.shape
     out = np.empty((-(-(box[3] - box[1]) // factor_y), -(-(box[2] - box[0]) // factor_x)), np.uint8)
     _resizer.reduce(pixels, width, height, out, box, factor_x, factor_y)
     return out

@@ -384,38 +384,36 @@ class CollectionDataset(Dataset[dict[str, Any]]):
     def _blob(self, sha256: str) -> Path:
         return self._blob_root / sha256[:2] / sha256
 
-    def _image_pixels(self, sha256: str) -> NDArray[np.uint8]:
-        def load() -> NDArray[np.uint8]:
-            return load_image(self._blob(sha256), self.size, crop=self.crop)
+    def _decode(self, key: tuple[str, str]) -> NDArray[np.uint8]:
+        """Decode an image or mask (``key``: kind and sha256) from its blob."""
+        kind, sha = key
+        load = load_image if kind == "image" else load_mask
+        return load(self._blob(sha), self.size, crop=self.crop)
 
-        if self._image_cache is None:
-            return load()
-        return self._image_cache.get_or_load(sha256, load)
+    def _cache(self, kind: str) -> PreprocessCache | None:
+        return self._image_cache if kind == "image" else self._mask_cache
 
-    def _mask_pixels(self, sha256: str) -> NDArray[np.uint8]:
-        def load() -> NDArray[np.uint8]:
-            return load_mask(self._blob(sha256), self.size, crop=self.crop)
-
-        if self._mask_cache is None:
-            return load()
-        return self._mask_cache.get_or_load(sha256, load)
+    def _pixels(self, key: tuple[str, str]) -> NDArray[np.uint8]:
+        """An image's or mask's pixels, from the cache where it holds them."""
+        cache = self._cache(key[0])
+        if cache is None:
+            return self._decode(key)
+        return cache.get_or_load(key[1], lambda: self._decode(key))
 
     def _decode_and_store(self, key: tuple[str, str]) -> NDArray[np.uint8]:
         """Decode a file the cache was just found to lack, and store the result."""
-        kind, sha = key
-        load = load_image if kind == "image" else load_mask
-        pixels = load(self._blob(sha), self.size, crop=self.crop)
-        cache = self._image_cache if kind == "image" else self._mask_cache
+        pixels = self._decode(key)
+        cache = self._cache(key[0])
         if cache is not None:
-            cache.put(sha, pixels)
+            cache.put(key[1], pixels)
         return pixels
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         position = self._position(index)
-        image = self._image_pixels(self._image_sha[position].decode("ascii"))
+        image = self._pixels(("image", self._image_sha[position].decode("ascii")))
         mask = None
         if self.masks and self._mask_sha[position]:
-            mask = self._mask_pixels(self._mask_sha[position].decode("ascii"))
+            mask = self._pixels(("mask", self._mask_sha[position].decode("ascii")))
         return self._item(position, image, mask)
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
@@ -433,9 +431,8 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             wanted[("image", self._image_sha[position].decode("ascii"))] = None
             if self.masks and self._mask_sha[position]:
                 wanted[("mask", self._mask_sha[position].decode("ascii"))] = None
-        caches = {"image": self._image_cache, "mask": self._mask_cache}
         for kind, sha in wanted:
-            cache = caches[kind]
+            cache = self._cache(kind)
             wanted[kind, sha] = None if cache is None else cache.get(sha)
         missing = [key for key, pixels in wanted.items() if pixels is None]
         threads = self._threads()
