@@ -237,8 +237,6 @@ def throughput(
 ) -> tuple[list[Timing], dict[tuple[str, int], float]]:
     """Time both loaders on the real collection: the fastest first pass of each loader
     and number of workers (then its cached passes), and the median first-pass rates."""
-    from torch.utils.data import Subset
-
     from covidcxr.dataset.torch_dataset import CollectionDataset
 
     covid = Path(args.shared) / SOURCE
@@ -278,10 +276,40 @@ def throughput(
     # the fastest of each is reported: on a shared machine that is the least noisy
     # estimate, and interleaving gives both loaders the same quiet and busy moments.
     # Each of ours starts on an empty cache, in the data directory when one is given
-    # (where covidcxr keeps its cache by default; creating files costs more in some
-    # temporary folders than elsewhere on the same disk).
+    # (where covidcxr keeps its cache by default). The caches are all removed after the
+    # timing, not between passes: ext4 does not reuse an inode deleted in the last
+    # minute (five while its block is dirty) and checks every such inode it meets when
+    # it creates a file, so a pass that followed the removal of a cache spent about a
+    # fifth of its CPU in the kernel's inode allocator (perf: ext4_create ->
+    # recently_deleted). A training run's first epoch does not follow the deletion of
+    # thousands of files.
     cache_parent = Path(args.data_dir) if args.data_dir else workdir
     cache_parent.mkdir(parents=True, exist_ok=True)
+    caches: list[Path] = []
+    try:
+        return _interleaved_passes(
+            args, samples, xrv_dataset, xrv_indices, our_indices, cache_parent, caches
+        )
+    finally:
+        for cache in caches:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def _interleaved_passes(
+    args: argparse.Namespace,
+    samples: Any,
+    xrv_dataset: Any,
+    xrv_indices: list[int],
+    our_indices: list[int],
+    cache_parent: Path,
+    caches: list[Path],
+) -> tuple[list[Timing], dict[tuple[str, int], float]]:
+    """The first passes of both loaders, interleaved, and the cached passes of ours
+    after the last; ``caches`` collects the caches made, for the caller to remove."""
+    from torch.utils.data import Subset
+
+    from covidcxr.dataset.torch_dataset import CollectionDataset
+
     first: dict[tuple[str, int], list[Timing]] = {}
     cached: dict[tuple[str, int], Timing] = {}
     workers_list = (0, 2)
@@ -298,22 +326,20 @@ def throughput(
             name = "covidcxr" + (" +masks" if masks else "")
             for workers in workers_list:
                 cache = Path(tempfile.mkdtemp(prefix="covidcxr-bench-cache-", dir=cache_parent))
-                try:
-                    dataset = CollectionDataset(
-                        samples, size=SIZE, cache_dir=cache, indices=our_indices, masks=masks
-                    )
-                    _log(f"{name}, {workers} workers, first pass {repeat + 1} ...")
-                    loader = _loader(dataset, workers)
-                    # The first pass includes starting the workers, as torchxrayvision's does.
-                    count, seconds, cpu = _time_pass(loader)
-                    timing = Timing(name, workers, "first pass", count, seconds, cpu / count)
-                    first.setdefault((name, workers), []).append(timing)
-                    if last:
-                        passes = _time_passes(loader, args.cached_passes, args.min_seconds)
-                        cached[name, workers] = Timing(name, workers, "cached pass", *passes)
-                    del loader
-                finally:
-                    shutil.rmtree(cache, ignore_errors=True)
+                caches.append(cache)
+                dataset = CollectionDataset(
+                    samples, size=SIZE, cache_dir=cache, indices=our_indices, masks=masks
+                )
+                _log(f"{name}, {workers} workers, first pass {repeat + 1} ...")
+                loader = _loader(dataset, workers)
+                # The first pass includes starting the workers, as torchxrayvision's does.
+                count, seconds, cpu = _time_pass(loader)
+                timing = Timing(name, workers, "first pass", count, seconds, cpu / count)
+                first.setdefault((name, workers), []).append(timing)
+                if last:
+                    passes = _time_passes(loader, args.cached_passes, args.min_seconds)
+                    cached[name, workers] = Timing(name, workers, "cached pass", *passes)
+                del loader
     timings = []
     for key, runs in first.items():
         timings.append(min(runs, key=lambda t: t.seconds))
