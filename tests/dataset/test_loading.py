@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import shutil
 import struct
 import subprocess
 import sys
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +17,11 @@ from PIL import Image, JpegImagePlugin
 
 from conftest import encode, xray_like
 from covidcxr.dataset import loading
+from covidcxr.dataset.cache import PreprocessCache
 from covidcxr.dataset.loading import (
-    CACHE_VERSION,
     DEFAULT_CACHE_DIR,
     REDUCING_GAP,
     RESAMPLE,
-    PreprocessCache,
     center_crop_box,
     fill_cache,
     grey_levels,
@@ -464,152 +460,7 @@ def test_normalise_is_xrv_normalize() -> None:
     assert got.max() == 1024
 
 
-# -- the cache --------------------------------------------------------------------------
-
-
-def _failing_after_first() -> Any:
-    calls = {"n": 0}
-
-    def load() -> np.ndarray:
-        calls["n"] += 1
-        if calls["n"] > 1:
-            raise AssertionError("decoded twice: the cache was not used")
-        return _noise(24, 24, seed=3)
-
-    return load
-
-
-def test_cache_hit_returns_identical_pixels_without_decoding(tmp_path: Path) -> None:
-    cache = PreprocessCache(tmp_path, 24)
-    load = _failing_after_first()
-    first = cache.get_or_load(SHA_A, load)
-    second = cache.get_or_load(SHA_A, load)
-    np.testing.assert_array_equal(first, second)
-    assert second.dtype == np.uint8
-    assert second.shape == (24, 24)
-    path = cache.path(SHA_A)
-    assert path == tmp_path / f"v{CACHE_VERSION}-24-center" / "aa" / f"{SHA_A}.u8"
-    assert path.stat().st_size == 16 + 24 * 24
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]
-
-
-def test_cache_key_has_size_crop_and_kind(tmp_path: Path) -> None:
-    paths = {
-        PreprocessCache(tmp_path, 24).path(SHA_A),
-        PreprocessCache(tmp_path, 32).path(SHA_A),
-        PreprocessCache(tmp_path, 24, "pad").path(SHA_A),
-        PreprocessCache(tmp_path, 24, kind="mask").path(SHA_A),
-        PreprocessCache(tmp_path, 24).path(SHA_B),
-    }
-    assert len(paths) == 5
-    small = PreprocessCache(tmp_path, 24)
-    small.put(SHA_A, _noise(24, 24))
-    assert PreprocessCache(tmp_path, 32).get(SHA_A) is None
-
-
-@pytest.mark.parametrize("damage", ["short", "long", "zeros", "empty"])
-def test_corrupt_cache_file_is_rebuilt(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
-) -> None:
-    cache = PreprocessCache(tmp_path, 24)
-    good = _noise(24, 24, seed=3)
-    cache.put(SHA_A, good)
-    path = cache.path(SHA_A)
-    data = path.read_bytes()
-    damaged = {
-        "short": data[:100],
-        "long": data + b"\x00",
-        "zeros": b"\x00" * len(data),
-        "empty": b"",
-    }[damage]
-    path.write_bytes(damaged)
-    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.loading"):
-        assert cache.get(SHA_A) is None
-    assert "corrupt" in caplog.text
-    rebuilt = cache.get_or_load(SHA_A, lambda: good)
-    np.testing.assert_array_equal(rebuilt, good)
-    np.testing.assert_array_equal(cache.get(SHA_A), good)  # type: ignore[arg-type]
-
-
-def test_cache_refuses_bad_keys_and_pixels(tmp_path: Path) -> None:
-    cache = PreprocessCache(tmp_path, 8)
-    with pytest.raises(ValueError, match="not a lowercase hex sha256"):
-        cache.path("ABC")
-    with pytest.raises(ValueError, match="expected uint8 8x8"):
-        cache.put(SHA_A, np.zeros((8, 9), dtype=np.uint8))
-    with pytest.raises(ValueError, match="expected uint8 8x8"):
-        cache.put(SHA_A, np.zeros((8, 8), dtype=np.float32))
-    with pytest.raises(ValueError, match="kind"):
-        PreprocessCache(tmp_path, 8, kind="depth")  # type: ignore[arg-type]
-
-
-def test_unwritable_cache_warns_once_and_goes_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("not a folder", encoding="utf-8")
-    cache = PreprocessCache(blocker, 8)
-    pixels = _noise(8, 8)
-    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.loading"):
-        np.testing.assert_array_equal(cache.get_or_load(SHA_A, lambda: pixels), pixels)
-        np.testing.assert_array_equal(cache.get_or_load(SHA_B, lambda: pixels), pixels)
-    assert caplog.text.count("cannot write") == 1
-
-
-def test_concurrent_writers_of_one_key(tmp_path: Path) -> None:
-    cache = PreprocessCache(tmp_path, 64)
-    pixels = _noise(64, 64, seed=9)
-
-    def write(_: int) -> np.ndarray | None:
-        cache.put(SHA_A, pixels)
-        return cache.get(SHA_A)
-
-    with ThreadPoolExecutor(8) as pool:
-        seen = list(pool.map(write, range(64)))
-    for got in seen:
-        assert got is not None
-        np.testing.assert_array_equal(got, pixels)
-    assert [p.name for p in cache.path(SHA_A).parent.iterdir()] == [f"{SHA_A}.u8"]
-
-
-def test_failed_write_leaves_no_temporary_file(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    cache = PreprocessCache(tmp_path, 8)
-    cache.path(SHA_A).mkdir(parents=True)  # the rename onto a folder fails
-    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.loading"):
-        cache.put(SHA_A, _noise(8, 8))
-    assert "cannot write" in caplog.text
-    assert [p.name for p in cache.path(SHA_A).parent.iterdir()] == [f"{SHA_A}.u8"]
-    assert cache.path(SHA_A).is_dir()
-
-
-def test_short_write_is_not_renamed_into_place(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A write that stores fewer bytes than the file needs (a full disk) leaves no file,
-    neither under the key nor as a temporary one."""
-    cache = PreprocessCache(tmp_path, 8)
-    real_writev = loading.os.writev
-    monkeypatch.setattr(loading.os, "writev", lambda fd, parts: real_writev(fd, parts[:1]))
-    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.loading"):
-        cache.put(SHA_A, _noise(8, 8))
-    assert "short write (16 of 80 bytes)" in caplog.text
-    assert list(cache.path(SHA_A).parent.iterdir()) == []
-    assert cache.get(SHA_A) is None
-
-
-def test_cache_deleted_while_in_use_is_made_again(tmp_path: Path) -> None:
-    cache = PreprocessCache(tmp_path / "cache", 8)
-    cache.put(SHA_A, _noise(8, 8, seed=1))
-    shutil.rmtree(tmp_path / "cache")
-    pixels = _noise(8, 8, seed=2)
-    cache.put(SHA_A, pixels)
-    cache.put(SHA_B, pixels)
-    for sha in (SHA_A, SHA_B):
-        got = cache.get(sha)
-        assert got is not None
-        np.testing.assert_array_equal(got, pixels)
+# -- the cache folder -------------------------------------------------------------------
 
 
 def test_resolve_cache_dir(tmp_path: Path, _isolated_data_dir: Path) -> None:
@@ -619,12 +470,6 @@ def test_resolve_cache_dir(tmp_path: Path, _isolated_data_dir: Path) -> None:
     assert resolve_cache_dir(tmp_path / "c") == tmp_path / "c"
     assert resolve_cache_dir(str(tmp_path)) == tmp_path
     assert repr(DEFAULT_CACHE_DIR) == "DEFAULT_CACHE_DIR"
-
-
-def test_cache_repr_and_folder(tmp_path: Path) -> None:
-    cache = PreprocessCache(tmp_path, 16, "pad", kind="mask")
-    assert cache.folder == tmp_path / f"v{CACHE_VERSION}-16-pad-mask"
-    assert str(cache.folder) in repr(cache)
 
 
 # -- filling the cache ahead -----------------------------------------------------------
@@ -667,7 +512,11 @@ def test_fill_cache_decodes_each_file_once(tmp_path: Path) -> None:
     cached_mask = masks.get(first.mask_sha256)
     assert cached_mask is not None
     assert set(np.unique(cached_mask)) == {0, 1}
-    images.path(first.image_sha256).write_bytes(b"broken")
+    for pack in images.packs():  # damage the first image's record: it is decoded again
+        data = pack.read_bytes()
+        at = data.find(bytes.fromhex(first.image_sha256))
+        if at >= 0:
+            pack.write_bytes(data[: at - 8] + b"X" + data[at - 7 :])
     assert fill_cache(samples, size=24) == 1
     assert fill_cache(samples, size=32, crop="pad", masks=False, cache_dir=tmp_path / "c") == 3
 

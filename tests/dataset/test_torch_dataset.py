@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from conftest import encode, upstream_row, write_metadata, xray_like
-from covidcxr.dataset import loading
+from covidcxr.dataset.cache import CACHE_VERSION
 from covidcxr.dataset.loading import load_image, load_mask, normalise
 from covidcxr.dataset.samples import Sample, SampleSet, Selection, build_samples
 from covidcxr.dataset.tasks import get_task
@@ -367,7 +367,7 @@ def test_second_pass_reads_the_cache_only(
         assert torch.equal(a["img"], c["img"])
     assert dataset.cache_dir is not None
     folders = sorted(p.name for p in dataset.cache_dir.iterdir())
-    version = loading.CACHE_VERSION
+    version = CACHE_VERSION
     assert folders == [f"v{version}-{SIZE}-center", f"v{version}-{SIZE}-center-mask"]
 
 

@@ -23,8 +23,8 @@ from typing import Any, Final
 
 from covidcxr.cli.collection import add_store_options, store_from
 from covidcxr.cli.output import positive_int, write_rows
+from covidcxr.dataset.cache import CACHE_VERSION
 from covidcxr.dataset.loading import (
-    CACHE_VERSION,
     DEFAULT_CACHE_DIR,
     fill_cache,
     resolve_cache_dir,

@@ -26,10 +26,11 @@ work per image is kept to what the output needs:
   (tested on every colour), so the crop and resize after them are too. Other PNGs (16
   bits, palettes, fewer than 8 bits) keep Pillow's decoder. ``benchmarks/decode.py``
   prints the CPU time per file of each decoder.
-- **No decoding after the first epoch.** :class:`PreprocessCache` keeps each result as
-  raw ``uint8`` bytes keyed by the image's sha256 and the output size and crop;
-  :func:`fill_cache` fills it ahead, on every CPU, so that even the first epoch
-  decodes nothing.
+- **No decoding after the first epoch.**
+  :class:`~covidcxr.dataset.cache.PreprocessCache` keeps each result as raw ``uint8``
+  bytes keyed by the image's sha256 and the output size and crop, in one pack file per
+  writing process (no file per image); :func:`fill_cache` fills it ahead, on every CPU,
+  so that even the first epoch decodes nothing.
 
 Measured figures are in ``benchmarks/loader.py``'s output (first pass, cached passes,
 torchxrayvision's ``COVID19_Dataset`` with ``XRayCenterCrop`` and ``XRayResizer`` on
@@ -42,14 +43,11 @@ them directly (PNG and JPEG only). Nothing here imports torch.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
 import os
-import re
 import struct
-import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +61,7 @@ from numpy.typing import NDArray
 from PIL import Image, UnidentifiedImageError
 
 from covidcxr import config
+from covidcxr.dataset.cache import PreprocessCache
 from covidcxr.errors import ImageError
 from covidcxr.imaging.decode import to_grayscale
 
@@ -90,10 +89,6 @@ _BILINEAR_SUPPORT: Final = 1.0
 #: the same correlation with torchxrayvision's output.
 REDUCING_GAP: Final = 1.5
 
-#: Version of the cached pixels (filter, rounding, file layout). Part of the cache
-#: folder's name, so that a change never reads stale files.
-CACHE_VERSION: Final = 2
-
 _FORMATS: Final = ("PNG", "JPEG")
 _PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 #: Signature, IHDR length and type, then its 13 bytes: width, height, bit depth, colour
@@ -101,10 +96,6 @@ _PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
 _PNG_HEADER_BYTES: Final = 29
 #: PNG colour types decoded without Pillow when 8-bit, and the Pillow mode of their pixels.
 _PLAIN_PNG_MODES: Final = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
-_CACHE_MAGIC: Final = b"CXRPIX01"
-_WRITE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-_HEADER_BYTES: Final = 16
-_SHA256: Final = re.compile("[0-9a-f]{64}")
 
 
 def _native_unfilter() -> Callable[..., None] | None:
@@ -630,142 +621,6 @@ def normalise(pixels: NDArray[np.uint8]) -> NDArray[np.float32]:
     scaled -= np.float32(1)
     scaled *= np.float32(1024)
     return scaled
-
-
-class PreprocessCache:
-    """Preprocessed pixels on disk, keyed by the source's sha256, size, crop and kind.
-
-    Layout: ``<root>/v<CACHE_VERSION>-<size>-<crop>[-mask]/<sha[:2]>/<sha>.u8``. Each
-    file holds a 16-byte header (magic and shape) and the ``size x size`` ``uint8``
-    pixels. Files are written to a temporary name and renamed, so several DataLoader
-    workers (or processes) can fill the same cache at once: a reader sees no file or a
-    whole one. A file with the wrong length or header (a crash on a file system that
-    does not order data before renames, a stray edit) is treated as missing and
-    rebuilt. The cache holds nothing else and can be deleted at any time.
-
-    Attributes:
-        root: the cache root (several sizes and crops share it).
-        size: the output side in pixels.
-        crop: the crop (see :func:`load_image`).
-        kind: ``image`` or ``mask``.
-        folder: where this size/crop/kind's files are.
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        size: int,
-        crop: Crop = "center",
-        *,
-        kind: Literal["image", "mask"] = "image",
-    ) -> None:
-        """Use ``root`` for files of ``size x size`` pixels cut with ``crop``.
-
-        Raises:
-            ValueError: ``size``, ``crop`` or ``kind`` is not valid.
-        """
-        check_request("PreprocessCache", size, crop)
-        if kind not in ("image", "mask"):
-            raise ValueError(f"PreprocessCache: kind {kind!r} is not 'image' or 'mask'")
-        self.root = Path(root)
-        self.size = size
-        self.crop: Crop = crop
-        self.kind = kind
-        suffix = "-mask" if kind == "mask" else ""
-        self.folder = self.root / f"v{CACHE_VERSION}-{size}-{crop}{suffix}"
-        self._header = _CACHE_MAGIC + struct.pack("<II", size, size)
-        self._folder_text = str(self.folder)
-        self._file_bytes = _HEADER_BYTES + size * size
-        self._write_failed = False
-
-    def __repr__(self) -> str:
-        return f"PreprocessCache({str(self.folder)!r})"
-
-    def path(self, sha256: str) -> Path:
-        """The file for the source whose bytes hash to ``sha256``.
-
-        Raises:
-            ValueError: ``sha256`` is not a lowercase hex sha256.
-        """
-        return Path(self._file(sha256))
-
-    def _file(self, sha256: str) -> str:
-        # Plain strings: this runs for every sample of every epoch.
-        if _SHA256.fullmatch(sha256) is None:
-            raise ValueError(f"PreprocessCache.path: {sha256!r} is not a lowercase hex sha256")
-        return f"{self._folder_text}{os.sep}{sha256[:2]}{os.sep}{sha256}.u8"
-
-    def get(self, sha256: str) -> NDArray[np.uint8] | None:
-        """The cached pixels, or ``None`` when absent, short or corrupt."""
-        path = self._file(sha256)
-        try:
-            raw = np.fromfile(path, dtype=np.uint8)
-        except (FileNotFoundError, IsADirectoryError):
-            return None
-        except OSError as exc:
-            logger.warning("PreprocessCache: cannot read %s (%s); rebuilding it", path, exc)
-            return None
-        if raw.size != self._file_bytes or raw[:_HEADER_BYTES].tobytes() != self._header:
-            logger.warning(
-                "PreprocessCache: %s is corrupt (%d bytes, expected %d); rebuilding it",
-                path,
-                raw.size,
-                self._file_bytes,
-            )
-            return None
-        return raw[_HEADER_BYTES:].reshape(self.size, self.size)
-
-    def put(self, sha256: str, pixels: NDArray[np.uint8]) -> None:
-        """Store pixels atomically; a cache that cannot be written is logged, not raised.
-
-        Raises:
-            ValueError: ``pixels`` is not a ``size x size`` ``uint8`` array.
-        """
-        if pixels.dtype != np.uint8 or pixels.shape != (self.size, self.size):
-            raise ValueError(
-                f"PreprocessCache.put: expected uint8 {self.size}x{self.size} pixels, got "
-                f"{pixels.dtype} {pixels.shape}"
-            )
-        path = self._file(sha256)
-        # What covidcxr.atomic.atomic_output does, in fewer system calls and no copy of the
-        # pixels (this runs once per image of a first epoch): a temporary name of this
-        # process and thread, a folder made only when missing, one write, a rename.
-        folder = path[: path.rindex(os.sep)]
-        temporary = f"{folder}{os.sep}.{sha256}.{os.getpid()}-{threading.get_ident()}.tmp"
-        pixels = np.ascontiguousarray(pixels)
-        try:
-            try:
-                descriptor = os.open(temporary, _WRITE_FLAGS, 0o644)
-            except FileNotFoundError:  # the first file of its folder
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                descriptor = os.open(temporary, _WRITE_FLAGS, 0o644)
-            try:
-                written = os.writev(descriptor, [self._header, pixels.data])
-            finally:
-                os.close(descriptor)
-            if written != self._file_bytes:
-                raise OSError(f"short write ({written} of {self._file_bytes} bytes)")
-            os.replace(temporary, path)  # noqa: PTH105 - strings: no Path per image
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                Path(temporary).unlink()
-            if not self._write_failed:
-                self._write_failed = True
-                logger.warning(
-                    "PreprocessCache: cannot write %s (%s); going on without caching "
-                    "(pass cache_dir=None to switch the cache off)",
-                    path,
-                    exc,
-                )
-
-    def get_or_load(self, sha256: str, load: Callable[[], NDArray[np.uint8]]) -> NDArray[np.uint8]:
-        """The cached pixels, or ``load()``'s result, stored for next time."""
-        cached = self.get(sha256)
-        if cached is not None:
-            return cached
-        pixels = load()
-        self.put(sha256, pixels)
-        return pixels
 
 
 def available_cpus() -> int:

@@ -42,11 +42,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from covidcxr.dataset.cache import PreprocessCache
 from covidcxr.dataset.loading import (
     DEFAULT_CACHE_DIR,
     CacheDir,
     Crop,
-    PreprocessCache,
     available_cpus,
     check_request,
     load_image,

@@ -36,7 +36,7 @@ training mean for severity.
 
 Nothing here imports torch (only :func:`training_fit` does, when called): images are
 read from the preprocessed-pixel cache
-(:class:`covidcxr.dataset.loading.PreprocessCache`, the same files the torch Dataset
+(:class:`covidcxr.dataset.cache.PreprocessCache`, the same files the torch Dataset
 and training use) or decoded from the blobs when absent, so an evaluation can run from
 a store's database plus its cache folder alone (``<data dir>/covidcxr.sqlite`` and
 ``<data dir>/cache/v<CACHE_VERSION>-<size>-center`` and ``...-center-mask``).
@@ -62,11 +62,11 @@ from numpy.typing import NDArray
 
 from covidcxr import RESEARCH_USE_ONLY, __version__
 from covidcxr.atomic import atomic_output
+from covidcxr.dataset.cache import PreprocessCache
 from covidcxr.dataset.loading import (
     DEFAULT_CACHE_DIR,
     CacheDir,
     Crop,
-    PreprocessCache,
     load_image,
     load_mask,
     normalise,

@@ -1,0 +1,306 @@
+"""The on-disk cache of preprocessed pixels: pack files of fixed-size records.
+
+A first epoch decodes every image once and stores the result here, keyed by the
+source's sha256, the output size, the crop and the kind (image or lung mask); later
+epochs read the pixels back and decode nothing.
+
+Each process that writes appends to a pack file of its own, so nothing is locked
+between processes (DataLoader workers, :func:`~covidcxr.dataset.loading.fill_cache`'s
+threads, several training runs) and a first epoch creates one file per process, not one
+per image: creating thousands of small files was an eighth of a first epoch's CPU time
+on ext4, and up to five times more in a folder where many files had just been deleted
+(the kernel checks every recently deleted inode it passes when it allocates one).
+
+Layout: ``<root>/v<CACHE_VERSION>-<size>-<crop>[-mask]/<pid>-<random>.pack``. A pack is
+a sequence of records of ``48 + size * size`` bytes: the magic ``CXRPACK3``, the
+source's sha256 (32 bytes), the height and the width (little-endian ``uint32``), then
+the ``uint8`` pixels row by row. Records are whole or ignored: a reader counts only the
+records the file's length covers, checks each record's header before it uses it, and a
+writer whose write came out short (a full disk) abandons its pack, so that no record
+ever follows a torn one. Nothing else is kept: the cache can be deleted at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import struct
+import threading
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+logger = logging.getLogger(__name__)
+
+#: Version of the cached pixels (filter, rounding, file layout). Part of the cache
+#: folder's name, so that a change never reads stale files.
+CACHE_VERSION: Final = 3
+
+_MAGIC: Final = b"CXRPACK3"
+#: magic, sha256 digest, height, width
+_RECORD_HEADER: Final = struct.Struct("<8s32sII")
+_PACK_SUFFIX: Final = ".pack"
+_SHA256: Final = re.compile("[0-9a-f]{64}")
+_OPEN_FLAGS: Final = getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass
+class _Pack:
+    """A pack file this process reads (and, for its own, writes)."""
+
+    name: str
+    descriptor: int
+    scanned: int  # bytes of whole records already in the index
+
+
+# Every live cache, so that a forked child drops the locks and the packs that belong to
+# its parent (a lock held by another thread at the fork would never be released).
+_live_caches: weakref.WeakSet[PreprocessCache] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for cache in list(_live_caches):
+        cache._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class PreprocessCache:
+    """Preprocessed pixels on disk, keyed by the source's sha256, size, crop and kind.
+
+    Safe to use from several threads and several processes at once (see the module's
+    docstring for the layout). A record that is short or whose header does not match is
+    treated as missing and written again; a cache that cannot be written is logged once
+    and otherwise ignored.
+
+    Attributes:
+        root: the cache root (several sizes and crops share it).
+        size: the output side in pixels.
+        crop: the crop (see :func:`~covidcxr.dataset.loading.load_image`).
+        kind: ``image`` or ``mask``.
+        folder: where this size/crop/kind's pack files are.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        size: int,
+        crop: Literal["center", "pad"] = "center",
+        *,
+        kind: Literal["image", "mask"] = "image",
+    ) -> None:
+        """Use ``root`` for pixels of ``size x size`` cut with ``crop``.
+
+        Raises:
+            ValueError: ``size``, ``crop`` or ``kind`` is not valid.
+        """
+        from covidcxr.dataset.loading import check_request  # loading imports this module
+
+        check_request("PreprocessCache", size, crop)
+        if kind not in ("image", "mask"):
+            raise ValueError(f"PreprocessCache: kind {kind!r} is not 'image' or 'mask'")
+        self._setup(Path(root), size, crop, kind)
+
+    def _setup(
+        self, root: Path, size: int, crop: Literal["center", "pad"], kind: Literal["image", "mask"]
+    ) -> None:
+        self.root = root
+        self.size = size
+        self.crop: Literal["center", "pad"] = crop
+        self.kind: Literal["image", "mask"] = kind
+        suffix = "-mask" if kind == "mask" else ""
+        self.folder = root / f"v{CACHE_VERSION}-{size}-{crop}{suffix}"
+        self._folder_text = str(self.folder)
+        self._record_bytes = _RECORD_HEADER.size + size * size
+        self._reset()
+        _live_caches.add(self)
+
+    def _reset(self) -> None:
+        """No pack open, nothing indexed (a new cache, or the folder was deleted)."""
+        self._lock = threading.Lock()
+        self._index: dict[bytes, tuple[_Pack, int]] = {}  # sha256 digest -> pack, offset
+        self._packs: dict[str, _Pack] = {}
+        self._writer: _Pack | None = None
+        self._write_failed = False
+
+    def _forked(self) -> None:
+        # The parent's descriptors stay valid for reading (pread has no shared offset),
+        # but its pack is its own to append to.
+        self._lock = threading.Lock()
+        self._writer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # DataLoader workers started with "spawn" get a pickled copy: what identifies the
+        # cache, not this process's descriptors.
+        return {"root": self.root, "size": self.size, "crop": self.crop, "kind": self.kind}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._setup(state["root"], state["size"], state["crop"], state["kind"])
+
+    def __del__(self) -> None:
+        if hasattr(self, "_packs"):
+            self._close()
+
+    def _close(self) -> None:
+        for pack in self._packs.values():
+            with contextlib.suppress(OSError):
+                os.close(pack.descriptor)
+
+    def __repr__(self) -> str:
+        return f"PreprocessCache({self._folder_text!r})"
+
+    def packs(self) -> list[Path]:
+        """The pack files now in the folder (none when nothing was cached yet)."""
+        try:
+            names = sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(_PACK_SUFFIX))
+        except FileNotFoundError:
+            return []
+        return [self.folder / name for name in names]
+
+    def get(self, sha256: str) -> NDArray[np.uint8] | None:
+        """The cached pixels, or ``None`` when absent, short or corrupt."""
+        digest = _digest(sha256, "get")
+        with self._lock:
+            found = self._index.get(digest)
+            if found is None:
+                self._refresh()
+                found = self._index.get(digest)
+            if found is None:
+                return None
+        pack, offset = found
+        record = np.empty(self._record_bytes, dtype=np.uint8)
+        try:
+            read = os.preadv(pack.descriptor, [record.data], offset)
+        except OSError as exc:
+            logger.warning("PreprocessCache: cannot read %s (%s); rebuilding", pack.name, exc)
+            read = -1
+        header = record[: _RECORD_HEADER.size].tobytes()
+        if read != self._record_bytes or header != self._header(digest):
+            if read >= 0:
+                logger.warning(
+                    "PreprocessCache: the record of %s in %s is corrupt; rebuilding it",
+                    sha256,
+                    pack.name,
+                )
+            with self._lock:
+                if self._index.get(digest) == found:
+                    del self._index[digest]
+            return None
+        return record[_RECORD_HEADER.size :].reshape(self.size, self.size)
+
+    def put(self, sha256: str, pixels: NDArray[np.uint8]) -> None:
+        """Append the pixels to this process's pack, unless the cache has them already.
+
+        Raises:
+            ValueError: ``sha256`` is not a lowercase hex sha256, or ``pixels`` is not a
+                ``size x size`` ``uint8`` array.
+        """
+        digest = _digest(sha256, "put")
+        if pixels.dtype != np.uint8 or pixels.shape != (self.size, self.size):
+            raise ValueError(
+                f"PreprocessCache.put: expected uint8 {self.size}x{self.size} pixels, got "
+                f"{pixels.dtype} {pixels.shape}"
+            )
+        pixels = np.ascontiguousarray(pixels)
+        with self._lock:
+            if digest in self._index:
+                return
+            try:
+                writer = self._writer or self._open_writer()
+                offset = writer.scanned
+                written = os.pwritev(writer.descriptor, [self._header(digest), pixels.data], offset)
+                if written != self._record_bytes:
+                    # Nothing may follow a torn record: the next put starts a new pack.
+                    self._writer = None
+                    raise OSError(f"short write ({written} of {self._record_bytes} bytes)")
+                writer.scanned = offset + written
+                self._index[digest] = (writer, offset)
+            except OSError as exc:
+                if not self._write_failed:
+                    self._write_failed = True
+                    logger.warning(
+                        "PreprocessCache: cannot write to %s (%s); going on without caching "
+                        "(pass cache_dir=None to switch the cache off)",
+                        self._folder_text,
+                        exc,
+                    )
+
+    def get_or_load(self, sha256: str, load: Callable[[], NDArray[np.uint8]]) -> NDArray[np.uint8]:
+        """The cached pixels, or ``load()``'s result, stored for next time."""
+        cached = self.get(sha256)
+        if cached is not None:
+            return cached
+        pixels = load()
+        self.put(sha256, pixels)
+        return pixels
+
+    # -- under the lock ---------------------------------------------------------------
+
+    def _header(self, digest: bytes) -> bytes:
+        return _RECORD_HEADER.pack(_MAGIC, digest, self.size, self.size)
+
+    def _open_writer(self) -> _Pack:
+        """A new pack of this process's own, created empty."""
+        os.makedirs(self._folder_text, exist_ok=True)  # noqa: PTH103 - strings here
+        name = f"{os.getpid()}-{secrets.token_hex(6)}{_PACK_SUFFIX}"
+        descriptor = os.open(
+            f"{self._folder_text}{os.sep}{name}",
+            os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
+            0o644,
+        )
+        pack = self._packs[name] = self._writer = _Pack(name, descriptor, 0)
+        return pack
+
+    def _refresh(self) -> None:
+        """Index the records that other processes (or caches) appended since last time."""
+        try:
+            entries = [e.name for e in os.scandir(self._folder_text)]
+        except FileNotFoundError:
+            if self._packs:  # the cache was deleted: start again from nothing
+                self._close()
+                self._reset()
+            return
+        except OSError as exc:
+            logger.warning("PreprocessCache: cannot list %s (%s)", self._folder_text, exc)
+            return
+        for name in entries:
+            if name.endswith(_PACK_SUFFIX) and name not in self._packs:
+                try:
+                    descriptor = os.open(
+                        f"{self._folder_text}{os.sep}{name}", os.O_RDONLY | _OPEN_FLAGS
+                    )
+                except OSError:
+                    continue  # deleted since the listing, or not readable: skip it
+                self._packs[name] = _Pack(name, descriptor, 0)
+        step = self._record_bytes
+        for pack in self._packs.values():
+            if pack is self._writer:
+                continue  # indexed as it is written
+            try:
+                whole = os.fstat(pack.descriptor).st_size // step * step
+            except OSError:
+                continue
+            for offset in range(pack.scanned, whole, step):
+                header = os.pread(pack.descriptor, _RECORD_HEADER.size, offset)
+                if len(header) < _RECORD_HEADER.size:
+                    break
+                magic, digest, height, width = _RECORD_HEADER.unpack(header)
+                if magic == _MAGIC and height == width == self.size:
+                    self._index.setdefault(digest, (pack, offset))
+            pack.scanned = max(pack.scanned, whole)
+
+
+def _digest(sha256: str, function: str) -> bytes:
+    if not isinstance(sha256, str) or _SHA256.fullmatch(sha256) is None:
+        raise ValueError(f"PreprocessCache.{function}: {sha256!r} is not a lowercase hex sha256")
+    return bytes.fromhex(sha256)
