@@ -124,6 +124,30 @@ def test_unfilter_inverts_each_filter(bpp: int, width: int, kind: int | None, si
 
 
 @native
+@pytest.mark.parametrize("bpp", [3, 4])
+@pytest.mark.parametrize("width", [1, 2, 3, 17, 64])
+@pytest.mark.parametrize("grey", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_of_paeth_rows_two_at_a_time(bpp: int, width: int, grey: bool, seed: int) -> None:
+    """Consecutive Paeth rows (reconstructed in pairs with SSE2) amid other filters, runs
+    of odd and even length, the first and the last row included: the same pixels as the
+    plain C path and as the rows that were filtered."""
+    rng = np.random.default_rng(seed)
+    height = 23
+    filters = [PAETH if rng.random() < 0.7 else int(rng.integers(0, 4)) for _ in range(height)]
+    filters[:2] = [PAETH, PAETH] if seed % 2 else [PAETH, SUB]
+    filters[-2:] = [PAETH, PAETH]
+    pixels = _pixels(height, width, bpp, seed=seed)
+    filtered = _filter_rows(pixels.reshape(height, -1), filters, bpp)
+    shape = (height, width) if grey else (height, width * bpp)
+    expected = grey_levels(Image.fromarray(pixels, MODES[bpp])) if grey else pixels.reshape(shape)
+    for simd in (True, False):
+        out = np.full(shape, 0xAB, dtype=np.uint8)
+        _unfilter()(filtered, out, height, width * bpp, bpp, simd=simd, grey=grey)
+        np.testing.assert_array_equal(out, expected)
+
+
+@native
 def test_sse2_paths_exist_on_x86_64() -> None:
     from covidcxr.dataset import _pngfilter
 
