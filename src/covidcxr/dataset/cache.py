@@ -7,8 +7,8 @@ epochs read the pixels back and decode nothing.
 Each process that writes appends to a pack file of its own, so nothing is locked
 between processes (DataLoader workers, :func:`~covidcxr.dataset.loading.fill_cache`'s
 threads, several training runs) and a first epoch creates one file per process, not one
-per image: creating thousands of small files was an eighth of a first epoch's CPU time
-on ext4, and up to five times more in a folder where many files had just been deleted
+per image: creating a file and a folder per image cost a first epoch 10-15% of its
+throughput on ext4, and several times more where many files had just been deleted
 (the kernel checks every recently deleted inode it passes when it allocates one).
 
 Layout: ``<root>/v<CACHE_VERSION>-<size>-<crop>[-mask]/<pid>-<random>.pack``. A pack is
@@ -122,12 +122,12 @@ class PreprocessCache:
         self.folder = root / f"v{CACHE_VERSION}-{size}-{crop}{suffix}"
         self._folder_text = str(self.folder)
         self._record_bytes = _RECORD_HEADER.size + size * size
+        self._lock = threading.Lock()
         self._reset()
         _live_caches.add(self)
 
     def _reset(self) -> None:
         """No pack open, nothing indexed (a new cache, or the folder was deleted)."""
-        self._lock = threading.Lock()
         self._index: dict[bytes, tuple[_Pack, int]] = {}  # sha256 digest -> pack, offset
         self._packs: dict[str, _Pack] = {}
         self._writer: _Pack | None = None
