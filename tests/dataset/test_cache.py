@@ -76,6 +76,19 @@ def test_one_pack_per_process_not_one_file_per_image(tmp_path: Path) -> None:
         np.testing.assert_array_equal(reader.get(f"{i:064x}"), _noise(8, seed=i))
 
 
+def test_indexed_says_what_this_cache_knows_without_reading(tmp_path: Path) -> None:
+    writer = PreprocessCache(tmp_path, 8)
+    reader = PreprocessCache(tmp_path, 8)
+    assert not writer.indexed(SHA_A)
+    writer.put(SHA_A, _noise(8))
+    assert writer.indexed(SHA_A)
+    assert not reader.indexed(SHA_A)  # on disk, but this cache has not looked
+    assert reader.get(SHA_A) is not None
+    assert reader.indexed(SHA_A)
+    with pytest.raises(ValueError, match="not a lowercase hex sha256"):
+        reader.indexed("x")
+
+
 def test_key_has_size_crop_and_kind(tmp_path: Path) -> None:
     folders = {
         PreprocessCache(tmp_path, 24).folder,

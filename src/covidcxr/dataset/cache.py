@@ -167,6 +167,12 @@ class PreprocessCache:
             return []
         return [self.folder / name for name in names]
 
+    def indexed(self, sha256: str) -> bool:
+        """Whether this cache already knows of a record of ``sha256`` (no disk access:
+        False may still find one on disk)."""
+        with self._lock:
+            return _digest(sha256, "indexed") in self._index
+
     def get(self, sha256: str) -> NDArray[np.uint8] | None:
         """The cached pixels, or ``None`` when absent, short or corrupt."""
         digest = _digest(sha256, "get")

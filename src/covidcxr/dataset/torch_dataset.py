@@ -93,6 +93,55 @@ def _thread_pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
+class _ReadAhead:
+    """Decodes started for the batch that sequential access will ask for next.
+
+    When a batch's indices run on from the previous batch's (a DataLoader without
+    shuffling: evaluation, inference), the images of the batch after it are queued on
+    the decode threads behind the current batch's, so that they decode while the
+    current batch is collated and used (images the cache is known to hold are left to
+    be read when asked for); any other order reads nothing ahead. A fork
+    (DataLoader workers) or a pickle starts from nothing: the futures belong to the
+    threads of the process that made them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._expected: int | None = None  # the index a sequential next batch starts at
+        self._futures: dict[tuple[str, str], Future[NDArray[np.uint8]]] = {}
+
+    def take(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], Future[Any]]:
+        """The decodes already started for ``keys``; the others are given up."""
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._expected, self._futures = os.getpid(), None, {}
+            taken = {key: self._futures.pop(key) for key in keys if key in self._futures}
+            for future in self._futures.values():
+                future.cancel()  # not started yet: never will be (running ones finish)
+            self._futures = {}
+            return taken
+
+    def next_batch(self, indices: Sequence[int], length: int) -> range:
+        """The indices to read ahead after a batch of ``indices`` (empty unless the
+        batch runs on from the one before)."""
+        start = operator.index(indices[0]) if len(indices) else -1
+        consecutive = start >= 0 and all(
+            operator.index(index) == start + i for i, index in enumerate(indices)
+        )
+        with self._lock:
+            sequential = consecutive and start == self._expected
+            self._expected = start + len(indices) if consecutive else None
+        if not sequential:
+            return range(0)
+        end = start + len(indices)
+        return range(end, min(end + len(indices), length))
+
+    def add(self, key: tuple[str, str], future: Future[NDArray[np.uint8]]) -> None:
+        with self._lock:
+            self._futures[key] = future
+
+
 @dataclass(frozen=True)
 class _Strings:
     """A string column: per sample a code into the distinct values (-1 = unknown).
@@ -312,6 +361,7 @@ class CollectionDataset(Dataset[dict[str, Any]]):
             if self.cache_dir is None
             else PreprocessCache(self.cache_dir, size, crop, kind="mask")
         )
+        self._read_ahead = _ReadAhead()
 
         n_labels = len(self.pathologies)
         self.labels: NDArray[np.float32] = np.array(
@@ -393,6 +443,11 @@ class CollectionDataset(Dataset[dict[str, Any]]):
     def _cache(self, kind: str) -> PreprocessCache | None:
         return self._image_cache if kind == "image" else self._mask_cache
 
+    def _indexed(self, key: tuple[str, str]) -> bool:
+        """Whether the cache is known to hold an image or mask (reading it is cheap)."""
+        cache = self._cache(key[0])
+        return cache is not None and cache.indexed(key[1])
+
     def _pixels(self, key: tuple[str, str]) -> NDArray[np.uint8]:
         """An image's or mask's pixels, from the cache where it holds them."""
         cache = self._cache(key[0])
@@ -420,35 +475,45 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         """A batch of items; images missing from the cache are decoded in parallel.
 
         Used by DataLoader (and ``torch.utils.data.Subset``) instead of one
-        ``__getitem__`` per index. Pillow releases the GIL while decoding and resizing,
-        so threads use the CPUs the main process would otherwise leave idle. The items
-        (and every random draw of the transforms) come in index order, exactly as with
-        ``__getitem__``.
+        ``__getitem__`` per index. Pillow and covidcxr's extensions release the GIL while
+        decoding and resizing, so threads use the CPUs the main process would otherwise
+        leave idle; when the batches come in order (no shuffling), the next batch's
+        images are decoded meanwhile (:class:`_ReadAhead`). The items (and every random
+        draw of the transforms) come in index order, exactly as with ``__getitem__``.
         """
         positions = [self._position(i) for i in indices]
+        keys = self._keys(positions)
+        decoding = self._read_ahead.take(keys)
         wanted: dict[tuple[str, str], NDArray[np.uint8] | None] = {}
-        for position in positions:
-            wanted[("image", self._image_sha[position].decode("ascii"))] = None
-            if self.masks and self._mask_sha[position]:
-                wanted[("mask", self._mask_sha[position].decode("ascii"))] = None
-        for kind, sha in wanted:
+        for kind, sha in keys:
             cache = self._cache(kind)
-            wanted[kind, sha] = None if cache is None else cache.get(sha)
+            if (kind, sha) not in decoding:
+                wanted[kind, sha] = None if cache is None else cache.get(sha)
         missing = [key for key, pixels in wanted.items() if pixels is None]
         threads = self._threads()
-        decoding: dict[tuple[str, str], Future[NDArray[np.uint8]]] = {}
-        if len(missing) > 1 and threads > 1:
+        ahead: list[tuple[str, str]] = []
+        if threads > 1:
+            following = self._read_ahead.next_batch(indices, len(self))
+            ahead = [
+                key
+                for key in self._keys([self._position(i) for i in following])
+                if key not in decoding and key not in wanted and not self._indexed(key)
+            ]
+        if threads > 1 and (len(missing) + len(decoding) > 1 or ahead):
             # Largest files first: a batch is done when its last decode is, and a big
             # file started last would leave the other threads idle while it decodes.
+            # The next batch's queue behind this one's.
             pool = _thread_pool(threads)
             for key in sorted(missing, key=self._file_size, reverse=True):
                 decoding[key] = pool.submit(self._decode_and_store, key)
+            for key in sorted(ahead, key=self._file_size, reverse=True):
+                self._read_ahead.add(key, pool.submit(self._pixels, key))
         else:
             for key in missing:
                 wanted[key] = self._decode_and_store(key)
 
         def pixels(key: tuple[str, str]) -> NDArray[np.uint8]:
-            found = wanted[key]
+            found = wanted.get(key)
             if found is None:  # items are made while later images still decode
                 found = wanted[key] = decoding[key].result()
             return found
@@ -461,6 +526,24 @@ class CollectionDataset(Dataset[dict[str, Any]]):
                 mask = pixels(("mask", self._mask_sha[position].decode("ascii")))
             items.append(self._item(position, image, mask))
         return items
+
+    def _keys(self, positions: Sequence[int]) -> list[tuple[str, str]]:
+        """The images (and masks) of these positions, each once, in order."""
+        keys: dict[tuple[str, str], None] = {}
+        for position in positions:
+            keys["image", self._image_sha[position].decode("ascii")] = None
+            if self.masks and self._mask_sha[position]:
+                keys["mask", self._mask_sha[position].decode("ascii")] = None
+        return list(keys)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_read_ahead"]  # futures and a lock of this process's threads
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._read_ahead = _ReadAhead()
 
     def _file_size(self, key: tuple[str, str]) -> int:
         """A blob's size in bytes (0 where it is missing: loading it says why)."""
