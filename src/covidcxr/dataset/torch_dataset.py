@@ -11,7 +11,8 @@ torchxrayvision's ``relabel_dataset``, ``SubsetDataset``, ``FilterDataset`` and
 ``patient``, ``image_id`` (sha256), ``record_id`` and metadata, and it is fast: pixels
 are decoded once (reduced JPEG decoding, one resize, see
 :mod:`covidcxr.dataset.loading`) and then read from an on-disk cache; batches fetched
-by a DataLoader in the main process decode their uncached images on several threads.
+by a DataLoader in the main process decode their uncached images on several threads,
+and batches that come in order have the next batch decoded while they are used.
 
 The per-sample data is held in numpy arrays (a few hundred bytes per sample), not in
 Python objects, so memory stays small as the collection grows and DataLoader workers do
