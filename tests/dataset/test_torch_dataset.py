@@ -378,6 +378,17 @@ def _counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return decoded
 
 
+def _uncached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[CollectionDataset, list[str]]:
+    """Twelve images, no cache, two decode threads, and the decodes as they happen."""
+    decoded = _counting_decodes(monkeypatch)
+    dataset = CollectionDataset(
+        _distinct(tmp_path, 12), size=SIZE, cache_dir=None, decode_threads=2
+    )
+    return dataset, decoded
+
+
 def _wait_for(condition: Any) -> None:
     deadline = time.monotonic() + 30
     while not condition():
@@ -432,9 +443,7 @@ def test_cached_batches_are_not_read_ahead(tmp_path: Path, monkeypatch: pytest.M
 def test_batches_out_of_order_read_nothing_ahead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    samples = _distinct(tmp_path, 12)
-    decoded = _counting_decodes(monkeypatch)
-    dataset = CollectionDataset(samples, size=SIZE, cache_dir=None, decode_threads=2)
+    dataset, decoded = _uncached(tmp_path, monkeypatch)
     for batch in ([0, 1, 2, 3], [6, 4, 5, 7], [8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 8]):
         dataset.__getitems__(batch)  # shuffled, or not running on from the one before
     time.sleep(0.2)  # what a read-ahead would have decoded by now
@@ -449,9 +458,7 @@ def test_batches_out_of_order_read_nothing_ahead(
 def test_a_file_read_ahead_that_fails_fails_only_when_asked_for(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    samples = _distinct(tmp_path, 12)
-    decoded = _counting_decodes(monkeypatch)
-    dataset = CollectionDataset(samples, size=SIZE, cache_dir=None, decode_threads=2)
+    dataset, decoded = _uncached(tmp_path, monkeypatch)
     dataset._blob(dataset.image_sha256(9)).write_bytes(b"not an image")
     dataset.__getitems__([0, 1, 2, 3])
     dataset.__getitems__([4, 5, 6, 7])  # reads 8..11 ahead, 9 among them

@@ -156,6 +156,22 @@ paeth_row_sse2(const uint8_t *in, uint8_t *out, const uint8_t *prior, size_t row
     }
 }
 
+/* One step of paeth_two_rows_sse2: the top row's pixel k and the bottom row's pixel
+   k - 1 (1 <= k < width), from `previous` (the last step's result); updates c. */
+static ALWAYS_INLINE __m128i
+paeth_pair_step(const uint8_t *in_top, const uint8_t *in_bottom, uint8_t *out_top,
+                uint8_t *out_bottom, const uint8_t *prior, size_t k, size_t bpp, int wide_top,
+                __m128i previous, __m128i *c) {
+    __m128i b = _mm_unpacklo_epi64(load_pixel(prior + k * bpp, bpp, wide_top), previous);
+    __m128i x = _mm_unpacklo_epi64(load_pixel(in_top + k * bpp, bpp, wide_top),
+                                   load_pixel(in_bottom + (k - 1) * bpp, bpp, 1));
+    previous = paeth_pixel(previous, b, *c, x);
+    store_pixel(out_top + k * bpp, previous, bpp, wide_top);
+    store_pixel(out_bottom + (k - 1) * bpp, _mm_unpackhi_epi64(previous, previous), bpp, 1);
+    *c = b;
+    return previous;
+}
+
 /* Two consecutive Paeth rows at once. Paeth's chain of dependencies (each pixel needs
    the one just reconstructed to its left) leaves most of the CPU idle on one row, but
    the row below only needs the row above up to one pixel to its left: so the low half
@@ -176,22 +192,12 @@ paeth_two_rows_sse2(const uint8_t *in_top, const uint8_t *in_bottom, uint8_t *ou
     size_t k = 1;
     /* Whole 4-byte loads and stores (see paeth_row_sse2) except at a row's last pixel. */
     for (; k + 1 < width; k++) {
-        b = _mm_unpacklo_epi64(load_pixel(prior + k * bpp, bpp, 1), previous);
-        __m128i x = _mm_unpacklo_epi64(load_pixel(in_top + k * bpp, bpp, 1),
-                                       load_pixel(in_bottom + (k - 1) * bpp, bpp, 1));
-        previous = paeth_pixel(previous, b, c, x);
-        store_pixel(out_top + k * bpp, previous, bpp, 1);
-        store_pixel(out_bottom + (k - 1) * bpp, _mm_unpackhi_epi64(previous, previous), bpp, 1);
-        c = b;
+        previous = paeth_pair_step(in_top, in_bottom, out_top, out_bottom, prior, k, bpp, 1,
+                                   previous, &c);
     }
     if (k < width) { /* the top row's last pixel */
-        b = _mm_unpacklo_epi64(load_pixel(prior + k * bpp, bpp, 0), previous);
-        __m128i x = _mm_unpacklo_epi64(load_pixel(in_top + k * bpp, bpp, 0),
-                                       load_pixel(in_bottom + (k - 1) * bpp, bpp, 1));
-        previous = paeth_pixel(previous, b, c, x);
-        store_pixel(out_top + k * bpp, previous, bpp, 0);
-        store_pixel(out_bottom + (k - 1) * bpp, _mm_unpackhi_epi64(previous, previous), bpp, 1);
-        c = b;
+        previous = paeth_pair_step(in_top, in_bottom, out_top, out_bottom, prior, k, bpp, 0,
+                                   previous, &c);
     }
     /* The bottom row's last pixel (the low half computes nothing that is kept). */
     b = _mm_unpacklo_epi64(zero, previous);
