@@ -670,6 +670,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             gc.collect()  # the last loaders' workers are joined, so their CPU time counts
             machine = _machine_share(before, _machine_counters())
             print_throughput(timings, medians, args.first_passes, machine)
+            if args.quick or args.images:
+                print(
+                    f"(a run on {timings[0].images} images: a smoke test; the goals are "
+                    "measured on every image, without --quick or --images)"
+                )
         if not args.skip_memory:
             print_memory(memory(sizes, workdir, args.workers), args.workers)
     return 0
