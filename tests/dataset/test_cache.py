@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from covidcxr.dataset.cache import CACHE_VERSION, PreprocessCache
+from covidcxr.dataset.cache import CACHE_VERSION, PreprocessCache, stale_folders
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -300,3 +300,13 @@ def test_pickled_cache_is_the_same_cache(tmp_path: Path) -> None:
     np.testing.assert_array_equal(copy.get(SHA_A), _noise(8))
     copy.put(SHA_B, _noise(8, seed=1))
     assert len(cache.packs()) == 2  # the copy writes a pack of its own
+
+
+def test_stale_folders_are_the_older_versions(tmp_path: Path) -> None:
+    PreprocessCache(tmp_path, 8).put(SHA_A, _noise(8))
+    PreprocessCache(tmp_path, 8, kind="mask").put(SHA_A, _noise(8))
+    for name in ("v2-224-center", "v1-64-pad-mask", "v2-notes", "other"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "v2-32-center").write_text("a file, not a cache folder", encoding="utf-8")
+    assert [p.name for p in stale_folders(tmp_path)] == ["v1-64-pad-mask", "v2-224-center"]
+    assert stale_folders(tmp_path / "missing") == []

@@ -650,8 +650,11 @@ def test_cli_end_to_end_with_the_real_training(
     shutil.copyfile(synthetic.database, database)
     store_options = ["--db", f"sqlite:///{database}", "--data-dir", str(data_dir)]
     prepare = ["evaluate", *store_options, "--source", "alpha", "--size", "32"]
+    (data_dir / "cache" / "v2-32-center" / "ab").mkdir(parents=True)  # an older layout
     assert main([*prepare, "--prepare-cache"]) == 0
-    assert "cache ready" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cache ready" in printed
+    assert "older cache version" in printed and "(v2-32-center)" in printed
     shutil.rmtree(data_dir / "blobs")
     out = tmp_path / "report.json"
     args = [

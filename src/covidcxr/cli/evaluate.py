@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from covidcxr.cli.collection import add_store_options, store_from
 from covidcxr.cli.output import positive_int, write_rows
-from covidcxr.dataset.cache import CACHE_VERSION
+from covidcxr.dataset.cache import CACHE_VERSION, stale_folders
 from covidcxr.dataset.loading import (
     DEFAULT_CACHE_DIR,
     fill_cache,
@@ -304,6 +304,13 @@ def prepare_cache(args: argparse.Namespace) -> int:
         f"v{CACHE_VERSION}-{size}-center-mask): evaluate --size {size} now needs the "
         "database and this folder, not the blobs"
     )
+    stale = stale_folders(root) if root is not None else []
+    if stale:
+        print(
+            f"{len(stale)} folder(s) of an older cache version in {root} "
+            f"({', '.join(folder.name for folder in stale)}): nothing reads them now; "
+            "delete them to free the space"
+        )
     return 0
 
 

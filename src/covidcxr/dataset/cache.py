@@ -49,6 +49,7 @@ _MAGIC: Final = b"CXRPACK3"
 _RECORD_HEADER: Final = struct.Struct("<8s32sII")
 _PACK_SUFFIX: Final = ".pack"
 _SHA256: Final = re.compile("[0-9a-f]{64}")
+_FOLDER: Final = re.compile(r"v([0-9]+)-[0-9]+-(?:center|pad)(?:-mask)?")
 _OPEN_FLAGS: Final = getattr(os, "O_CLOEXEC", 0)
 
 
@@ -304,6 +305,21 @@ class PreprocessCache:
                 if magic == _MAGIC and height == width == self.size:
                     self._index.setdefault(digest, (pack, offset))
             pack.scanned = max(pack.scanned, whole)
+
+
+def stale_folders(root: str | os.PathLike[str]) -> list[Path]:
+    """The folders under a cache root that an older CACHE_VERSION wrote (nothing reads
+    them any more: they can be deleted), sorted."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    stale = []
+    for entry in entries:
+        match = _FOLDER.fullmatch(entry.name)
+        if match and int(match.group(1)) != CACHE_VERSION and entry.is_dir():
+            stale.append(Path(entry.path))
+    return sorted(stale)
 
 
 def _digest(sha256: str, function: str) -> bytes:
