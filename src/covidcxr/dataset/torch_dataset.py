@@ -487,8 +487,8 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         decoding = self._read_ahead.take(keys)
         wanted: dict[tuple[str, str], NDArray[np.uint8] | None] = {}
         for kind, sha in keys:
-            cache = self._cache(kind)
             if (kind, sha) not in decoding:
+                cache = self._cache(kind)
                 wanted[kind, sha] = None if cache is None else cache.get(sha)
         missing = [key for key, pixels in wanted.items() if pixels is None]
         threads = self._threads()
@@ -503,7 +503,7 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         if threads > 1 and (len(missing) + len(decoding) > 1 or ahead):
             # Largest files first: a batch is done when its last decode is, and a big
             # file started last would leave the other threads idle while it decodes.
-            # The next batch's queue behind this one's.
+            # The next batch's decodes queue behind this one's.
             pool = _thread_pool(threads)
             for key in sorted(missing, key=self._file_size, reverse=True):
                 decoding[key] = pool.submit(self._decode_and_store, key)
