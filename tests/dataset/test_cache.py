@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -275,7 +276,7 @@ def test_processes_write_their_own_packs_and_forked_children_read_the_parents(
     for worker in workers:
         worker.join(timeout=60)
         assert worker.exitcode == 0
-    assert len(parent.packs()) == 4
+    assert 2 <= len(parent.packs()) <= 4  # a writer that finished may hand its pack on
     for i in range(120):
         np.testing.assert_array_equal(parent.get(f"{i:064x}"), _noise(16, seed=i))
 
@@ -285,11 +286,58 @@ def test_processes_write_their_own_packs_and_forked_children_read_the_parents(
         parent.put(SHA_B, _noise(16, seed=101))
 
     process = context.Process(target=child)
+    before = len(parent.packs())
     process.start()
     process.join(timeout=60)
     assert process.exitcode == 0
-    assert len(parent.packs()) == 5
+    assert len(parent.packs()) <= before + 1
     np.testing.assert_array_equal(parent.get(SHA_B), _noise(16, seed=101))
+
+
+def test_a_pack_whose_writer_is_gone_is_taken_over(tmp_path: Path) -> None:
+    first = PreprocessCache(tmp_path, 8)
+    first.put(SHA_A, _noise(8, seed=1))
+    second = PreprocessCache(tmp_path, 8)
+    second.put(SHA_B, _noise(8, seed=2))
+    assert len(first.packs()) == 2  # both writers alive: a pack each
+    del first, second
+    gc.collect()  # their files closed: no writer holds either pack
+    third = PreprocessCache(tmp_path, 8)
+    third.put(SHA_C, _noise(8, seed=3))
+    assert len(third.packs()) == 2  # appended to an existing pack
+    reader = PreprocessCache(tmp_path, 8)
+    for sha, seed in ((SHA_A, 1), (SHA_B, 2), (SHA_C, 3)):
+        np.testing.assert_array_equal(reader.get(sha), _noise(8, seed=seed))
+
+
+def test_sequential_processes_share_one_pack(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    for k in range(4):
+        worker = context.Process(target=_fill, args=(str(tmp_path), k * 10, 10))
+        worker.start()
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    reader = PreprocessCache(tmp_path, 16)
+    assert len(reader.packs()) == 1
+    for i in range(40):
+        np.testing.assert_array_equal(reader.get(f"{i:064x}"), _noise(16, seed=i))
+
+
+def test_a_taken_over_pack_is_written_over_its_torn_tail(tmp_path: Path) -> None:
+    first = PreprocessCache(tmp_path, 8)
+    first.put(SHA_A, _noise(8, seed=1))
+    [pack] = first.packs()
+    del first
+    gc.collect()
+    with pack.open("ab") as handle:
+        handle.write(b"CXRPACK3" + bytes(30))  # a record cut short by a crash
+    second = PreprocessCache(tmp_path, 8)
+    second.put(SHA_B, _noise(8, seed=2))
+    assert second.packs() == [pack]
+    assert pack.stat().st_size == 2 * (HEADER + 64)
+    reader = PreprocessCache(tmp_path, 8)
+    np.testing.assert_array_equal(reader.get(SHA_A), _noise(8, seed=1))
+    np.testing.assert_array_equal(reader.get(SHA_B), _noise(8, seed=2))
 
 
 def test_pickled_cache_is_the_same_cache(tmp_path: Path) -> None:

@@ -4,12 +4,14 @@ A first epoch decodes every image once and stores the result here, keyed by the
 source's sha256, the output size, the crop and the kind (image or lung mask); later
 epochs read the pixels back and decode nothing.
 
-Each process that writes appends to a pack file of its own, so nothing is locked
-between processes (DataLoader workers, :func:`~covidcxr.dataset.loading.fill_cache`'s
-threads, several training runs) and a first epoch creates one file per process, not one
-per image: creating a file and a folder per image cost a first epoch 10-15% of its
-throughput on ext4, and several times more where many files had just been deleted
-(the kernel checks every recently deleted inode it passes when it allocates one).
+Each writer (a DataLoader worker, :func:`~covidcxr.dataset.loading.fill_cache`, a
+training run) appends to a pack file that no other writer holds: it holds the pack's
+``flock`` while it has the file open, and takes over the pack of a writer that is gone.
+Readers take no lock at all. A first epoch creates one file per writing process, not
+one per image (creating a file and a folder per image cost a first epoch 10-15% of its
+throughput on ext4, and several times more where many files had just been deleted: the
+kernel checks every recently deleted inode it passes when it allocates one), and a
+folder keeps about as many packs as there were writers at once.
 
 Layout: ``<root>/v<CACHE_VERSION>-<size>-<crop>[-mask]/<pid>-<random>.pack``. A pack is
 a sequence of records of ``48 + size * size`` bytes: the magic ``CXRPACK3``, the
@@ -17,7 +19,8 @@ source's sha256 (32 bytes), the height and the width (little-endian ``uint32``),
 the ``uint8`` pixels row by row. Records are whole or ignored: a reader counts only the
 records the file's length covers, checks each record's header before it uses it, and a
 writer whose write came out short (a full disk) abandons its pack, so that no record
-ever follows a torn one. Nothing else is kept: the cache can be deleted at any time.
+ever follows a torn one; the next writer of that pack writes over the torn tail.
+Nothing else is kept: the cache can be deleted at any time.
 """
 
 from __future__ import annotations
@@ -132,11 +135,13 @@ class PreprocessCache:
         self._index: dict[bytes, tuple[_Pack, int]] = {}  # sha256 digest -> pack, offset
         self._packs: dict[str, _Pack] = {}
         self._writer: _Pack | None = None
+        self._retired: list[int] = []  # descriptors replaced by a writer's (see _take_over)
         self._write_failed = False
 
     def _forked(self) -> None:
         # The parent's descriptors stay valid for reading (pread has no shared offset),
-        # but its pack is its own to append to.
+        # but its pack is its own to append to (the inherited descriptor shares the
+        # parent's lock, so the child's own search for a pack passes it by).
         self._lock = threading.Lock()
         self._writer = None
 
@@ -153,9 +158,9 @@ class PreprocessCache:
             self._close()
 
     def _close(self) -> None:
-        for pack in self._packs.values():
+        for descriptor in [pack.descriptor for pack in self._packs.values()] + self._retired:
             with contextlib.suppress(OSError):
-                os.close(pack.descriptor)
+                os.close(descriptor)
 
     def __repr__(self) -> str:
         return f"PreprocessCache({self._folder_text!r})"
@@ -257,16 +262,49 @@ class PreprocessCache:
         return _RECORD_HEADER.pack(_MAGIC, digest, self.size, self.size)
 
     def _open_writer(self) -> _Pack:
-        """A new pack of this process's own, created empty."""
+        """A pack to append to: one that no writer holds now, else a new one.
+
+        A writer holds its pack's lock (``flock``) as long as it has the file open, so
+        a pack is taken over only once its writer is gone, and the folder keeps about
+        as many packs as there were writers at once, not one per run. Where the file
+        system has no locks, every writer makes a pack of its own.
+        """
         os.makedirs(self._folder_text, exist_ok=True)  # noqa: PTH103 - strings here
+        for name in sorted(self._pack_names()):
+            pack = self._take_over(name)
+            if pack is not None:
+                return pack
         name = f"{os.getpid()}-{secrets.token_hex(6)}{_PACK_SUFFIX}"
         descriptor = os.open(
             f"{self._folder_text}{os.sep}{name}",
             os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS,
             0o644,
         )
+        _lock(descriptor)
         pack = self._packs[name] = self._writer = _Pack(name, descriptor, 0)
         return pack
+
+    def _take_over(self, name: str) -> _Pack | None:
+        """Become the writer of the pack ``name`` if no writer holds it."""
+        try:
+            descriptor = os.open(f"{self._folder_text}{os.sep}{name}", os.O_RDWR | _OPEN_FLAGS)
+        except OSError:
+            return None
+        if not _lock(descriptor):
+            os.close(descriptor)
+            return None
+        pack = self._packs.get(name)
+        if pack is None:
+            pack = self._packs[name] = _Pack(name, descriptor, 0)
+        else:  # read until now: another thread may be reading through the old descriptor
+            self._retired.append(pack.descriptor)
+            pack.descriptor = descriptor
+        self._scan(pack)  # the next record goes after its last whole one (over a torn tail)
+        self._writer = pack
+        return pack
+
+    def _pack_names(self) -> list[str]:
+        return [e.name for e in os.scandir(self._folder_text) if e.name.endswith(_PACK_SUFFIX)]
 
     def _refresh(self) -> None:
         """Index the records that other processes (or caches) appended since last time."""
@@ -289,22 +327,45 @@ class PreprocessCache:
                 except OSError:
                     continue  # deleted since the listing, or not readable: skip it
                 self._packs[name] = _Pack(name, descriptor, 0)
-        step = self._record_bytes
         for pack in self._packs.values():
-            if pack is self._writer:
-                continue  # indexed as it is written
-            try:
-                whole = os.fstat(pack.descriptor).st_size // step * step
-            except OSError:
-                continue
-            for offset in range(pack.scanned, whole, step):
-                header = os.pread(pack.descriptor, _RECORD_HEADER.size, offset)
-                if len(header) < _RECORD_HEADER.size:
-                    break
-                magic, digest, height, width = _RECORD_HEADER.unpack(header)
-                if magic == _MAGIC and height == width == self.size:
-                    self._index.setdefault(digest, (pack, offset))
-            pack.scanned = max(pack.scanned, whole)
+            if pack is not self._writer:  # the writer's records are indexed as written
+                self._scan(pack)
+
+    def _scan(self, pack: _Pack) -> None:
+        """Index the whole records of ``pack`` after those already indexed."""
+        step = self._record_bytes
+        try:
+            whole = os.fstat(pack.descriptor).st_size // step * step
+        except OSError:
+            return
+        for offset in range(pack.scanned, whole, step):
+            header = os.pread(pack.descriptor, _RECORD_HEADER.size, offset)
+            if len(header) < _RECORD_HEADER.size:
+                whole = offset
+                break
+            magic, digest, height, width = _RECORD_HEADER.unpack(header)
+            if magic == _MAGIC and height == width == self.size:
+                self._index.setdefault(digest, (pack, offset))
+        pack.scanned = max(pack.scanned, whole)
+
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locks, so every writer makes a pack of its own
+
+    def _lock(descriptor: int) -> bool:
+        return False
+
+else:
+
+    def _lock(descriptor: int) -> bool:
+        """Take a pack's writer lock without waiting; False where another open file
+        holds it or the file system has no locks."""
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
 
 
 def stale_folders(root: str | os.PathLike[str]) -> list[Path]:
