@@ -277,12 +277,9 @@ def throughput(
     # estimate, and interleaving gives both loaders the same quiet and busy moments.
     # Each of ours starts on an empty cache, in the data directory when one is given
     # (where covidcxr keeps its cache by default). The caches are all removed after the
-    # timing, not between passes: ext4 does not reuse an inode deleted in the last
-    # minute (five while its block is dirty) and checks every such inode it meets when
-    # it creates a file. When the cache was a file per image, a pass that followed the
-    # removal of a cache spent about a fifth of its CPU in the kernel's inode allocator
-    # (perf: ext4_create -> recently_deleted); pack files made that rare, and a training
-    # run's first epoch does not follow the deletion of thousands of files anyway.
+    # timing, not between passes: ext4 checks every inode deleted in the last minutes
+    # when it creates a file, and a training run's first epoch does not follow the
+    # deletion of a cache.
     cache_parent = Path(args.data_dir) if args.data_dir else workdir
     cache_parent.mkdir(parents=True, exist_ok=True)
     caches: list[Path] = []

@@ -168,10 +168,9 @@ class PreprocessCache:
     def packs(self) -> list[Path]:
         """The pack files now in the folder (none when nothing was cached yet)."""
         try:
-            names = sorted(e.name for e in os.scandir(self.folder) if e.name.endswith(_PACK_SUFFIX))
+            return [self.folder / name for name in sorted(self._pack_names())]
         except FileNotFoundError:
             return []
-        return [self.folder / name for name in names]
 
     def indexed(self, sha256: str) -> bool:
         """Whether this cache already knows of a record of ``sha256`` (no disk access:
@@ -304,12 +303,13 @@ class PreprocessCache:
         return pack
 
     def _pack_names(self) -> list[str]:
+        """The names of the pack files in the folder (FileNotFoundError without one)."""
         return [e.name for e in os.scandir(self._folder_text) if e.name.endswith(_PACK_SUFFIX)]
 
     def _refresh(self) -> None:
         """Index the records that other processes (or caches) appended since last time."""
         try:
-            entries = [e.name for e in os.scandir(self._folder_text)]
+            names = self._pack_names()
         except FileNotFoundError:
             if self._packs:  # the cache was deleted: start again from nothing
                 self._close()
@@ -318,8 +318,8 @@ class PreprocessCache:
         except OSError as exc:
             logger.warning("PreprocessCache: cannot list %s (%s)", self._folder_text, exc)
             return
-        for name in entries:
-            if name.endswith(_PACK_SUFFIX) and name not in self._packs:
+        for name in names:
+            if name not in self._packs:
                 try:
                     descriptor = os.open(
                         f"{self._folder_text}{os.sep}{name}", os.O_RDONLY | _OPEN_FLAGS

@@ -43,6 +43,7 @@ them directly (PNG and JPEG only). Nothing here imports torch.
 
 from __future__ import annotations
 
+import importlib
 import io
 import logging
 import math
@@ -98,32 +99,22 @@ _PNG_HEADER_BYTES: Final = 29
 _PLAIN_PNG_MODES: Final = {0: "L", 2: "RGB", 4: "LA", 6: "RGBA"}
 
 
-def _native_unfilter() -> Callable[..., None] | None:
-    """The C extension's ``unfilter``, or None where it was not built."""
+def _extension(name: str) -> ModuleType | None:
+    """One of covidcxr's optional C extensions, or None where it was not built."""
     try:
-        from covidcxr.dataset._pngfilter import unfilter
+        return importlib.import_module(f"covidcxr.dataset.{name}")
     except ImportError:
         return None
-    return unfilter
 
 
-_unfilter: Final = _native_unfilter()
+_pngfilter = _extension("_pngfilter")
+#: The extension's ``unfilter``, or None where it was not built.
+_unfilter: Final[Callable[..., None] | None] = None if _pngfilter is None else _pngfilter.unfilter
 #: Whether plain PNGs are decoded by libdeflate and covidcxr's C extension (``True``
 #: wherever a C compiler was there at install) rather than by libpng.
 NATIVE_PNG: Final = _unfilter is not None
-
-
-def _native_resize() -> ModuleType | None:
-    """The C extension ``_resize`` (``reduce``, ``resize_bilinear``), or None where it
-    was not built."""
-    try:
-        from covidcxr.dataset import _resize
-    except ImportError:
-        return None
-    return _resize
-
-
-_resizer: Final = _native_resize()
+#: The extension ``_resize`` (``reduce``, ``resize_bilinear``), or None.
+_resizer: Final = _extension("_resize")
 #: Whether grey images are resized by covidcxr's C extension (``True`` wherever a C
 #: compiler was there at install) rather than by Pillow; the pixels are the same.
 NATIVE_RESIZE: Final = _resizer is not None
