@@ -615,6 +615,27 @@ def make_split(
 _COMMENT = re.compile(r"# ([a-z0-9_]+): (.*)")
 
 
+class _SplitFileError:
+    """Makes the errors of one split file: ``load_split: FILE:LINE: reason``."""
+
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def __call__(self, line: int | None, reason: str) -> MetadataError:
+        where = f"{self.source}:{line}" if line is not None else str(self.source)
+        return MetadataError(f"load_split: {where}: {reason}")
+
+
+@dataclass
+class _SplitFile:
+    """A split file as read, before its values are checked."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    key_lines: dict[str, int] = field(default_factory=dict)
+    assignment: dict[str, str] = field(default_factory=dict)
+    row_lines: dict[str, int] = field(default_factory=dict)
+
+
 def load_split(path: str | os.PathLike[str]) -> Split:
     """Read a split file, refusing anything that is not exactly what :meth:`Split.save`
     writes.
@@ -626,146 +647,168 @@ def load_split(path: str | os.PathLike[str]) -> Split:
             file was edited).
     """
     source = Path(path)
-
-    def fail(line: int | None, reason: str) -> MetadataError:
-        where = f"{source}:{line}" if line is not None else str(source)
-        return MetadataError(f"load_split: {where}: {reason}")
-
+    fail = _SplitFileError(source)
     try:
         text = source.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise fail(None, f"not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise fail(None, f"cannot read: {exc.strerror or exc}") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    values: dict[str, Any] = {}
-    key_lines: dict[str, int] = {}
-    assignment: dict[str, str] = {}
-    row_lines: dict[str, int] = {}
-    header_seen = False
-    for number, line in enumerate(lines, start=1):
-        if not header_seen and line.startswith("#"):
-            match = _COMMENT.fullmatch(line)
-            if match is None:
-                raise fail(number, f"comment line {line[:60]!r} is not '# key: value'")
-            key, raw = match.groups()
-            if key not in FILE_KEYS:
-                raise fail(number, f"unknown key {key!r}; a split file has {', '.join(FILE_KEYS)}")
-            if key in values:
-                raise fail(number, f"key {key!r} given twice (first on line {key_lines[key]})")
-            try:
-                values[key] = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise fail(number, f"value of {key!r} is not JSON: {exc.msg}") from None
-            key_lines[key] = number
-            continue
-        if not header_seen:
-            if line != ",".join(HEADER):
-                raise fail(number, f"header {line[:60]!r}, expected {','.join(HEADER)!r}")
-            header_seen = True
-            continue
-        cells = next(csv.reader([line]), [])
-        if len(cells) != 2 or not cells[0] or not cells[1]:
-            raise fail(number, f"row {line[:60]!r} is not 'patient,fold'")
-        patient, fold = cells
-        if patient in assignment:
-            raise fail(number, f"patient {patient!r} again (first on line {row_lines[patient]})")
-        assignment[patient] = fold
-        row_lines[patient] = number
-    if not header_seen:
-        raise fail(None, f"no {','.join(HEADER)!r} header line; is this a split file?")
-    missing = [key for key in FILE_KEYS if key not in values]
-    if missing:
-        raise fail(None, f"missing comment key(s) {', '.join(missing)}")
-
-    def check(key: str, ok: bool, expected: str) -> None:
-        if not ok:
-            raise fail(key_lines[key], f"{key} is {_json(values[key])[:80]}, expected {expected}")
-
-    check("format", values["format"] == FORMAT, repr(FORMAT))
-    check("covidcxr_version", isinstance(values["covidcxr_version"], str), "a string")
-    check("created", isinstance(values["created"], str), "a string")
-    check("scheme", values["scheme"] in SCHEMES, f"one of {', '.join(SCHEMES)}")
-    folds = values["folds"]
-    check(
-        "folds",
-        isinstance(folds, list)
-        and len(folds) >= 2
-        and all(isinstance(f, str) and f for f in folds)
-        and len(set(folds)) == len(folds),
-        "a list of two or more distinct fold names",
-    )
-    seed = values["seed"]
-    check("seed", seed is None or (isinstance(seed, int) and not isinstance(seed, bool)), "int")
+    parsed = _parse_split_file(text, fail)
+    _check_split_values(parsed, fail)
+    _check_split_rows(parsed, fail)
+    values = parsed.values
     fractions = values["fractions"]
-    check(
-        "fractions",
-        fractions is None
-        or (isinstance(fractions, list) and all(isinstance(f, int | float) for f in fractions)),
-        "null or a list of numbers",
-    )
-    task = values["task"]
-    check(
-        "task",
-        isinstance(task, dict)
-        and isinstance(task.get("name"), str)
-        and isinstance(task.get("labels"), list),
-        "a task object with name and labels",
-    )
-    check("selection", isinstance(values["selection"], dict), "a selection object")
-    try:
-        Selection.from_dict(values["selection"])
-    except (MetadataError, TypeError) as exc:
-        raise fail(key_lines["selection"], f"bad selection: {exc}") from None
-    distance = values["duplicate_max_distance"]
-    check("duplicate_max_distance", distance is None or isinstance(distance, int), "null or int")
-    excluded = values["excluded"]
-    check(
-        "excluded",
-        isinstance(excluded, dict)
-        and all(
-            isinstance(p, list) and all(isinstance(x, str) for x in p) for p in excluded.values()
-        ),
-        "an object: reason -> list of patients",
-    )
-    for key in ("membership_sha256", "content_sha256"):
-        check(
-            key,
-            isinstance(values[key], str) and re.fullmatch(r"[0-9a-f]{64}", values[key]) is not None,
-            "64 hex digits",
-        )
-    declared = set(folds)
-    for patient, fold in assignment.items():
-        if fold not in declared:
-            raise fail(row_lines[patient], f"fold {fold!r} of {patient!r} is not one of {folds}")
-    for patients in excluded.values():
-        for patient in patients:
-            if patient in assignment:
-                raise fail(
-                    row_lines[patient], f"patient {patient!r} is both in a fold and excluded"
-                )
-    if _content_sha256(values, assignment) != values["content_sha256"]:
-        raise fail(
-            key_lines["content_sha256"],
-            "content_sha256 does not match the file's values and rows: it was edited "
-            "after it was written; make the split again (covidcxr split) instead of editing it",
-        )
     return Split(
         scheme=cast(Scheme, values["scheme"]),
-        folds=tuple(folds),
-        seed=seed,
-        task=task,
+        folds=tuple(values["folds"]),
+        seed=values["seed"],
+        task=values["task"],
         selection=values["selection"],
-        assignment=dict(sorted(assignment.items())),
-        excluded={reason: tuple(p) for reason, p in sorted(excluded.items())},
+        assignment=dict(sorted(parsed.assignment.items())),
+        excluded={reason: tuple(p) for reason, p in sorted(values["excluded"].items())},
         membership_sha256=values["membership_sha256"],
         fractions=tuple(float(f) for f in fractions) if fractions is not None else None,
-        duplicate_max_distance=distance,
+        duplicate_max_distance=values["duplicate_max_distance"],
         covidcxr_version=values["covidcxr_version"],
         created=values["created"],
     )
+
+
+def _parse_split_file(text: str, fail: _SplitFileError) -> _SplitFile:
+    """The comment keys (JSON values) and ``patient,fold`` rows, with their lines."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    parsed = _SplitFile()
+    header_seen = False
+    for number, line in enumerate(lines, start=1):
+        if not header_seen and line.startswith("#"):
+            _parse_comment(parsed, number, line, fail)
+        elif not header_seen:
+            if line != ",".join(HEADER):
+                raise fail(number, f"header {line[:60]!r}, expected {','.join(HEADER)!r}")
+            header_seen = True
+        else:
+            _parse_row(parsed, number, line, fail)
+    if not header_seen:
+        raise fail(None, f"no {','.join(HEADER)!r} header line; is this a split file?")
+    missing = [key for key in FILE_KEYS if key not in parsed.values]
+    if missing:
+        raise fail(None, f"missing comment key(s) {', '.join(missing)}")
+    return parsed
+
+
+def _parse_comment(parsed: _SplitFile, number: int, line: str, fail: _SplitFileError) -> None:
+    match = _COMMENT.fullmatch(line)
+    if match is None:
+        raise fail(number, f"comment line {line[:60]!r} is not '# key: value'")
+    key, raw = match.groups()
+    if key not in FILE_KEYS:
+        raise fail(number, f"unknown key {key!r}; a split file has {', '.join(FILE_KEYS)}")
+    if key in parsed.values:
+        raise fail(number, f"key {key!r} given twice (first on line {parsed.key_lines[key]})")
+    try:
+        parsed.values[key] = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise fail(number, f"value of {key!r} is not JSON: {exc.msg}") from None
+    parsed.key_lines[key] = number
+
+
+def _parse_row(parsed: _SplitFile, number: int, line: str, fail: _SplitFileError) -> None:
+    cells = next(csv.reader([line]), [])
+    if len(cells) != 2 or not cells[0] or not cells[1]:
+        raise fail(number, f"row {line[:60]!r} is not 'patient,fold'")
+    patient, fold = cells
+    if patient in parsed.assignment:
+        first = parsed.row_lines[patient]
+        raise fail(number, f"patient {patient!r} again (first on line {first})")
+    parsed.assignment[patient] = fold
+    parsed.row_lines[patient] = number
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Each comment key's check: (accepts the JSON value, what was expected).
+_VALUE_CHECKS: dict[str, tuple[Any, str]] = {
+    "format": (lambda v: v == FORMAT, repr(FORMAT)),
+    "covidcxr_version": (lambda v: isinstance(v, str), "a string"),
+    "created": (lambda v: isinstance(v, str), "a string"),
+    "scheme": (lambda v: v in SCHEMES, f"one of {', '.join(SCHEMES)}"),
+    "folds": (
+        lambda v: (
+            isinstance(v, list)
+            and len(v) >= 2
+            and all(isinstance(f, str) and f for f in v)
+            and len(set(v)) == len(v)
+        ),
+        "a list of two or more distinct fold names",
+    ),
+    "seed": (lambda v: v is None or _is_int(v), "int"),
+    "fractions": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(f, int | float) for f in v)),
+        "null or a list of numbers",
+    ),
+    "task": (
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("name"), str)
+            and isinstance(v.get("labels"), list)
+        ),
+        "a task object with name and labels",
+    ),
+    "selection": (lambda v: isinstance(v, dict), "a selection object"),
+    "duplicate_max_distance": (lambda v: v is None or isinstance(v, int), "null or int"),
+    "excluded": (
+        lambda v: (
+            isinstance(v, dict)
+            and all(isinstance(p, list) and all(isinstance(x, str) for x in p) for p in v.values())
+        ),
+        "an object: reason -> list of patients",
+    ),
+    "membership_sha256": (
+        lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None,
+        "64 hex digits",
+    ),
+}
+_VALUE_CHECKS["content_sha256"] = _VALUE_CHECKS["membership_sha256"]
+
+
+def _check_split_values(parsed: _SplitFile, fail: _SplitFileError) -> None:
+    values, key_lines = parsed.values, parsed.key_lines
+    for key in FILE_KEYS:
+        accepts, expected = _VALUE_CHECKS[key]
+        if not accepts(values[key]):
+            raise fail(key_lines[key], f"{key} is {_json(values[key])[:80]}, expected {expected}")
+        if key == "selection":
+            try:
+                Selection.from_dict(values["selection"])
+            except (MetadataError, TypeError) as exc:
+                raise fail(key_lines["selection"], f"bad selection: {exc}") from None
+
+
+def _check_split_rows(parsed: _SplitFile, fail: _SplitFileError) -> None:
+    folds = parsed.values["folds"]
+    declared = set(folds)
+    for patient, fold in parsed.assignment.items():
+        if fold not in declared:
+            raise fail(
+                parsed.row_lines[patient], f"fold {fold!r} of {patient!r} is not one of {folds}"
+            )
+    for patients in parsed.values["excluded"].values():
+        for patient in patients:
+            if patient in parsed.assignment:
+                raise fail(
+                    parsed.row_lines[patient], f"patient {patient!r} is both in a fold and excluded"
+                )
+    if _content_sha256(parsed.values, parsed.assignment) != parsed.values["content_sha256"]:
+        raise fail(
+            parsed.key_lines["content_sha256"],
+            "content_sha256 does not match the file's values and rows: it was edited "
+            "after it was written; make the split again (covidcxr split) instead of editing it",
+        )
 
 
 # --- verifying ---------------------------------------------------------------------
