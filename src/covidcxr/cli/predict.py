@@ -13,22 +13,19 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any
 
 from covidcxr import RESEARCH_USE_ONLY
 from covidcxr.cli.output import FORMATS, positive_int, write_rows
-from covidcxr.errors import MetadataError, MissingExtraError
-from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
+from covidcxr.errors import MetadataError
+from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, load_bundle
+from covidcxr.models.engines import ENGINES, make_engine
 from covidcxr.models.runtime import (
     DEFAULT_BATCH_SIZE,
-    InferenceEngine,
-    OnnxPredictor,
     PredictionRow,
     expand_inputs,
     record_columns,
 )
-
-ENGINES: Final = ("auto", "torch", "onnx")
 
 
 def register(subparsers: Any) -> None:
@@ -89,51 +86,6 @@ def register(subparsers: Any) -> None:
         "--threads", type=positive_int, metavar="N", help="CPU threads for the network"
     )
     parser.set_defaults(handler=cmd_predict)
-
-
-def _torch_importable() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def make_engine(
-    bundle: ModelBundle,
-    engine: str = "auto",
-    *,
-    saliency_method: str = "gradcam",
-    threads: int | None = None,
-) -> InferenceEngine:
-    """The prediction engine for a bundle.
-
-    Args:
-        bundle: the model.
-        engine: ``torch``, ``onnx`` or ``auto`` (torch when importable and the bundle
-            has torch weights, else onnx).
-        saliency_method: the torch engine's heatmap method (``gradcam`` or ``cam``).
-        threads: CPU threads (torch: process-wide; onnx: the session's).
-
-    Raises:
-        MissingExtraError: the engine's package is not installed.
-        MetadataError: the bundle lacks the engine's file.
-    """
-    if engine == "auto":
-        engine = "torch" if bundle.weights_path.is_file() and _torch_importable() else "onnx"
-    if engine == "onnx":
-        return OnnxPredictor(bundle, threads=threads)
-    if engine != "torch":
-        raise MetadataError(f"predict: engine {engine!r} is not one of {', '.join(ENGINES)}")
-    try:
-        import torch
-
-        from covidcxr.models.predict import Predictor
-    except ImportError as exc:
-        raise MissingExtraError("torch", "ml") from exc
-    if threads is not None:
-        torch.set_num_threads(threads)
-    return Predictor(bundle, saliency_method="cam" if saliency_method == "cam" else "gradcam")
 
 
 def _probability(value: float | None) -> str:

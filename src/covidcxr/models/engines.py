@@ -1,0 +1,101 @@
+"""Choosing a prediction engine, and :func:`predict`: the one-call second opinion.
+
+``predict(paths)`` loads the shipped model (or the one named), picks the torch engine
+when torch is installed and the bundle has torch weights (else onnxruntime), and
+returns one :class:`~covidcxr.models.runtime.PredictionRow` per image file. Every row
+carries the input check, calibrated probabilities, severity with its interval, the
+model id and weights hash, and "research use only, not a diagnosis".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Final
+
+from covidcxr.errors import MetadataError, MissingExtraError
+from covidcxr.models.bundle import ModelBundle, load_bundle
+from covidcxr.models.runtime import (
+    DEFAULT_BATCH_SIZE,
+    InferenceEngine,
+    OnnxPredictor,
+    PredictionRow,
+)
+
+ENGINES: Final = ("auto", "torch", "onnx")
+
+__all__ = ["ENGINES", "make_engine", "predict"]
+
+
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_engine(
+    bundle: ModelBundle,
+    engine: str = "auto",
+    *,
+    saliency_method: str = "gradcam",
+    threads: int | None = None,
+) -> InferenceEngine:
+    """The prediction engine for a bundle.
+
+    Args:
+        bundle: the model.
+        engine: ``torch``, ``onnx`` or ``auto`` (torch when importable and the bundle
+            has torch weights, else onnx).
+        saliency_method: the torch engine's heatmap method (``gradcam`` or ``cam``).
+        threads: CPU threads (torch: process-wide; onnx: the session's).
+
+    Raises:
+        MissingExtraError: the engine's package is not installed.
+        MetadataError: an unknown engine, or the bundle lacks the engine's file.
+    """
+    if engine == "auto":
+        engine = "torch" if bundle.weights_path.is_file() and _torch_importable() else "onnx"
+    if engine == "onnx":
+        return OnnxPredictor(bundle, threads=threads)
+    if engine != "torch":
+        raise MetadataError(f"predict: engine {engine!r} is not one of {', '.join(ENGINES)}")
+    try:
+        import torch
+
+        from covidcxr.models.predict import Predictor
+    except ImportError as exc:
+        raise MissingExtraError("torch", "ml") from exc
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Predictor(bundle, saliency_method="cam" if saliency_method == "cam" else "gradcam")
+
+
+def predict(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    model: str | os.PathLike[str] | None = None,
+    engine: str = "auto",
+    heatmaps_dir: str | os.PathLike[str] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> list[PredictionRow]:
+    """A second opinion on image files and folders (research use only, not a diagnosis).
+
+    Args:
+        paths: PNG/JPEG files, or folders (every file under them).
+        model: a model id or bundle folder; ``None``: the shipped default.
+        engine: ``auto``, ``torch`` or ``onnx`` (see :func:`make_engine`).
+        heatmaps_dir: where to write a heatmap overlay PNG per explained finding.
+        batch_size: images per forward pass.
+
+    Returns:
+        One row per file, in input order; files that cannot be judged get a row with
+        the failed check and its reason, and no findings.
+
+    Raises:
+        MetadataError: no such model or path.
+        MissingExtraError: the engine's package is not installed.
+    """
+    engine_ = make_engine(load_bundle(model), engine)
+    return engine_.predict_files(paths, heatmaps_dir=heatmaps_dir, batch_size=batch_size)
