@@ -10,8 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from covidcxr.ingest.report import escape_formula
-from covidcxr.schema.values import format_number
+from covidcxr.schema.values import escape_formula, format_number
 
 FORMATS = ("table", "csv", "json")
 
@@ -44,6 +43,19 @@ def cell_text(value: Any) -> str:
     return str(value)
 
 
+def escape_text(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (escape codes, newlines,
+    carriage returns, C1 controls) shown as ``\\xNN`` / ``\\uNNNN`` escapes, so that a
+    file name or a cell cannot move the cursor, recolour the screen or fake a line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, dt.date | dt.datetime):
         return value.isoformat()
@@ -66,7 +78,8 @@ def write_rows(
         columns: the columns for CSV and JSON (all of them).
         fmt: ``table``, ``csv`` or ``json``.
         table_columns: the narrower set shown as a table (default: ``columns``).
-        max_width: table cells longer than this are cut with ``…``.
+        max_width: on a terminal, table cells longer than this are cut with ``…``;
+            never in a pipe or file, so that every value can be pasted back.
         out: where to write (default: stdout).
     """
     stream = out or sys.stdout
@@ -86,8 +99,9 @@ def write_rows(
             writer.writerow([escape_formula(cell_text(row.get(c))) for c in columns])
     elif fmt == "table":
         shown = list(table_columns or columns)
-        texts = [[cell_text(row.get(c)) for c in shown] for row in rows]
-        texts = [[t if len(t) <= max_width else t[: max_width - 1] + "…" for t in r] for r in texts]
+        texts = [[escape_text(cell_text(row.get(c))) for c in shown] for row in rows]
+        if stream.isatty():
+            texts = [[_cut(t, max_width) for t in r] for r in texts]
         widths = [max([len(c), *(len(r[i]) for r in texts)]) for i, c in enumerate(shown)]
         stream.write(
             "  ".join(c.ljust(w) for c, w in zip(shown, widths, strict=True)).rstrip() + "\n"
@@ -111,9 +125,11 @@ def write_mapping(data: Mapping[str, Any], fmt: str, out: TextIO | None = None) 
     def emit(value: Any, indent: int) -> None:
         for key, item in value.items():
             if isinstance(item, Mapping):
-                stream.write(f"{' ' * indent}{key}:\n")
+                stream.write(f"{' ' * indent}{escape_text(str(key))}:\n")
                 emit(item, indent + 2)
             else:
-                stream.write(f"{' ' * indent}{key}: {cell_text(item)}\n")
+                stream.write(
+                    f"{' ' * indent}{escape_text(str(key))}: {escape_text(cell_text(item))}\n"
+                )
 
     emit(data, 0)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 from covidcxr import RESEARCH_USE_ONLY
-from covidcxr.cli.output import FORMATS, positive_int, write_rows
+from covidcxr.cli.output import FORMATS, escape_text, positive_int, write_rows
 from covidcxr.errors import MetadataError
-from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, load_bundle
-from covidcxr.models.engines import ENGINES, make_engine
+from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
+from covidcxr.models.engines import ENGINES, make_engine, quality_note
 from covidcxr.models.runtime import (
     DEFAULT_BATCH_SIZE,
     PredictionRow,
@@ -127,34 +127,56 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     out = sys.stdout
     if args.format == "table":
-        lines = _table_rows(rows)
-        columns = ["file", "input_check", "reason"]
-        columns += [f"p_{label}" for label in bundle.findings]
-        columns += ["positive", *bundle.severity]
-        write_rows(lines, columns, "table", max_width=60, out=out)
-        passed = sum(row.input_check == "pass" for row in rows)
-        level = bundle.severity_interval.get("level", 0.9)
-        if bundle.uncalled_findings:
-            support = bundle.operating_support
-            out.write(
-                "\nNo call (probability only) for "
-                + ", ".join(
-                    f"{label} ({support[label][0]} validation positives, "
-                    f"{support[label][1]} negatives)"
-                    for label in bundle.uncalled_findings
-                )
-                + f": an operating point needs at least {MIN_OPERATING_SUPPORT} of each; "
-                "choose a threshold on local data.\n"
-            )
-        out.write(
-            f"\n{len(rows)} image(s): {passed} passed the input check, "
-            f"{len(rows) - passed} failed (no findings for those). Severity: score "
-            f"[{float(level):.0%} interval].\n"
-            f"model {bundle.model_id}, weights sha256 {bundle.weights_sha256 or 'unknown'}, "
-            f"engine {engine.engine}"
-            + (f", heatmaps in {args.heatmaps}" if args.heatmaps else "")
-            + f".\n{RESEARCH_USE_ONLY[0].upper()}{RESEARCH_USE_ONLY[1:]}.\n"
-        )
+        _write_table(rows, bundle, engine.engine, args.heatmaps, out)
     else:
         write_rows([row.record() for row in rows], record_columns(bundle), args.format, out=out)
+    if rows and all("decodable" in row.gate.checks_failed for row in rows):
+        print(
+            f"covidcxr predict: none of the {len(rows)} input file(s) is a PNG or JPEG image "
+            "that could be read",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _write_table(
+    rows: Sequence[PredictionRow],
+    bundle: ModelBundle,
+    engine: str,
+    heatmaps: str | None,
+    out: TextIO,
+) -> None:
+    """The table format: one line per image, or one block when there is one image."""
+    lines = _table_rows(rows)
+    columns = ["file", "input_check", "reason"]
+    columns += [f"p_{label}" for label in bundle.findings]
+    columns += ["positive", *bundle.severity]
+    if len(lines) == 1:
+        width = max(len(c) for c in columns)
+        for column in columns:
+            out.write(f"{column:<{width}}  {escape_text(lines[0].get(column, ''))}\n")
+    else:
+        write_rows(lines, columns, "table", max_width=60, out=out)
+    if bundle.uncalled_findings:
+        support = bundle.operating_support
+        out.write(
+            "\nNo call (probability only) for "
+            + ", ".join(
+                f"{label} ({support[label][0]} validation positives, {support[label][1]} negatives)"
+                for label in bundle.uncalled_findings
+            )
+            + f": an operating point needs at least {MIN_OPERATING_SUPPORT} of each; "
+            "choose a threshold on local data.\n"
+        )
+    passed = sum(row.input_check == "pass" for row in rows)
+    level = bundle.severity_interval.get("level", 0.9)
+    out.write(
+        f"\n{len(rows)} image(s): {passed} passed the input check, "
+        f"{len(rows) - passed} failed (no findings for those). Severity: score "
+        f"[{float(level):.0%} interval].\n"
+        f"{quality_note(bundle)}\n"
+        f"weights sha256 {bundle.weights_sha256 or 'unknown'}, engine {engine}"
+        + (f", heatmaps in {heatmaps}" if heatmaps else "")
+        + f".\n{RESEARCH_USE_ONLY[0].upper()}{RESEARCH_USE_ONLY[1:]}.\n"
+    )

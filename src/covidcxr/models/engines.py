@@ -99,3 +99,26 @@ def predict(
     """
     engine_ = make_engine(load_bundle(model), engine)
     return engine_.predict_files(paths, heatmaps_dir=heatmaps_dir, batch_size=batch_size)
+
+
+def quality_note(bundle: ModelBundle, labels: Sequence[str] = ("COVID-19", "No finding")) -> str:
+    """One line on the model's measured quality, from its stored evaluation.
+
+    Names the model id, says it is a research baseline, and gives the cross-validated
+    AUC with its 95% interval for ``labels`` (those the bundle's metrics hold); says so
+    plainly when the bundle holds no evaluation.
+    """
+    evaluation = bundle.metrics.get("evaluation") or {}
+    kfold = (evaluation.get("findings") or {}).get("kfold") or {}
+    parts = []
+    for label in labels:
+        auc = ((kfold.get("labels") or {}).get(label) or {}).get("auc") or {}
+        value, interval = auc.get("value"), auc.get("ci95")
+        if value is not None and interval:
+            parts.append(f"{label} {value:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]")
+    quality = (
+        "cross-validated AUC " + ", ".join(parts) + " (see its model card)"
+        if parts
+        else "no stored evaluation: its quality is unmeasured"
+    )
+    return f"model {bundle.model_id}, a research baseline: {quality}."

@@ -50,6 +50,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
@@ -247,6 +248,25 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         else:
             raise MetadataError(f"predict: {str(path)!r} does not exist; check the path")
     return found
+
+
+def not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` must not be opened as an image file, or ``None`` when it may be.
+
+    A FIFO would block the reader, a device never ends; a dangling link or a link loop
+    cannot be read. Links to regular files are fine.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if path.is_symlink():
+            return f"is a broken or looping symbolic link ({exc.strerror or exc})"
+        return f"cannot be read ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    what = next((name for test, name in kinds if test(mode)), "a device or special file")
+    return f"is {what}, not a regular image file; skipped"
 
 
 def as_image(image: Image.Image | NDArray[Any]) -> Image.Image:
@@ -517,7 +537,22 @@ class InferenceEngine(ABC):
         return _HeatmapRequest(folder, keep, raw_maps)
 
     def _load_file(self, path: Path) -> _Item:
+        """One file's item; any failure, running out of memory included, is its row."""
+        try:
+            return self._read_file(path)
+        except MemoryError:
+            error = ImageError(
+                f"predict: {str(path)!r} needs more memory to decode than this machine has",
+                code="too_many_pixels",
+            )
+            return _Item(str(path), None, None, gate.decode_failure(error))
+
+    def _read_file(self, path: Path) -> _Item:
         name = str(path)
+        problem = not_a_regular_file(path)
+        if problem is not None:
+            error = ImageError(f"predict: {name!r} {problem}", code="unreadable")
+            return _Item(name, None, None, gate.decode_failure(error))
         try:
             with path.open("rb") as handle:
                 head = handle.read(512)
