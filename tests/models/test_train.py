@@ -22,16 +22,17 @@ torch = pytest.importorskip("torch")
 
 from covidcxr.models import train  # noqa: E402
 from covidcxr.models.bundle import GATE_CLASSES, load_bundle  # noqa: E402
-from covidcxr.models.train import (  # noqa: E402
-    TrainConfig,
-    TrainedModel,
+from covidcxr.models.calibration import (  # noqa: E402
     binary_nll,
-    fit_on_indices,
     fit_temperature,
-    masked_bce,
-    train_model,
     youden_threshold,
 )
+from covidcxr.models.config import TrainConfig  # noqa: E402
+from covidcxr.models.loop import masked_bce  # noqa: E402
+from covidcxr.models.pools import load_pixels  # noqa: E402
+from covidcxr.models.sample_sets import findings_samples  # noqa: E402
+from covidcxr.models.train import fit_on_indices, train_model  # noqa: E402
+from covidcxr.models.trained import TrainedModel  # noqa: E402
 
 TINY = TrainConfig(size=32, width=8, epochs=2, batch_size=8, severity_splits=3)
 
@@ -170,10 +171,10 @@ def test_predict_shapes_and_ranges(trained: TrainedModel) -> None:
 def test_predict_accepts_dataset_items(trained: TrainedModel, store: Store, tmp_path: Path) -> None:
     from covidcxr.dataset.torch_dataset import CollectionDataset
 
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     dataset = CollectionDataset(samples, size=32, indices=[0, 1, 2], cache_dir=tmp_path)
     from_items = trained.predict(dataset)
-    pixels = train._load_pixels(samples, [0, 1, 2], 32, tmp_path)
+    pixels = load_pixels(samples, [0, 1, 2], 32, tmp_path)
     np.testing.assert_allclose(from_items["findings"], trained.predict(pixels)["findings"])
 
 
@@ -188,7 +189,7 @@ def test_severity_head_carries_the_ridge(trained: TrainedModel) -> None:
 
 
 def test_same_seed_same_weights_other_seed_differs(store: Store, tmp_path: Path) -> None:
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     train_idx, val_idx = _patient_halves(samples)
     config = TrainConfig(size=32, width=8, epochs=1, batch_size=8)
     first = fit_on_indices(samples, train_idx, val_idx, config, cache_dir=tmp_path)
@@ -216,7 +217,7 @@ def _patient_halves(samples: Any) -> tuple[list[int], list[int]]:
 
 
 def test_fit_refuses_a_patient_on_both_sides(store: Store, tmp_path: Path) -> None:
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     with pytest.raises(MetadataError, match="both sides"):
         fit_on_indices(samples, [0, 1, 2], [1, 3], TINY, cache_dir=tmp_path)
     with pytest.raises(MetadataError, match="non-empty"):
@@ -226,7 +227,7 @@ def test_fit_refuses_a_patient_on_both_sides(store: Store, tmp_path: Path) -> No
 def test_train_model_refuses_a_kfold_split(store: Store) -> None:
     from covidcxr.dataset.splits import make_split
 
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     with store.read() as conn:
         split = make_split(samples, conn, scheme="kfold", folds=3)
     with pytest.raises(MetadataError, match="holdout"):
@@ -295,6 +296,27 @@ def test_youden_threshold_separates_and_prefers_fewer_false_positives() -> None:
     assert j == pytest.approx(0.5)
     assert threshold == pytest.approx(0.75)  # ties in J go to the higher threshold
     assert all(math.isnan(v) for v in youden_threshold([0.2, 0.4], [1, 1]))
+    threshold, j = youden_threshold([0.1, 0.9], [1, 0])  # no cut beats calling none
+    assert j == 0.0 and threshold == pytest.approx(0.9 + 1e-6)
+
+
+def test_youden_threshold_is_the_best_cut_by_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        scores = np.round(rng.random(40), 1)  # ties
+        labels = (rng.random(40) < 0.2 + 0.6 * scores).astype(float)
+        threshold, j = youden_threshold(scores, labels)
+        positive = labels >= 0.5
+
+        def youden(
+            cut: float, scores: np.ndarray = scores, positive: np.ndarray = positive
+        ) -> float:
+            called = scores >= cut
+            return float(called[positive].mean() + (~called[~positive]).mean() - 1.0)
+
+        assert youden(threshold) == pytest.approx(j)
+        assert all(youden(cut) <= j + 1e-12 for cut in np.unique(scores))
+        assert threshold not in set(scores)  # midway, never on a validation score
 
 
 # -- gate pictures ------------------------------------------------------------------
@@ -421,7 +443,7 @@ def test_torchscript_backbone_trains_and_predicts(store: Store, tmp_path: Path) 
     config = TrainConfig(
         size=32, epochs=1, batch_size=8, backbone=f"torchscript:{path}", severity_splits=0
     )
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     train_idx, val_idx = _patient_halves(samples)
     model = fit_on_indices(samples, train_idx, val_idx, config, cache_dir=tmp_path / "cache")
     out = model.predict(np.zeros((2, 32, 32), dtype=np.uint8))
@@ -455,7 +477,7 @@ def test_xrv_densenet_backbone_from_a_random_state_dict(store: Store, tmp_path: 
         freeze_backbone=True,
         severity_splits=0,
     )
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     train_idx, val_idx = _patient_halves(samples)
     model = fit_on_indices(samples, train_idx[:8], val_idx[:4], config, cache_dir=tmp_path)
     out = model.predict(np.zeros((1, 64, 64), dtype=np.uint8))
@@ -498,7 +520,7 @@ def test_cli_train_writes_a_bundle_and_prints_the_command(
 
 
 def test_inner_split_keeps_patients_together_and_finds_rare_positives(store: Store) -> None:
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     indices = list(range(len(samples.samples)))
     inner_train, inner_val = train.inner_split(samples, indices, seed=0)
     assert sorted(inner_train + inner_val) == indices
@@ -512,7 +534,7 @@ def test_inner_split_keeps_patients_together_and_finds_rare_positives(store: Sto
 
 
 def test_fit_with_inner_split_serves_evaluation(store: Store, tmp_path: Path) -> None:
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     outer_train = list(range(0, len(samples.samples) - 8))
     config = TrainConfig(size=32, width=8, epochs=1, batch_size=8)
     model = train.fit_with_inner_split(
@@ -531,7 +553,7 @@ def test_fit_with_inner_split_serves_evaluation(store: Store, tmp_path: Path) ->
 def test_training_on_cuda_predicts_like_the_cpu_copy(store: Store, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
-    samples = train.findings_samples(store)
+    samples = findings_samples(store)
     train_idx, val_idx = _patient_halves(samples)
     config = TrainConfig(size=32, width=8, epochs=1, batch_size=8, device="cuda")
     model = fit_on_indices(samples, train_idx, val_idx, config, cache_dir=tmp_path)

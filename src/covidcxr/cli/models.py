@@ -74,7 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     """covidcxr train: train the second-opinion model on the store and write its bundle."""
     try:
         from covidcxr.dataset.splits import load_split
-        from covidcxr.models.train import TrainConfig, canonical_command, train_model
+        from covidcxr.models.config import TrainConfig
+        from covidcxr.models.train import canonical_command, train_model
     except MissingExtraError:
         raise
     except ImportError as exc:  # torch missing
