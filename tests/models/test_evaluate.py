@@ -26,14 +26,11 @@ from covidcxr.errors import MetadataError
 from covidcxr.ingest.pipeline import ingest_source
 from covidcxr.models.audit import AuditResult
 from covidcxr.models.bundle import load_bundle
-from covidcxr.models.evaluate import (
-    LITERATURE_SEVERITY,
-    EvaluationReport,
-    load_pixels,
-    ridge_regressor,
-    score_labels,
-)
+from covidcxr.models.eval_pixels import load_pixels
+from covidcxr.models.eval_report import EvaluationReport
+from covidcxr.models.eval_severity import LITERATURE_SEVERITY, ridge_regressor
 from covidcxr.models.evaluate import evaluate as run_evaluation
+from covidcxr.models.evaluate import score_labels
 from covidcxr.store.db import Store, open_store
 from covidcxr.store.duplicates import duplicate_groups
 
@@ -691,3 +688,64 @@ def test_cli_end_to_end_with_the_real_training(
     assert report.severity.targets[0].model["mae"].defined
     assert report.audit is not None
     assert "== shortcut audit" in capsys.readouterr().out
+
+
+def test_a_report_written_by_the_previous_version_still_loads() -> None:
+    """The hand-written as_dict of the previous version wrote these keys."""
+    estimate = {"value": 0.8, "low": 0.7, "high": 0.9, "n": 10, "patients": 8,
+                "resamples": 100, "level": 0.95, "note": None}  # fmt: skip
+    undefined = {**estimate, "value": None, "low": None, "high": None, "note": "auc: one class"}
+    label = {
+        "label": "COVID-19", "n": 10, "patients": 8, "positives": 4, "negatives": 6,
+        "unknown": 0, "model": {"auc": estimate, "brier": undefined},
+        "baseline": {"auc": estimate},
+        "reliability": [{"lower": 0.0, "upper": 0.1, "n": 0, "mean_probability": None,
+                         "observed_rate": None}],
+        "notes": ["auc: one class"],
+    }  # fmt: skip
+    document = {
+        "format": "covidcxr-evaluation/1",
+        "intended_use": "research use only",
+        "covidcxr_version": "0.1.0",
+        "created": "2026-01-01T00:00:00Z",
+        "task": {"name": "second-opinion"},
+        "selection": {},
+        "samples": {"samples": 10, "patients": 8},
+        "settings": {"folds": 2},
+        "schemes": {
+            "kfold": {
+                "scheme": "kfold", "description": "2-fold", "note": None, "labels": [label],
+                "heldout": {}, "skipped": {},
+                "folds": [{"scheme": "kfold", "repeat": 0, "test_fold": "0", "seed": 0,
+                           "train_samples": 5, "train_patients": 4, "test_samples": 5,
+                           "test_patients": 4, "thresholds": [0.5]}],
+            }
+        },
+        "severity": {
+            "protocol": "p", "n_images": 4, "n_patients": 4, "views": {"PA": 4}, "splits": 2,
+            "backbone": {"seed": 900}, "reason": None, "literature_source": "Cohen et al.",
+            "targets": [{"target": "opacity", "model": {"mae": estimate},
+                         "baseline": {"mae": estimate}, "split_sd": {"mae": None},
+                         "literature": {"mae": 0.78}, "verdict": "v"}],
+        },
+        "audit": {
+            "flagged": False, "verdict": "not flagged", "n_images": 5, "n_without_mask": 1,
+            "method": {"fill": "median"},
+            "labels": [{"label": "COVID-19", "auc": {"full": estimate}, "flagged": False,
+                        "reason": "r"}],
+        },
+        "not_computable": ["kfold, COVID-19: auc undefined (one class)"],
+    }  # fmt: skip
+    report = EvaluationReport.from_dict(json.loads(json.dumps(document)))
+    kfold = report.schemes["kfold"]
+    assert kfold.labels[0].model["auc"].text() == "0.80 [0.70, 0.90]"
+    assert math.isnan(kfold.labels[0].model["brier"].value)
+    assert math.isnan(kfold.labels[0].reliability[0].observed_rate)
+    assert kfold.folds[0].thresholds == (0.5,)
+    assert report.severity is not None
+    assert math.isnan(report.severity.targets[0].split_sd["mae"])
+    assert report.audit is not None and report.audit.n_without_mask == 1
+    written = report.as_dict()
+    assert written["audit"]["verdict"] == report.audit.verdict
+    assert written["severity"]["literature_source"] == "Cohen et al."
+    assert set(written) == set(document)

@@ -1,4 +1,4 @@
-"""Metrics against hand-computed values; the patient bootstrap."""
+"""Metrics against hand-computed values and scikit-learn/scipy; the patient bootstrap."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
+from sklearn import metrics as sk
+from sklearn.calibration import calibration_curve
 
 from covidcxr.models import metrics
 from covidcxr.models.metrics import (
@@ -17,31 +20,61 @@ from covidcxr.models.metrics import (
     PEARSON,
     R2,
     Estimate,
-    average_ranks,
     bootstrap,
     brier_score,
     expected_calibration_error,
     mean_absolute_error,
     operating_point_metrics,
     pearson_r,
-    prevalence,
-    prevalence_brier,
     r_squared,
     reliability_table,
     roc_auc,
     sensitivity,
     specificity,
-    training_mean,
 )
+from covidcxr.serialise import from_dict, to_dict
 
 NAN = math.nan
 
 # --- ranks and AUC -------------------------------------------------------------------
 
 
-def test_average_ranks_share_ties() -> None:
-    assert average_ranks([3.0, 1.0, 3.0, 2.0]).tolist() == [3.5, 1.0, 3.5, 2.0]
-    assert average_ranks([5.0, 5.0, 5.0]).tolist() == [2.0, 2.0, 2.0]
+def _random_problem(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n).astype(float)
+    probs = np.round(np.clip(0.3 * labels + 0.7 * rng.random(n), 0, 1), 2)  # with ties
+    return labels, probs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_agree_with_scikit_learn_and_scipy(seed: int) -> None:
+    labels, probs = _random_problem(seed)
+    assert roc_auc(labels, probs) == pytest.approx(sk.roc_auc_score(labels, probs))
+    assert brier_score(labels, probs) == pytest.approx(sk.brier_score_loss(labels, probs))
+    calls = (probs >= 0.5).astype(int)
+    assert sensitivity(labels, probs) == pytest.approx(sk.recall_score(labels, calls))
+    assert specificity(labels, probs) == pytest.approx(sk.recall_score(labels, calls, pos_label=0))
+    targets = 8 * probs
+    predictions = targets + np.random.default_rng(seed).normal(0, 1, targets.size)
+    assert mean_absolute_error(targets, predictions) == pytest.approx(
+        sk.mean_absolute_error(targets, predictions)
+    )
+    assert r_squared(targets, predictions) == pytest.approx(sk.r2_score(targets, predictions))
+    assert pearson_r(targets, predictions) == pytest.approx(
+        stats.pearsonr(targets, predictions).statistic
+    )
+
+
+def test_reliability_table_agrees_with_calibration_curve() -> None:
+    labels, probs = _random_problem(4, 500)
+    probs = probs + 0.001  # off the bin edges, where the two may round differently
+    table = reliability_table(labels, np.clip(probs, 0, 1))
+    observed, predicted = calibration_curve(labels, np.clip(probs, 0, 1), n_bins=10)
+    filled = [b for b in table if b.n]
+    assert [b.observed_rate for b in filled] == pytest.approx(observed.tolist())
+    assert [b.mean_probability for b in filled] == pytest.approx(predicted.tolist())
+    ece = sum(b.n * abs(b.observed_rate - b.mean_probability) for b in filled) / labels.size
+    assert expected_calibration_error(labels, np.clip(probs, 0, 1)) == pytest.approx(ece)
 
 
 def test_auc_hand_computed() -> None:
@@ -135,15 +168,13 @@ def test_operating_point_margins_match_per_image_thresholds() -> None:
     assert spec(labels, probs - thresholds) == 0.5  # 0.30 < 0.35 yes; 0.70 < 0.60 no
 
 
-def test_brier_and_baselines() -> None:
+def test_brier_and_the_prevalence_baseline() -> None:
     assert brier_score([1, 0], [0.8, 0.3]) == pytest.approx(0.065)
     labels = [1, 0, 0, 0, NAN]
-    p = prevalence(labels)
-    assert p == 0.25
-    assert brier_score(labels, [p] * 5) == pytest.approx(prevalence_brier(p)) == 0.1875
-    assert roc_auc(labels, [p] * 5) == 0.5
-    assert training_mean([1.0, NAN, 3.0]) == 2.0
-    assert math.isnan(prevalence([NAN]))
+    # The constant prediction p = prevalence scores p (1 - p) and ranks nothing.
+    assert brier_score(labels, [0.25] * 5) == pytest.approx(0.25 * 0.75)
+    assert roc_auc(labels, [0.25] * 5) == 0.5
+    assert math.isnan(brier_score([NAN], [0.5]))
 
 
 def test_expected_calibration_error_and_reliability_table() -> None:
@@ -157,7 +188,7 @@ def test_expected_calibration_error_and_reliability_table() -> None:
     assert [b.n for b in table] == [0, 2, 0, 0, 0, 0, 0, 0, 2, 0]
     assert table[1].mean_probability == pytest.approx(0.15)
     assert table[1].observed_rate == 0.5
-    assert table[0].as_dict()["observed_rate"] is None
+    assert to_dict(table[0])["observed_rate"] is None
     # 1.0 falls in the last bin; perfectly calibrated extremes give 0.
     assert expected_calibration_error([0, 1], [0.0, 1.0]) == 0.0
     assert reliability_table([1], [1.0], bins=4)[3].n == 1
@@ -273,12 +304,12 @@ def test_bootstrap_argument_checks() -> None:
 
 def test_estimate_json_round_trip_and_text() -> None:
     estimate = Estimate(0.81234, 0.7, 0.9, n=10, patients=8, resamples=2000)
-    data = json.loads(json.dumps(estimate.as_dict()))
-    assert Estimate.from_dict(data) == estimate
+    data = json.loads(json.dumps(to_dict(estimate), allow_nan=False))
+    assert from_dict(Estimate, data) == estimate
     assert estimate.text() == "0.81 [0.70, 0.90]"
     undefined = Estimate(NAN, note="auc: all 3 known labels are positive")
-    assert undefined.as_dict()["value"] is None
-    back = Estimate.from_dict(json.loads(json.dumps(undefined.as_dict())))
+    assert to_dict(undefined)["value"] is None
+    back = from_dict(Estimate, json.loads(json.dumps(to_dict(undefined), allow_nan=False)))
     assert math.isnan(back.value)
     assert back.note == undefined.note
     assert undefined.text() == "n/a"

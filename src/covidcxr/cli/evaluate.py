@@ -32,17 +32,10 @@ from covidcxr.dataset.loading import (
 from covidcxr.dataset.samples import Selection, build_samples
 from covidcxr.dataset.tasks import TASKS, get_task
 from covidcxr.errors import MetadataError, MissingExtraError
-from covidcxr.models.evaluate import (
-    DEFAULT_MIN_HELDOUT,
-    DEFAULT_SCHEMES,
-    LITERATURE_SOURCE,
-    SEVERITY_SPLITS,
-    EvaluationReport,
-    FitFunction,
-    LabelResult,
-    evaluate,
-    training_fit,
-)
+from covidcxr.models.eval_fit import FitFunction, training_fit
+from covidcxr.models.eval_report import EvaluationReport, LabelResult
+from covidcxr.models.eval_severity import LITERATURE_SOURCE, SEVERITY_SPLITS
+from covidcxr.models.evaluate import DEFAULT_MIN_HELDOUT, DEFAULT_SCHEMES, evaluate
 from covidcxr.models.metrics import DEFAULT_RESAMPLES, Estimate
 from covidcxr.store.db import Store
 
@@ -65,7 +58,7 @@ FitFactory = Callable[[argparse.Namespace, Store], tuple[FitFunction, dict[str, 
 
 
 def make_fit(args: argparse.Namespace, store: Store) -> tuple[FitFunction, dict[str, Any]]:
-    """The real training function (:func:`covidcxr.models.evaluate.training_fit`).
+    """The real training function (:func:`covidcxr.models.eval_fit.training_fit`).
 
     Raises:
         MissingExtraError: torch is not installed.
@@ -276,24 +269,18 @@ def cmd_evaluate(args: argparse.Namespace, fit_factory: FitFactory | None = None
 
 
 def prepare_cache(args: argparse.Namespace) -> int:
-    """Fill the preprocessed-pixel cache with everything an evaluation reads.
+    """Fill the preprocessed-pixel cache with everything an evaluation reads."""
+    from covidcxr.models.config import TrainConfig
+    from covidcxr.models.sample_sets import gate_samples, severity_samples
 
-    Raises:
-        MissingExtraError: torch is not installed (the gate's image set is defined by
-            the training module).
-    """
-    try:
-        from covidcxr.models import train as train_module
-    except ImportError as exc:
-        raise MissingExtraError("torch", "ml") from exc
-    size = args.size or train_module.TrainConfig().size
+    size = args.size or TrainConfig().size
     cache_dir = args.cache_dir if args.cache_dir else DEFAULT_CACHE_DIR
     with store_from(args) as store:
-        sources = tuple(args.source) or tuple(train_module.TrainConfig().sources)
+        sources = tuple(args.source) or tuple(TrainConfig().sources)
         sets = {
             "selection": build_samples(store, get_task(args.task), Selection(sources=sources)),
-            "input-gate images": train_module.gate_samples(store),
-            "severity-scored images": train_module.severity_samples(store),
+            "input-gate images": gate_samples(store),
+            "severity-scored images": severity_samples(store),
         }
         root = resolve_cache_dir(cache_dir, sets["selection"].blob_root.parent)
         for name, samples in sets.items():

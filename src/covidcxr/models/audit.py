@@ -175,25 +175,6 @@ class LabelAudit:
     flagged: bool
     reason: str
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "label": self.label,
-            "auc": {k: v.as_dict() for k, v in self.auc.items()},
-            "flagged": self.flagged,
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LabelAudit:
-        """Inverse of :meth:`as_dict`."""
-        return cls(
-            label=str(data["label"]),
-            auc={k: Estimate.from_dict(v) for k, v in data["auc"].items()},
-            flagged=bool(data["flagged"]),
-            reason=str(data["reason"]),
-        )
-
 
 @dataclass(frozen=True)
 class AuditResult:
@@ -231,28 +212,6 @@ class AuditResult:
         return (
             "not flagged: without the lungs, no label keeps an AUC clearly above chance "
             "or close to its full-image AUC"
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready."""
-        return {
-            "flagged": self.flagged,
-            "verdict": self.verdict,
-            "n_images": self.n_images,
-            "n_without_mask": self.n_without_mask,
-            "method": dict(self.method),
-            "labels": [a.as_dict() for a in self.labels],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> AuditResult:
-        """Inverse of :meth:`as_dict`."""
-        return cls(
-            labels=tuple(LabelAudit.from_dict(a) for a in data["labels"]),
-            flagged=bool(data["flagged"]),
-            n_images=int(data["n_images"]),
-            n_without_mask=int(data.get("n_without_mask", 0)),
-            method=dict(data.get("method", {})),
         )
 
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics with patient-level bootstrap confidence intervals (numpy only).
+"""Evaluation metrics with patient-level bootstrap confidence intervals.
 
 Point metrics take a label vector and a score vector. A ``NaN`` label means *unknown*
 (see :mod:`covidcxr.dataset.tasks`): the pair is ignored, never counted as a negative.
@@ -7,53 +7,31 @@ and raises ``ValueError``. A metric that is undefined on the data (an AUC over o
 class, an R^2 over constant targets) returns ``NaN``; :meth:`Metric.why_undefined`
 says why, in words that go into the report.
 
-Classification (labels 0/1, scores in any order-preserving scale):
+The metrics are numpy/scipy one-liners, not scikit-learn calls: the bootstrap calls
+them hundreds of thousands of times and scikit-learn's input checks cost milliseconds
+a call (docs/decisions/0030-evaluation-metrics-libraries.md). Tests check each against
+scikit-learn.
 
-* :func:`roc_auc`: rank-based (Mann-Whitney U with average ranks), so ties count one
-  half; a constant predictor scores exactly 0.5.
-* :func:`sensitivity`, :func:`specificity`: at a threshold, ``score >= threshold`` is a
-  positive call.
-* :func:`brier_score`, :func:`expected_calibration_error` and
-  :func:`reliability_table` (probabilities in [0, 1]). Calibration uses
-  :data:`CALIBRATION_BINS` = 10 equal-width bins over [0, 1] (the usual choice: with a
-  few hundred images per label, 10 bins keep tens of images in the populated bins; 15 or
-  more leave most bins nearly empty and make the error mostly noise).
-
-Regression: :func:`mean_absolute_error`, :func:`r_squared` (``1 - SS_res / SS_tot``
-around the mean of the evaluated targets, so predicting another set's mean can score
-below 0), :func:`pearson_r`.
-
-Baselines: :func:`prevalence` (the constant predictor of a binary label: AUC 0.5,
-Brier ``p (1 - p)`` in-sample, :func:`prevalence_brier`) and :func:`training_mean`
-(the "no data" regression baseline).
-
-Confidence intervals (:func:`bootstrap`): images of one patient are correlated (same
-lungs, same hospital, often the same day), so the bootstrap resamples *patients* with
-replacement and keeps all their images (a cluster bootstrap); resampling images would
-treat 5 films of one patient as 5 independent cases and give intervals that are too
-narrow. Percentile intervals (default 95 %, :data:`DEFAULT_RESAMPLES` = 2000 resamples)
-from ``np.random.default_rng(seed)``: the same seed gives the same interval. Scores may
-come from several repeats of a cross-validation (an ``R x N`` array; ``NaN`` where an
-image was not predicted in that repeat, e.g. it was in the training half): the point
-estimate is the mean over repeats of the metric, and each resample applies the same
-patient draw to every repeat and averages, so the interval is that of the
-repeat-averaged metric.
-
-A caveat: the calibration error is a sum of absolute gaps, so resampling noise can only
-add to it; for a well-calibrated predictor (the prevalence baseline, whose error is
-about 0) the percentile interval can lie entirely above the point estimate. Read it as
-"how large the error could be", not as a band around the estimate.
+:func:`bootstrap` resamples *patients* with replacement and keeps all their images (a
+cluster bootstrap: films of one patient are not independent). It gives percentile
+intervals from ``np.random.default_rng(seed)``. Scores may come from several repeats
+of a cross-validation (``R x N``, ``NaN`` where an image was not predicted in that
+repeat): the point estimate is the mean over repeats of the metric, and each resample
+applies the same patient draw to every repeat. The calibration error is a sum of
+absolute gaps, so its interval can lie entirely above a point estimate near 0: read it
+as "how large the error could be".
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+from scipy.stats import rankdata
 
 Array = NDArray[np.float64]
 
@@ -65,10 +43,9 @@ DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 #: Fewer defined resamples than this give no interval (the percentiles would be noise).
 MIN_DEFINED_RESAMPLES = 100
-#: An interval needs the metric defined in at least this share of the resamples. A label
-#: with one or two positive patients is missed by e^-1 (37 %) or e^-2 (14 %) of the
-#: resamples; the percentiles of the rest describe only the lucky draws and would look
-#: far more certain than the data are. Three positive patients (5 % missed) pass.
+#: An interval needs the metric defined in at least this share of the resamples: a label
+#: with one or two positive patients is missed by 37 % or 14 % of the resamples, and the
+#: percentiles of the rest would look far more certain than the data are.
 MIN_DEFINED_FRACTION = 0.9
 
 Needs = Literal["both_classes", "positives", "negatives", "probabilities", "spread", "none"]
@@ -115,35 +92,21 @@ def _probabilities(function: str, labels: ArrayLike, probs: ArrayLike) -> tuple[
     return y, p
 
 
-# --- ranks and classification ---------------------------------------------------------
-
-
-def average_ranks(values: ArrayLike) -> Array:
-    """1-based ranks; tied values share the mean of the ranks they span."""
-    x = np.asarray(values, dtype=np.float64).reshape(-1)
-    n = x.size
-    order = np.argsort(x, kind="mergesort")
-    ordered = x[order]
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(ordered)) + 1))
-    ends = np.concatenate((starts[1:], [n]))
-    block_rank = (starts + 1 + ends) / 2.0
-    ranks = np.empty(n, dtype=np.float64)
-    ranks[order] = np.repeat(block_rank, ends - starts)
-    return ranks
+# --- classification -------------------------------------------------------------------
 
 
 def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the ROC curve: the probability that a random positive scores above a
-    random negative, ties counting one half. ``NaN`` when the known labels hold one
-    class only."""
+    random negative, ties counting one half (Mann-Whitney U over average ranks).
+    ``NaN`` when the known labels hold one class only."""
     y, s = _binary("roc_auc", labels, scores)
     positive = y == 1.0
     n_pos = int(positive.sum())
     n_neg = y.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return math.nan
-    ranks = average_ranks(s)
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    u = float(rankdata(s)[positive].sum()) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
 
 
 def sensitivity(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> float:
@@ -151,9 +114,7 @@ def sensitivity(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) ->
     positives)."""
     y, s = _binary("sensitivity", labels, scores)
     positive = y == 1.0
-    if not positive.any():
-        return math.nan
-    return float(np.mean(s[positive] >= threshold))
+    return float(np.mean(s[positive] >= threshold)) if positive.any() else math.nan
 
 
 def specificity(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> float:
@@ -161,18 +122,14 @@ def specificity(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) ->
     negatives)."""
     y, s = _binary("specificity", labels, scores)
     negative = y == 0.0
-    if not negative.any():
-        return math.nan
-    return float(np.mean(s[negative] < threshold))
+    return float(np.mean(s[negative] < threshold)) if negative.any() else math.nan
 
 
 def brier_score(labels: ArrayLike, probs: ArrayLike) -> float:
     """Mean squared difference between probability and outcome (``NaN``: no known
     label)."""
     y, p = _probabilities("brier_score", labels, probs)
-    if not y.size:
-        return math.nan
-    return float(np.mean((p - y) ** 2))
+    return float(np.mean((p - y) ** 2)) if y.size else math.nan
 
 
 @dataclass(frozen=True)
@@ -193,16 +150,6 @@ class ReliabilityBin:
     mean_probability: float
     observed_rate: float
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (``NaN`` as ``None``)."""
-        return {
-            "lower": self.lower,
-            "upper": self.upper,
-            "n": self.n,
-            "mean_probability": _finite_or_none(self.mean_probability),
-            "observed_rate": _finite_or_none(self.observed_rate),
-        }
-
 
 def _bin_index(p: Array, bins: int) -> NDArray[np.intp]:
     if bins < 1:
@@ -214,23 +161,20 @@ def _bin_index(p: Array, bins: int) -> NDArray[np.intp]:
 def reliability_table(
     labels: ArrayLike, probs: ArrayLike, bins: int = CALIBRATION_BINS
 ) -> list[ReliabilityBin]:
-    """Per equal-width probability bin: count, mean probability and observed rate."""
+    """Per equal-width probability bin over [0, 1] (empty ones included): count, mean
+    probability and observed rate."""
     y, p = _probabilities("reliability_table", labels, probs)
     index = _bin_index(p, bins)
-    table = []
-    for b in range(bins):
-        members = index == b
-        n = int(members.sum())
-        table.append(
-            ReliabilityBin(
-                lower=b / bins,
-                upper=(b + 1) / bins,
-                n=n,
-                mean_probability=float(p[members].mean()) if n else math.nan,
-                observed_rate=float(y[members].mean()) if n else math.nan,
-            )
+    n = np.bincount(index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_probability = np.bincount(index, weights=p, minlength=bins) / n
+        observed_rate = np.bincount(index, weights=y, minlength=bins) / n
+    return [
+        ReliabilityBin(
+            b / bins, (b + 1) / bins, int(n[b]), float(mean_probability[b]), float(observed_rate[b])
         )
-    return table
+        for b in range(bins)
+    ]
 
 
 def expected_calibration_error(
@@ -252,56 +196,24 @@ def expected_calibration_error(
 def mean_absolute_error(targets: ArrayLike, predictions: ArrayLike) -> float:
     """Mean of ``|prediction - target|`` (``NaN``: no known target)."""
     y, s = _pairs("mean_absolute_error", targets, predictions)
-    if not y.size:
-        return math.nan
-    return float(np.mean(np.abs(s - y)))
+    return float(np.mean(np.abs(s - y))) if y.size else math.nan
 
 
 def r_squared(targets: ArrayLike, predictions: ArrayLike) -> float:
     """Coefficient of determination ``1 - SS_res / SS_tot`` (``SS_tot`` around the mean
-    of these targets); ``NaN`` when the targets are constant."""
+    of these targets, so predicting another set's mean can score below 0); ``NaN`` when
+    the targets are constant."""
     y, s = _pairs("r_squared", targets, predictions)
-    if y.size == 0:
-        return math.nan
-    total = float(np.sum((y - y.mean()) ** 2))
-    if total == 0.0:
-        return math.nan
-    return 1.0 - float(np.sum((y - s) ** 2)) / total
+    total = float(np.sum((y - y.mean()) ** 2)) if y.size else 0.0
+    return 1.0 - float(np.sum((y - s) ** 2)) / total if total > 0.0 else math.nan
 
 
 def pearson_r(targets: ArrayLike, predictions: ArrayLike) -> float:
     """Pearson correlation; ``NaN`` when targets or predictions are constant."""
     y, s = _pairs("pearson_r", targets, predictions)
-    if y.size < 2:
+    if y.size < 2 or np.ptp(y) == 0.0 or np.ptp(s) == 0.0:
         return math.nan
-    dy, ds = y - y.mean(), s - s.mean()
-    denominator = math.sqrt(float(np.sum(dy * dy)) * float(np.sum(ds * ds)))
-    if denominator == 0.0:
-        return math.nan
-    return max(-1.0, min(1.0, float(np.sum(dy * ds)) / denominator))
-
-
-# --- baselines ------------------------------------------------------------------------
-
-
-def prevalence(labels: ArrayLike) -> float:
-    """Fraction of positives among the known 0/1 labels (``NaN``: none known): the
-    constant predictor a model must beat."""
-    y, _ = _binary("prevalence", labels, np.zeros(np.asarray(labels).size))
-    return float(y.mean()) if y.size else math.nan
-
-
-def prevalence_brier(p: float) -> float:
-    """Brier score of the constant prediction ``p`` on labels whose prevalence is ``p``:
-    ``p (1 - p)``."""
-    return p * (1.0 - p)
-
-
-def training_mean(targets: ArrayLike) -> float:
-    """Mean of the known training targets: the "no data" regression baseline."""
-    y = np.asarray(targets, dtype=np.float64).reshape(-1)
-    y = y[~np.isnan(y)]
-    return float(y.mean()) if y.size else math.nan
+    return float(np.clip(np.corrcoef(y, s)[0, 1], -1.0, 1.0))
 
 
 # --- metrics as data ------------------------------------------------------------------
@@ -386,14 +298,6 @@ REGRESSION_METRICS: tuple[Metric, ...] = (MAE, R2, PEARSON)
 # --- bootstrap ------------------------------------------------------------------------
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if value is None or not math.isfinite(value) else float(value)
-
-
-def _float(value: Any) -> float:
-    return math.nan if value is None else float(value)
-
-
 @dataclass(frozen=True)
 class Estimate:
     """A metric's value with its confidence interval.
@@ -422,33 +326,6 @@ class Estimate:
     def defined(self) -> bool:
         """Whether the point estimate exists."""
         return math.isfinite(self.value)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready (``NaN`` as ``None``)."""
-        return {
-            "value": _finite_or_none(self.value),
-            "low": _finite_or_none(self.low),
-            "high": _finite_or_none(self.high),
-            "n": self.n,
-            "patients": self.patients,
-            "resamples": self.resamples,
-            "level": self.level,
-            "note": self.note,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Estimate:
-        """Inverse of :meth:`as_dict`."""
-        return cls(
-            value=_float(data.get("value")),
-            low=_float(data.get("low")),
-            high=_float(data.get("high")),
-            n=int(data.get("n", 0)),
-            patients=int(data.get("patients", 0)),
-            resamples=int(data.get("resamples", 0)),
-            level=float(data.get("level", DEFAULT_LEVEL)),
-            note=data.get("note"),
-        )
 
     def text(self, digits: int = 2) -> str:
         """``0.81 [0.74, 0.87]``, ``0.81`` without an interval, ``n/a`` when undefined."""
@@ -499,6 +376,72 @@ def _mean_over_repeats(
     return {name: float(np.mean(v)) if v else math.nan for name, v in values.items()}
 
 
+@dataclass(frozen=True)
+class _Clustered:
+    """The images that take part (known label, at least one prediction), by patient."""
+
+    labels: Array
+    scores: Array
+    group_of: NDArray[np.intp]
+    n_groups: int
+
+
+def _clustered(labels: ArrayLike, scores: ArrayLike, groups: Any) -> _Clustered:
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    s = _as_repeats(scores, y.size)
+    keys = list(np.asarray(groups, dtype=object).reshape(-1))
+    if len(keys) != y.size:
+        raise ValueError(f"bootstrap: {y.size} labels but {len(keys)} group keys")
+    # Only images that can contribute take part, so that every drawn patient counts.
+    usable = ~np.isnan(y) & ~np.isnan(s).all(axis=0)
+    index_of: dict[Any, int] = {}
+    group_of = [
+        index_of.setdefault(k, len(index_of))
+        for k, u in zip(keys, usable.tolist(), strict=True)
+        if u
+    ]
+    return _Clustered(y[usable], s[:, usable], np.asarray(group_of, dtype=np.intp), len(index_of))
+
+
+def _interval(
+    metric: Metric, value: float, draws: Array, data: _Clustered, n_resamples: int, level: float
+) -> Estimate:
+    """The estimate of one metric from its point value and its resampled values."""
+    defined = draws[np.isfinite(draws)]
+    base = Estimate(
+        value,
+        n=int(data.labels.size),
+        patients=data.n_groups,
+        resamples=int(defined.size),
+        level=level,
+    )
+    if not math.isfinite(value):
+        single = data.scores[0] if data.scores.shape[0] == 1 else None
+        note = metric.why_undefined(data.labels, single)
+        return replace(
+            base, note=note or f"{metric.name}: undefined on these {data.labels.size} images"
+        )
+    if n_resamples == 0:
+        return base
+    if defined.size < max(MIN_DEFINED_RESAMPLES, MIN_DEFINED_FRACTION * n_resamples):
+        return replace(
+            base,
+            note=(
+                f"no interval: {metric.name} was defined in only {defined.size} of "
+                f"{n_resamples} resamples of {data.n_groups} patients"
+            ),
+        )
+    tail = (1.0 - level) / 2.0 * 100.0
+    low, high = (float(v) for v in np.percentile(defined, [tail, 100.0 - tail]))
+    note = None
+    if defined.size < n_resamples:
+        note = (
+            f"interval from the {defined.size} of {n_resamples} resamples where "
+            f"{metric.name} was defined"
+        )
+    return replace(base, low=low, high=high, note=note)
+
+
 def bootstrap(
     metrics: Sequence[Metric],
     labels: ArrayLike,
@@ -530,72 +473,21 @@ def bootstrap(
     Raises:
         ValueError: shapes that do not match, or a bad level or resample count.
     """
-    y_all = np.asarray(labels, dtype=np.float64).reshape(-1)
-    n = y_all.size
-    s_all = _as_repeats(scores, n)
-    keys = list(np.asarray(groups, dtype=object).reshape(-1))
-    if len(keys) != n:
-        raise ValueError(f"bootstrap: {n} labels but {len(keys)} group keys")
     if not 0.0 < level < 1.0:
         raise ValueError(f"bootstrap: level must be in (0, 1), got {level}")
     if n_resamples < 0:
         raise ValueError(f"bootstrap: n_resamples must be >= 0, got {n_resamples}")
-    # Only images with a known label and at least one prediction take part, so that a
-    # resample draws patients that can contribute.
-    usable = ~np.isnan(y_all) & ~np.isnan(s_all).all(axis=0)
-    y = y_all[usable]
-    s = s_all[:, usable]
-    kept_keys = [k for k, u in zip(keys, usable.tolist(), strict=True) if u]
-    index_of: dict[Any, int] = {}
-    group_of = np.fromiter(
-        (index_of.setdefault(k, len(index_of)) for k in kept_keys), dtype=np.intp, count=y.size
-    )
-    n_groups = len(index_of)
-    points = _mean_over_repeats(metrics, y, s, None)
+    data = _clustered(labels, scores, groups)
+    points = _mean_over_repeats(metrics, data.labels, data.scores, None)
     draws: list[dict[str, float]] = []
-    if n_resamples and n_groups:
-        rng = np.random.default_rng(seed)
-        picks = rng.integers(0, n_groups, size=(n_resamples, n_groups))
-        for b in range(n_resamples):
-            weights = np.bincount(picks[b], minlength=n_groups)[group_of]
-            draws.append(_mean_over_repeats(metrics, y, s, weights))
-    tail = (1.0 - level) / 2.0 * 100.0
-    result: dict[str, Estimate] = {}
-    for metric in metrics:
-        value = points[metric.name]
-        note: str | None = None
-        low = high = math.nan
-        defined = np.array([d[metric.name] for d in draws], dtype=np.float64)
-        defined = defined[np.isfinite(defined)]
-        if not math.isfinite(value):
-            note = metric.why_undefined(y, s[0] if s.shape[0] == 1 else None) or (
-                f"{metric.name}: undefined on these {y.size} images"
-            )
-        elif n_resamples == 0:
-            note = None
-        elif (
-            defined.size < MIN_DEFINED_RESAMPLES
-            or defined.size < MIN_DEFINED_FRACTION * n_resamples
-        ):
-            note = (
-                f"no interval: {metric.name} was defined in only {defined.size} of "
-                f"{n_resamples} resamples of {n_groups} patients"
-            )
-        else:
-            low, high = (float(v) for v in np.percentile(defined, [tail, 100.0 - tail]))
-            if defined.size < n_resamples:
-                note = (
-                    f"interval from the {defined.size} of {n_resamples} resamples where "
-                    f"{metric.name} was defined"
-                )
-        result[metric.name] = Estimate(
-            value=value,
-            low=low,
-            high=high,
-            n=int(y.size),
-            patients=n_groups,
-            resamples=int(defined.size),
-            level=level,
-            note=note,
+    if n_resamples and data.n_groups:
+        picks = np.random.default_rng(seed).integers(0, data.n_groups, (n_resamples, data.n_groups))
+        for pick in picks:
+            weights = np.bincount(pick, minlength=data.n_groups)[data.group_of]
+            draws.append(_mean_over_repeats(metrics, data.labels, data.scores, weights))
+    return {
+        m.name: _interval(
+            m, points[m.name], np.array([d[m.name] for d in draws]), data, n_resamples, level
         )
-    return result
+        for m in metrics
+    }
