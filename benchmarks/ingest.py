@@ -1,7 +1,7 @@
 """Ingest and query speed, against a floor measured in the same run.
 
     python benchmarks/ingest.py [--shared ../shared/datasets] [--rows 100000] [--quick]
-                                [--postgres URL]
+                                [--postgres URL] [--queries-only]
 
 1. The shared collection: a plain decode of every referenced image once (PIL open +
    load, one process: the floor, measured right before each ingest), then
@@ -17,6 +17,10 @@
    into a new schema of that PostgreSQL database (dropped at the end) and the same
    queries are timed there.
 
+With ``--queries-only`` parts 1 and 2 are skipped and the query stores are filled
+with the same synthetic metadata written straight into the tables (no images: the
+queries never read blobs), which takes seconds instead of the ingest's minutes.
+
 Everything is written to a temporary directory; ``../shared`` is only read.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import datetime as dt
 import io
 import os
 import statistics
@@ -38,12 +43,15 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from sqlalchemy import insert
 
 from covidcxr.ingest.pipeline import IngestOutcome, ingest_source
 from covidcxr.ingest.scan import resolve_source
 from covidcxr.ingest.table import read_table
+from covidcxr.schema.findings import parse_finding
 from covidcxr.store import queries
 from covidcxr.store.db import open_store
+from covidcxr.store.tables import Finding, Observation, Patient, Record, Source
 
 FINDINGS = (
     "COVID-19",
@@ -194,6 +202,83 @@ def synthetic_collection(root: Path, rows: int, size: int, seed: int = 0) -> Pat
     return root
 
 
+def synthetic_store(url: str, data_dir: Path, rows: int, seed: int = 0) -> None:
+    """Fill a new store with the metadata of :func:`synthetic_collection` (same
+    patients, findings, views, sexes and outcomes per row), written straight into the
+    tables: no image files, every record ``missing``."""
+    rng = np.random.default_rng(seed)
+    with open_store(url, data_dir) as store:
+        with store.transaction() as conn:
+            conn.execute(
+                insert(Source),
+                [{"id": 1, "name": "synthetic", "kind": "folder", "root": "/", "created_at": _NOW}],
+            )
+            conn.execute(
+                insert(Patient),
+                [
+                    {"id": p + 1, "source_id": 1, "patient_id": f"P{p}"}
+                    for p in range(min(rows, 30000))
+                ],
+            )
+            paths = {f: parse_finding(f).paths for f in FINDINGS}
+            statuses = {f: parse_finding(f).status for f in FINDINGS}
+            for start in range(0, rows, 10_000):
+                batch = range(start, min(rows, start + 10_000))
+                conn.execute(insert(Record), [_record_row(i, statuses) for i in batch])
+                conn.execute(insert(Observation), [_observation_row(i, rng) for i in batch])
+                conn.execute(
+                    insert(Finding),
+                    [
+                        {"record_id": i + 1, "position": n, "path": path, "token": path}
+                        for i in batch
+                        for n, path in enumerate(paths[FINDINGS[i % len(FINDINGS)]])
+                    ],
+                )
+        store.analyze()
+
+
+_NOW = dt.datetime.now(dt.UTC)
+
+
+def _record_row(index: int, statuses: dict[str, str]) -> dict[str, Any]:
+    finding = FINDINGS[index % len(FINDINGS)]
+    return {
+        "id": index + 1,
+        "source_id": 1,
+        "patient_pk": index % 30000 + 1,
+        "row_key": f"images/img{index:06d}.jpg",
+        "line": index + 2,
+        "folder": "images",
+        "filename": f"img{index:06d}.jpg",
+        "image_status": "missing",
+        "view": {"AP Supine": "AP Supine"}.get(
+            VIEWS[index % len(VIEWS)], VIEWS[index % len(VIEWS)]
+        ),
+        "modality": "X-ray",
+        "finding": finding,
+        "finding_status": statuses[finding],
+        "date": "2020",
+        "location": "Somewhere, Italy",
+        "doi": "10.0/synthetic",
+        "license": "CC BY 4.0",
+        "flags": "",
+        "content_hash": "0" * 64,
+    }
+
+
+def _observation_row(index: int, rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "record_id": index + 1,
+        "offset_days": int(rng.integers(-5, 30)),
+        "sex": "MF"[index % 2],
+        "age_years": float(rng.integers(18, 95)),
+        "survival": (index % 2 == 0) if index % 3 else None,
+        "intubated": True if index % 5 == 0 else None,
+        "went_icu": False if index % 7 == 0 else None,
+        "temperature_c": round(36 + float(rng.random()) * 4, 1),
+    }
+
+
 def time_query(run: Callable[[], Any], repeat: int = 7) -> tuple[float, Any]:
     """Median milliseconds of ``repeat`` runs (after one warm-up) and the last result."""
     result = run()
@@ -267,6 +352,23 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(text(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)))
 
 
+def queries_only(rows: int, postgres: str | None) -> int:
+    """Part 3 alone, on stores filled by :func:`synthetic_store`."""
+    with tempfile.TemporaryDirectory(prefix="covidcxr-bench-") as tmp:
+        work = Path(tmp)
+        started = time.perf_counter()
+        synthetic_store(sqlite_url(work), work / "data", rows)
+        print(f"filled a SQLite store with {rows:,} rows in {time.perf_counter() - started:.1f}s")
+        print(f"\nQueries on the synthetic SQLite store ({rows:,} rows; goal < 50 ms)")
+        print_table(query_rows(sqlite_url(work), work / "data"), ["query", "ms", "rows"])
+        if postgres:
+            with postgres_schema(postgres) as url:
+                synthetic_store(url, work / "pg-data", rows)
+                print(f"\nQueries on the synthetic PostgreSQL store ({rows:,} rows; goal < 50 ms)")
+                print_table(query_rows(url, work / "pg-data"), ["query", "ms", "rows"])
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -293,8 +395,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="small synthetic collection (2,000 rows), for a smoke test",
     )
+    parser.add_argument(
+        "--queries-only",
+        action="store_true",
+        help="skip the ingests: time the queries on synthetic metadata written straight "
+        "into the tables",
+    )
     args = parser.parse_args(argv)
     rows = 2_000 if args.quick else args.rows
+    if args.queries_only:
+        return queries_only(rows, args.postgres)
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="covidcxr-bench-") as tmp:
         work = Path(tmp)

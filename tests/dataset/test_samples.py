@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from covidcxr.dataset import samples as s
 from covidcxr.dataset.tasks import NO_FINDING_ASSIGNED, TOO_UNSPECIFIC, get_task
 from covidcxr.errors import MetadataError
 from covidcxr.ingest.pipeline import ingest_source
+from covidcxr.store import queries
 from covidcxr.store.db import Store, open_store
 
 
@@ -107,22 +110,72 @@ def test_selection_options(store: Store) -> None:
     assert other.samples == [] and other.excluded[s.SOURCE_NOT_SELECTED] == 9
 
 
-def test_selection_round_trips_and_rejects_bad_values() -> None:
+def test_selection_round_trips_and_rejects_bad_values(store: Store) -> None:
     selection = s.Selection(views=("PA", "AP"), findings=("COVID-19",), has_severity=True)
     assert s.Selection.from_dict(selection.as_dict()) == selection
     with pytest.raises(MetadataError, match="unknown key"):
         s.Selection.from_dict({"colour": "red"})
+    task = get_task("findings")
     with pytest.raises(MetadataError, match="view 'sideways'"):
-        s.Selection(views=("sideways",)).allowed_views()
+        s.build_samples(store, task, s.Selection(views=("sideways",)))
     with pytest.raises(MetadataError, match="modality 'MRI'"):
-        s.Selection(modalities=("MRI",)).allowed_modalities()
+        s.build_samples(store, task, s.Selection(modalities=("MRI",)))
+
+
+def _first_failure(selection: s.Selection, row: dict[str, object], store: Store) -> str | None:
+    """The reason a record is left out, found by reading it (the slow way)."""
+    with store.read() as conn:
+        for reason, step in selection.steps():
+            matching = {r["record_id"] for r in queries.list_records(conn, step)}
+            if row["record_id"] not in matching:
+                return reason
+    return None
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [
+        s.Selection(),
+        s.Selection(views=("any",), modalities=("any",), findings=("viral",)),
+        s.Selection(views=("PA", "AP"), has_severity=True, sources=("tiny",)),
+    ],
+)
+def test_selection_reads_only_selected_rows_and_counts_the_rest_exactly(
+    store: Store, selection: s.Selection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[int] = []
+    iter_records = queries.iter_records
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        for page in iter_records(*args, **kwargs):
+            read.extend(r["record_id"] for r in page)
+            yield page
+
+    monkeypatch.setattr(queries, "iter_records", counting)
+    result = s.build_samples(store, get_task("findings"), selection)
+    with store.read() as conn:
+        everything = queries.list_records(conn)
+    expected = Counter(_first_failure(selection, row, store) for row in everything)
+    kept = expected.pop(None, 0)
+    assert len(read) == kept < len(everything)
+    counted_in_sql = {k: v for k, v in result.excluded.items() if k in expected}
+    assert counted_in_sql == dict(expected)
+    assert len(result.samples) + result.excluded.total() == len(everything)
 
 
 def test_core_imports_without_torch() -> None:
     code = (
-        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
-        "import covidcxr.cli, covidcxr.store.writer, covidcxr.ingest.pipeline\n"
+        # An import hook that refuses torch, as an environment without it would
+        # (sys.modules['torch'] = None would also break scipy's array-API probe).
+        "import sys, importlib.abc\n"
+        "class NoTorch(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchvision'):\n"
+        "            raise ImportError(f'no module named {name!r} (blocked)')\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
+        "import covidcxr.cli, covidcxr.ingest.writer, covidcxr.ingest.pipeline\n"
         "import covidcxr.dataset.samples, covidcxr.dataset.tasks, covidcxr.export.tables\n"
+        "assert 'torch' not in sys.modules\n"
         "print('ok')\n"
     )
     result = subprocess.run(

@@ -25,10 +25,10 @@ from covidcxr.export import (
     tables,
 )
 from covidcxr.ingest.pipeline import IngestOutcome, ingest_source
-from covidcxr.ingest.report import Issue, escape_formula
+from covidcxr.ingest.report import Issue
 from covidcxr.schema.columns import BY_UPSTREAM, JUNE_2020_UPSTREAM, Kind
 from covidcxr.schema.findings import all_nodes, format_finding, parse_finding
-from covidcxr.schema.values import format_number
+from covidcxr.schema.values import escape_formula, format_number
 from covidcxr.store import queries
 from covidcxr.store.db import Store, open_store
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from covidcxr.imaging.decode import decode_image, to_grayscale
+from covidcxr.imaging.duplicates import DEFAULT_MAX_DISTANCE
 from covidcxr.imaging.hashing import (
     FEATURE_CENTRES,
     HASH_BITS,
@@ -25,7 +26,6 @@ from covidcxr.imaging.hashing import (
     trim_borders,
     working_gray,
 )
-from covidcxr.ingest.duplicates import DEFAULT_MAX_DISTANCE
 
 SEEDS = range(5)
 
@@ -282,7 +282,7 @@ def test_cropped_copy_is_nearer_than_any_other_picture(seed: int) -> None:
     strict=True,
     reason="known limitation: a 3% crop of each side zooms the picture by 6%, which "
     "whole-image DCT hashes do not survive (9% of real films stay within the "
-    "threshold); see covidcxr.ingest.duplicates",
+    "threshold); see covidcxr.imaging.duplicates",
 )
 def test_cropped_copies_are_within_threshold() -> None:
     distances = [

@@ -1,6 +1,6 @@
 """From the store to ML samples: a selection, a task, and a count of everything left out.
 
-:func:`build_samples` reads the records once, applies the selection and the task, and
+:func:`build_samples` reads only the selected records, labels them for the task, and
 returns a :class:`SampleSet`: plain, picklable samples (no database handle) that the
 torch Dataset, the splits and the exports share. Nothing is dropped silently: every
 record left out is counted under its reason (image missing, CT in an X-ray task,
@@ -9,11 +9,12 @@ lateral view in a frontal task, no label for the task, ...).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from sqlalchemy import Connection
 
 from covidcxr.dataset.tasks import LabelCounts, Labels, Task
 from covidcxr.errors import MetadataError
-from covidcxr.schema.findings import is_under, resolve_node
-from covidcxr.schema.values import FRONTAL_VIEWS, parse_modality, parse_view
+from covidcxr.serialise import from_dict, to_dict
 from covidcxr.store import queries
+from covidcxr.store.blobs import blob_path
 from covidcxr.store.db import Store
 
 IMAGE_MISSING = "image missing"
@@ -61,7 +62,7 @@ class Selection:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (stored in split files)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Selection:
@@ -70,45 +71,43 @@ class Selection:
         Raises:
             MetadataError: unknown keys.
         """
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
+        unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise MetadataError(f"Selection: unknown key(s) {sorted(unknown)}")
-        values: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in data.items()
-        }
-        return cls(**values)
+        return from_dict(cls, data)
 
-    def allowed_views(self) -> set[str] | None:
-        """The normalised views to keep, None for any."""
-        views: set[str] = set()
-        for view in self.views:
-            if view.lower() == "any":
-                return None
-            if view.lower() == "frontal":
-                views |= FRONTAL_VIEWS
-                continue
-            parsed, problem = parse_view(view)
-            if parsed is None:
-                raise MetadataError(
-                    f"Selection: view {view!r}: {problem.message if problem else ''}"
-                )
-            views.add(parsed)
-        return views
+    def steps(self) -> list[tuple[str, queries.RecordFilter]]:
+        """The selection as store filters, each with the reason a record failing it is
+        left out, in the order they apply (a record is counted under the first)."""
+        views = () if _any(self.views) else tuple(self.views)
+        modalities = () if _any(self.modalities) else tuple(self.modalities)
+        steps = [
+            (SOURCE_NOT_SELECTED, queries.RecordFilter(sources=self.sources)),
+            (IMAGE_MISSING, queries.RecordFilter(image_status=("stored", "rejected"))),
+            (IMAGE_REJECTED, queries.RecordFilter(image_status=("stored",))),
+            (MODALITY_NOT_SELECTED, queries.RecordFilter(modalities=modalities)),
+            (VIEW_NOT_SELECTED, queries.RecordFilter(views=views)),
+            (FINDING_NOT_SELECTED, queries.RecordFilter(findings=self.findings)),
+            (SEVERITY_NOT_SELECTED, queries.RecordFilter(has_severity=self.has_severity or None)),
+        ]
+        return [(reason, step) for reason, step in steps if step != queries.RecordFilter()]
 
-    def allowed_modalities(self) -> set[str] | None:
-        """The normalised modalities to keep, None for any."""
-        modalities: set[str] = set()
-        for modality in self.modalities:
-            if modality.lower() == "any":
-                return None
-            parsed, problem = parse_modality(modality)
-            if parsed is None:
-                raise MetadataError(
-                    f"Selection: modality {modality!r}: {problem.message if problem else ''}"
-                )
-            modalities.add(parsed)
-        return modalities
+    def record_filter(self) -> queries.RecordFilter:
+        """The store filter of the records this selection keeps (all steps at once)."""
+        unset = queries.RecordFilter()
+        merged = unset
+        for _, step in self.steps():
+            changed = {
+                f.name: getattr(step, f.name)
+                for f in dataclasses.fields(step)
+                if getattr(step, f.name) != getattr(unset, f.name)
+            }
+            merged = dataclasses.replace(merged, **changed)
+        return merged
+
+
+def _any(values: Sequence[str]) -> bool:
+    return any(v.strip().lower() == "any" for v in values)
 
 
 @dataclass(frozen=True)
@@ -172,13 +171,13 @@ class SampleSet:
 
     def image_path(self, sample: Sample) -> Path:
         """Where the sample's image bytes are."""
-        return self.blob_root / sample.image_sha256[:2] / sample.image_sha256
+        return blob_path(self.blob_root, sample.image_sha256)
 
     def mask_path(self, sample: Sample) -> Path | None:
         """Where the sample's lung mask is, if any."""
         if sample.mask_sha256 is None:
             return None
-        return self.blob_root / sample.mask_sha256[:2] / sample.mask_sha256
+        return blob_path(self.blob_root, sample.mask_sha256)
 
     def summary(self) -> dict[str, Any]:
         """Counts: samples, patients, labels, and every exclusion reason."""
@@ -240,11 +239,11 @@ def _mask(annotations: Sequence[Mapping[str, Any]]) -> str | None:
 
 
 def _records_with_annotations(
-    conn: Connection,
+    conn: Connection, selection: queries.RecordFilter
 ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """Every record with its image's annotations, in listing order, read a page at a
-    time: memory holds one page of full rows, not every column of every record."""
-    for page in queries.iter_records(conn):
+    """The selected records with their image's annotations, in listing order, read a
+    page at a time: memory holds one page of full rows, not every record."""
+    for page in queries.iter_records(conn, selection):
         annotations = queries.annotations_for(
             conn, {r["image_sha256"] for r in page if r["image_sha256"]}
         )
@@ -256,59 +255,47 @@ def _records_with_annotations(
 def build_samples(store: Store, task: Task, selection: Selection | None = None) -> SampleSet:
     """Select records, label them for ``task``, and count what was left out.
 
-    Records come in source/line order; the order of the samples is therefore
-    the same on every machine.
+    The store reads only the selected records (the exclusions of the selection are
+    counted in the database); records come in source/line order, so the order of the
+    samples is the same on every machine.
 
     Raises:
         MetadataError: a selection value is not valid.
     """
     selection = selection or Selection()
-    views = selection.allowed_views()
-    modalities = selection.allowed_modalities()
-    finding_nodes = [resolve_node(f) for f in selection.findings]
-    excluded: Counter[str] = Counter()
     samples: list[Sample] = []
     seen_images: set[str] = set()
     with store.read() as conn:
-        for row, found in _records_with_annotations(conn):
+        excluded = queries.count_exclusions(conn, selection.steps())
+        for row, found in _records_with_annotations(conn, selection.record_filter()):
             sha = row["image_sha256"]
             severity = _severity(found)
-            if selection.sources and row["source"] not in selection.sources:
-                reason: str | None = SOURCE_NOT_SELECTED
-            elif row["image_status"] == "missing":
-                reason = IMAGE_MISSING
-            elif row["image_status"] != "stored" or sha is None:
-                reason = IMAGE_REJECTED
-            elif modalities is not None and row["modality"] not in modalities:
-                reason = MODALITY_NOT_SELECTED
-            elif views is not None and row["view"] not in views:
-                reason = VIEW_NOT_SELECTED
-            elif finding_nodes and not any(
-                is_under(f, n) for f in row["findings"] for n in finding_nodes
-            ):
-                reason = FINDING_NOT_SELECTED
-            elif selection.has_severity and severity is None:
-                reason = SEVERITY_NOT_SELECTED
-            elif selection.one_per_image and sha in seen_images:
-                reason = SAME_IMAGE
-            else:
-                labels, reason = task.label_record({**row, "severity": severity})
-                if labels is not None and sha is not None:
-                    seen_images.add(sha)
-                    samples.append(
-                        Sample(
-                            record_id=row["record_id"],
-                            image_sha256=sha,
-                            patient=f"{row['source']}:{row['patient_id']}",
-                            source=row["source"],
-                            labels=labels,
-                            severity=(severity["geographic_mean"], severity["opacity_mean"])
-                            if severity
-                            else None,
-                            mask_sha256=_mask(found),
-                            metadata={k: row[k] for k in METADATA_KEYS},
-                        )
-                    )
-            if reason is not None:
-                excluded[reason] += 1
+            if selection.one_per_image and sha in seen_images:
+                excluded[SAME_IMAGE] += 1
+                continue
+            labels, reason = task.label_record({**row, "severity": severity})
+            if labels is None or sha is None:
+                excluded.update([reason] if reason is not None else [])
+                continue
+            seen_images.add(sha)
+            samples.append(_sample(row, sha, labels, severity, found))
     return SampleSet(task, selection, samples, excluded, store.blobs.root)
+
+
+def _sample(
+    row: Mapping[str, Any],
+    sha: str,
+    labels: Labels,
+    severity: Mapping[str, float] | None,
+    annotations: Sequence[Mapping[str, Any]],
+) -> Sample:
+    return Sample(
+        record_id=row["record_id"],
+        image_sha256=sha,
+        patient=f"{row['source']}:{row['patient_id']}",
+        source=row["source"],
+        labels=labels,
+        severity=(severity["geographic_mean"], severity["opacity_mean"]) if severity else None,
+        mask_sha256=_mask(annotations),
+        metadata={k: row[k] for k in METADATA_KEYS},
+    )

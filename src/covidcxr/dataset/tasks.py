@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from covidcxr.errors import MetadataError
 from covidcxr.schema.findings import get_node, is_under, resolve_node
+from covidcxr.serialise import to_dict
 
 TaskKind = Literal["multilabel", "binary", "regression"]
 Labels = tuple[float, ...]
@@ -56,13 +57,7 @@ class Task:
 
     def as_dict(self) -> dict[str, Any]:
         """The task as data (stored with splits, datasets and models)."""
-        return {
-            "name": self.name,
-            "kind": self.kind,
-            "labels": list(self.labels),
-            "description": self.description,
-            "ranges": [list(r) for r in self.ranges],
-        }
+        return {k: v for k, v in to_dict(self).items() if k != "label_record"}
 
 
 def _assigned(record: Mapping[str, Any]) -> bool:

@@ -7,7 +7,6 @@ rows and makes the write atomic; they only write the path they are given.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -15,10 +14,10 @@ from typing import Any, Literal, cast
 
 from covidcxr import __version__
 from covidcxr.export import FINDING_STYLES, ExportError, ExportJob
-from covidcxr.ingest.report import escape_formula
 from covidcxr.schema.columns import BY_NAME, BY_UPSTREAM, COLUMNS, JUNE_2020_UPSTREAM, Column, Kind
 from covidcxr.schema.findings import FindingStatus, ParsedFinding, all_nodes, format_finding
-from covidcxr.schema.values import format_number
+from covidcxr.schema.values import escape_formula, format_number
+from covidcxr.serialise import to_dict
 from covidcxr.store.queries import LIST_COLUMNS, annotations_for, image_details
 
 # Upstream headers per layout, in upstream order.
@@ -267,7 +266,7 @@ def write_parquet(job: ExportJob, path: Path) -> int:
         {
             "covidcxr.version": __version__,
             "covidcxr.filter": json.dumps(
-                dataclasses.asdict(job.selection), ensure_ascii=False, sort_keys=True
+                to_dict(job.selection), ensure_ascii=False, sort_keys=True
             ),
             "covidcxr.finding_vocabulary": json.dumps(list(all_nodes()), ensure_ascii=False),
         }

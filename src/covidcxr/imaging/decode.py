@@ -31,7 +31,7 @@ import os
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -371,10 +371,10 @@ def _png_header_size(data: bytes, name: str) -> tuple[int, int]:
     """Width and height from the IHDR chunk, which the PNG spec puts first."""
     if len(data) < 8 + 8 + 13:
         raise _truncated(name, f"PNG ends after {len(data)} bytes, inside its header")
-    length, chunk_type = struct.unpack_from(">I4s", data, 8)
-    if chunk_type != b"IHDR" or length != 13:
+    chunk_type, payload = next(_png_chunks(data, name))
+    if chunk_type != b"IHDR" or len(payload) != 13:
         raise _undecodable(name, f"PNG starts with a {chunk_type!r} chunk, not IHDR")
-    width, height = struct.unpack_from(">II", data, 16)
+    width, height = struct.unpack_from(">II", payload)
     if width == 0 or height == 0:
         raise _undecodable(name, f"PNG header says {width}x{height} pixels")
     return width, height
@@ -382,6 +382,17 @@ def _png_header_size(data: bytes, name: str) -> tuple[int, int]:
 
 def _check_png_structure(data: bytes, name: str) -> None:
     """Walk every chunk, checking lengths and CRCs, up to IEND."""
+    for _ in _png_chunks(data, name):
+        pass
+
+
+def _png_chunks(data: bytes, name: str) -> Iterator[tuple[bytes, memoryview]]:
+    """Each chunk's type and payload, up to and including IEND, once its length and CRC
+    are checked; the package's one PNG chunk walker.
+
+    Raises:
+        ImageError: a chunk is cut short or has a bad CRC, or IEND is missing.
+    """
     view = memoryview(data)
     pos = 8
     end = len(data)
@@ -396,6 +407,7 @@ def _check_png_structure(data: bytes, name: str) -> None:
         (stored_crc,) = struct.unpack_from(">I", data, chunk_end - 4)
         if zlib.crc32(view[pos + 4 : chunk_end - 4]) != stored_crc:
             raise _truncated(name, f"PNG {label} chunk at byte {pos} has a bad CRC")
+        yield chunk_type, view[pos + 8 : chunk_end - 4]
         if chunk_type == b"IEND":
             return
         pos = chunk_end

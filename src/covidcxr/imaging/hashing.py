@@ -25,7 +25,7 @@ same for every film: on the 724 images, 711 pairs of different pictures lie with
 of 64 bits. Centring on the collection's medians makes each bit a coin flip across
 films (17 such pairs within 8 bits instead of 167), and the detail bits separate
 different films of one patient, which a 64-bit hash cannot. See
-:mod:`covidcxr.ingest.duplicates` for the measurements and the threshold.
+:mod:`covidcxr.imaging.duplicates` for the measurements and the threshold.
 
 Hashes are stored as 16-character lowercase hex strings (:class:`ImageHashes`);
 :func:`hamming` compares two of them.
@@ -99,7 +99,7 @@ class ImageHashes:
     Attributes:
         phash: the coarse 64-bit DCT hash (the 64 lowest frequencies), 16 lowercase hex
             characters. Enough on its own for exact-content and resize/recompress
-            matches; :mod:`covidcxr.ingest.duplicates` indexes it.
+            matches; :mod:`covidcxr.imaging.duplicates` indexes it.
         phash_detail: the next 64 frequencies, same format. Compared together with
             ``phash`` (distance = sum of both), it separates copies of one picture from
             different radiographs of the same patient or of look-alike patients.

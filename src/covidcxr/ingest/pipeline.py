@@ -13,9 +13,9 @@ from covidcxr.errors import IngestRefusedError, MetadataError
 from covidcxr.imaging.decode import DEFAULT_MAX_PIXELS
 from covidcxr.ingest.mapping import SourceMapping
 from covidcxr.ingest.scan import ScanResult, resolve_source, scan_source
+from covidcxr.ingest.writer import IngestSummary, write_scan
 from covidcxr.store.blobs import BlobStore, sha256_hex
 from covidcxr.store.db import Store
-from covidcxr.store.writer import IngestSummary, write_scan
 
 log = logging.getLogger(__name__)
 

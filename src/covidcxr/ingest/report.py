@@ -14,14 +14,15 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from covidcxr.atomic import atomic_output
-from covidcxr.schema.values import Action, Severity, looks_like_formula
+from covidcxr.schema.values import Action, Severity, escape_formula
+from covidcxr.serialise import to_dict
 
-__all__ = ["Action", "Issue", "Report", "Severity", "escape_formula", "write_text_atomic"]
+__all__ = ["Action", "Issue", "Report", "Severity", "write_text_atomic"]
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,6 @@ class Issue:
 
 REPORT_FIELDS = ("severity", "code", "file", "row", "column", "value", "action", "message")
 MAX_VALUE_CHARS = 200
-
-
-def escape_formula(text: str) -> str:
-    """Prefix text a spreadsheet would evaluate (``=cmd()``) with a quote."""
-    return "'" + text if looks_like_formula(text) else text
 
 
 @dataclass
@@ -129,10 +125,7 @@ class Report:
             "root": self.root,
             "counts": dict(self.counts),
             "issue_counts": {str(s): dict(sorted(self.by_code(s).items())) for s in Severity},
-            "issues": [
-                {k: str(v) if k == "severity" else v for k, v in asdict(i).items()}
-                for i in self.issues
-            ],
+            "issues": [to_dict(issue) for issue in self.issues],
         }
 
     def to_csv_text(self) -> str:
@@ -141,7 +134,7 @@ class Report:
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(REPORT_FIELDS)
         for issue in self.issues:
-            row = asdict(issue)
+            row = to_dict(issue)
             writer.writerow(
                 [escape_formula("" if row[k] is None else str(row[k])) for k in REPORT_FIELDS]
             )

@@ -5,7 +5,7 @@ and safely decodes every referenced image, reads the annotations of the upstream
 layout (severity scores, lung masks, lung boxes), and reports every problem with
 file, row, column, value and reason. ``check`` prints the report; ``ingest``
 copies the files into the blob store and hands the scan to
-:func:`covidcxr.store.writer.write_scan`. A scan itself writes nothing.
+:func:`covidcxr.ingest.writer.write_scan`. A scan itself writes nothing.
 """
 
 from __future__ import annotations

@@ -358,6 +358,11 @@ def looks_like_formula(text: str) -> bool:
     return text.startswith(FORMULA_PREFIXES)
 
 
+def escape_formula(text: str) -> str:
+    """Prefix text a spreadsheet would evaluate (``=cmd()``) with a quote."""
+    return "'" + text if looks_like_formula(text) else text
+
+
 def format_number(value: float) -> str:
     """The shortest plain text that reads back as ``value``.
 

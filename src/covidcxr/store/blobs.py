@@ -23,6 +23,11 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def blob_path(root: Path, sha256: str) -> Path:
+    """Where the blob with this hash lives below ``root``: ``<root>/<sha[:2]>/<sha>``."""
+    return root / sha256[:2] / sha256
+
+
 class BlobStore:
     """Files named by the sha256 of their bytes below ``root``."""
 
@@ -34,7 +39,7 @@ class BlobStore:
         """Where the blob with this hash lives (whether or not it exists)."""
         if len(sha256) != 64 or not set(sha256) <= _HEX:
             raise StoreError(f"BlobStore.path: {sha256!r} is not a lowercase hex sha256")
-        return self.root / sha256[:2] / sha256
+        return blob_path(self.root, sha256)
 
     def has(self, sha256: str) -> bool:
         """True if the blob exists."""

@@ -144,12 +144,9 @@ class Store:
     def analyze(self) -> None:
         """Refresh the database's planner statistics.
 
-        Run after an ingest: with statistics, SQLite walks the (source, line) index
-        for a listing's first rows instead of sorting every match, which keeps
-        filtered listings of 100,000 rows in milliseconds. On PostgreSQL this is
-        ``VACUUM (ANALYZE)`` of covidcxr's own tables (0.7 s at 100,000 records): it
-        also marks the freshly written pages all-visible, so that counts can read the
-        findings and observations indexes alone instead of the tables behind them.
+        Run after an ingest. On PostgreSQL this is ``VACUUM (ANALYZE)`` of covidcxr's
+        own tables: it also marks the freshly written pages all-visible, so that counts
+        can read indexes alone instead of the tables behind them.
         """
         if self.engine.dialect.name == "postgresql":
             tables = ", ".join(

@@ -3,7 +3,7 @@
 Exact duplicates share their bytes (one blob referenced by several rows); near
 duplicates are different files of the same picture (resized, recompressed, framed),
 found from the perceptual hashes recorded at ingest (see
-:mod:`covidcxr.ingest.duplicates` for the method and its measured limits). A group
+:mod:`covidcxr.imaging.duplicates` for the method and its measured limits). A group
 lists every record involved with its source and patient, so that a curator can merge
 them and so that splits keep them on one side.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from covidcxr.ingest.duplicates import find_duplicates
+from covidcxr.imaging.duplicates import find_duplicates
 from covidcxr.store.queries import RecordFilter, list_records
 from covidcxr.store.tables import Image
 
@@ -83,7 +83,7 @@ def duplicate_groups(
     Args:
         conn: a store connection.
         max_distance: largest Hamming distance (of 128 bits) for a near duplicate;
-            default :data:`covidcxr.ingest.duplicates.DEFAULT_MAX_DISTANCE`.
+            default :data:`covidcxr.imaging.duplicates.DEFAULT_MAX_DISTANCE`.
         selection: only consider these records (default: all).
 
     Returns:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Select, and_, func, literal, or_, select, tuple_
+from sqlalchemy import Connection, Select, and_, case, func, literal, or_, select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -103,8 +103,7 @@ def _annotation_exists(kind: str) -> ColumnElement[bool]:
 def stored_paths_under(conn: Connection, nodes: Iterable[str]) -> list[str]:
     """The finding paths in the store that are one of ``nodes`` or below one of them.
 
-    The store holds a few dozen distinct paths, read from the path index in well
-    under a millisecond on SQLite; matching them here turns a hierarchy filter into
+    Matching the store's few dozen distinct paths here turns a hierarchy filter into
     equality on an indexed column (no ``LIKE``, no collation rules).
     """
     wanted = list(nodes)
@@ -115,11 +114,9 @@ def stored_paths_under(conn: Connection, nodes: Iterable[str]) -> list[str]:
 
 
 def _distinct_paths() -> Select[Any]:
-    """The distinct finding paths, by hopping along the path index (a "skip scan").
+    """The distinct finding paths, hopping along the path index one path at a time.
 
-    ``SELECT DISTINCT path`` reads every findings row: 25 ms at 100,000 rows on
-    PostgreSQL, on each filter. Asking the index for the next larger path, once per
-    distinct path, reads a few dozen index entries instead.
+    Kept: PostgreSQL has no skip scan, and ``SELECT DISTINCT`` reads every findings row.
     """
     path = Finding.path
     seed = select(func.min(path).label("path")).cte("stored_paths", recursive=True)
@@ -133,42 +130,31 @@ def where_clauses(
     conn: Connection,
     selection: RecordFilter,
     *,
-    listing_scan: bool = False,
-    record_key: InstrumentedAttribute[int] | None = None,
+    page: bool = False,
+    key: InstrumentedAttribute[int] | None = None,
 ) -> list[ColumnElement[bool]]:
     """SQL conditions for a filter (over ``records`` joined with its tables).
 
     Args:
         conn: the store.
         selection: the filter.
-        record_key: the column the finding condition matches record ids against
-            (default ``records.id``; ``observations.record_id`` for a filter that
-            reads nothing else of ``records``).
-        listing_scan: write the finding condition as a probe per record (``EXISTS``)
-            and the observation conditions so that no index can drive them
-            (``age_years + 0``): the planner then walks records in listing order and
-            stops at the page's end. For a page of a filter (see :func:`_page_ids`).
+        page: the conditions are for one page in listing order.
+        key: the record id column the finding condition matches (default
+            ``records.id``; ``observations.record_id`` for a query without ``records``).
 
     Raises:
         MetadataError: a filter value is not valid (an unknown finding, view...).
     """
     clauses: list[ColumnElement[bool]] = []
-    age = Observation.age_years + 0 if listing_scan else Observation.age_years
-    sex = Observation.sex + "" if listing_scan else Observation.sex
     if selection.findings:
         paths = stored_paths_under(conn, (resolve_node(f) for f in selection.findings))
-        key = Record.id if record_key is None else record_key
-        if listing_scan:
-            # A probe per record on the unique (record_id, path) index: nothing is
-            # built up front, so a walk that stops early costs only what it walked.
-            clauses.append(
-                select(Finding.id).where(Finding.record_id == key, Finding.path.in_(paths)).exists()
-            )
+        if page:
+            # Kept: SQLite sorts a whole IN-set before a LIMIT; EXISTS walks the order.
+            found = select(Finding.id).where(Finding.record_id == Record.id)
+            clauses.append(found.where(Finding.path.in_(paths)).exists())
         else:
-            # A set (the covering (path, record_id) index), not a probe per record: the
-            # cost stays flat whatever else the filter holds and however the planner
-            # orders the other conditions.
-            clauses.append(key.in_(select(Finding.record_id).where(Finding.path.in_(paths))))
+            found_ids = select(Finding.record_id).where(Finding.path.in_(paths))
+            clauses.append((Record.id if key is None else key).in_(found_ids))
     if selection.views:
         views: set[str] = set()
         for view in selection.views:
@@ -182,11 +168,11 @@ def where_clauses(
             Record.modality.in_(_normalised(selection.modalities, parse_modality, "modality"))
         )
     if selection.sexes:
-        clauses.append(sex.in_(_normalised(selection.sexes, parse_sex, "sex")))
+        clauses.append(Observation.sex.in_(_normalised(selection.sexes, parse_sex, "sex")))
     if selection.age_min is not None:
-        clauses.append(age >= selection.age_min)
+        clauses.append(Observation.age_years >= selection.age_min)
     if selection.age_max is not None:
-        clauses.append(age <= selection.age_max)
+        clauses.append(Observation.age_years <= selection.age_max)
     if selection.sources:
         clauses.append(Source.name.in_(list(selection.sources)))
     if selection.patients:
@@ -374,54 +360,13 @@ def list_records(
         MetadataError: a filter value is not valid.
     """
     selection = selection or RecordFilter()
-    if (limit is None and not offset) or (limit is not None and limit > _IN_LIST_MAX):
-        return _fetch(conn, where_clauses(conn, selection), limit, offset)
+    if limit is None and not offset:
+        return _fetch(conn, where_clauses(conn, selection))
     # A page: find its record ids with a narrow query (sorting ids, not wide rows,
     # and joining only what the filter reads), then read those rows in full.
-    page = _page_ids(conn, selection, limit, offset)
+    query = _filtered(conn, select(Record.id), selection, page=True).order_by(*_LISTING_ORDER)
+    page = conn.execute(query.limit(limit).offset(offset)).scalars().all()
     return _fetch(conn, [Record.id.in_(page)]) if page else []
-
-
-#: A SQLite page of a finding filter is first looked for among this many records at
-#: the head of the listing order (see :func:`_page_ids`); 0 turns that off.
-LISTING_WINDOW = 5000
-
-
-def _page_ids(
-    conn: Connection, selection: RecordFilter, limit: int | None, offset: int
-) -> Sequence[int]:
-    """The record ids of one page of a filter, in listing order.
-
-    SQLite's planner drives a finding filter from its record-id set: it looks up every
-    record in the set and sorts the matches, about 1.3 us a set row (50 ms when 40,000
-    of 100,000 records match), even for a page of 100. So a page of a finding filter
-    is first looked for by walking the first :data:`LISTING_WINDOW` records in listing
-    order and probing the findings index for each (``EXISTS``, nothing built first):
-    a few ms, and enough whenever one record in 50 or more matches (for a page of
-    100). Only when the window does not fill the page does the set drive. A patient
-    filter keeps its own index; PostgreSQL's planner needs no help.
-    """
-    window = LISTING_WINDOW
-    if (
-        window > 0
-        and limit is not None
-        and offset + limit <= window
-        and conn.dialect.name == "sqlite"
-        and selection.findings
-        and not selection.patients
-    ):
-        walk = _filtered(conn, select(Record.id), selection, listing_scan=True)
-        boundary = conn.execute(
-            select(*_LISTING_ORDER).order_by(*_LISTING_ORDER).offset(window - 1).limit(1)
-        ).first()
-        if boundary is not None:
-            walk = walk.where(tuple_(*_LISTING_ORDER) <= tuple_(*boundary))
-        page = conn.execute(walk.order_by(*_LISTING_ORDER).limit(limit).offset(offset))
-        ids = page.scalars().all()
-        if len(ids) == limit or boundary is None:
-            return ids  # the window is a prefix of the order: these are the page's rows
-    query = _filtered(conn, select(Record.id), selection).order_by(*_LISTING_ORDER)
-    return conn.execute(query.limit(limit).offset(offset)).scalars().all()
 
 
 def iter_records(
@@ -447,10 +392,14 @@ def iter_records(
 def count_records(conn: Connection, selection: RecordFilter | None = None) -> int:
     """How many records match a filter."""
     selection = selection or RecordFilter()
-    if _reads_only_observations(selection):
-        # Each record has exactly one observation row: count those, without looking
-        # up every matching record (half the time for a wide finding + age filter).
-        clauses = where_clauses(conn, selection, record_key=Observation.record_id)
+    unset = RecordFilter()
+    if _reads_observations(selection) and all(
+        getattr(selection, f.name) == getattr(unset, f.name)
+        for f in dataclasses.fields(selection)
+        if f.name not in _OBSERVATION_FILTERS
+    ):
+        # Every record has exactly one observations row: count those, not records.
+        clauses = where_clauses(conn, selection, key=Observation.record_id)
         query = select(func.count()).select_from(Observation).where(and_(True, *clauses))
     else:
         query = _filtered(conn, select(func.count()).select_from(Record), selection)
@@ -458,20 +407,6 @@ def count_records(conn: Connection, selection: RecordFilter | None = None) -> in
 
 
 _OBSERVATION_FILTERS = frozenset({"findings", "sexes", "age_min", "age_max", "outcomes"})
-
-
-def _reads_only_observations(selection: RecordFilter) -> bool:
-    """Does the filter read observation columns, and nothing else but findings?"""
-    # Every other field must be unset (a field added later counts as read).
-    others_unset = all(
-        value is None or (isinstance(value, Sequence | dict) and len(value) == 0)
-        for value in (
-            getattr(selection, f.name)
-            for f in dataclasses.fields(selection)
-            if f.name not in _OBSERVATION_FILTERS
-        )
-    )
-    return _reads_observations(selection) and others_unset
 
 
 def _reads_observations(selection: RecordFilter) -> bool:
@@ -484,7 +419,7 @@ def _reads_observations(selection: RecordFilter) -> bool:
 
 
 def _filtered(
-    conn: Connection, query: _Query, selection: RecordFilter, *, listing_scan: bool = False
+    conn: Connection, query: _Query, selection: RecordFilter, *, page: bool = False
 ) -> _Query:
     """``query`` (over ``records``) joined with only the tables ``selection`` reads, and
     filtered by it. Every record has exactly one source, patient and observation row,
@@ -495,7 +430,35 @@ def _filtered(
         query = query.join(Patient, Patient.id == Record.patient_pk)
     if _reads_observations(selection):
         query = query.join(Observation, Observation.record_id == Record.id)
-    return query.where(and_(True, *where_clauses(conn, selection, listing_scan=listing_scan)))
+    return query.where(and_(True, *where_clauses(conn, selection, page=page)))
+
+
+def count_exclusions(conn: Connection, steps: Sequence[tuple[str, RecordFilter]]) -> Counter[str]:
+    """How many records each step of a selection leaves out, in one ``GROUP BY``.
+
+    A record is counted once, under the reason of the first step whose filter it does
+    not match (a record with no value for a filtered field does not match it).
+
+    Args:
+        conn: the store.
+        steps: ``(reason, filter)`` pairs, in the order they apply.
+
+    Raises:
+        MetadataError: a filter value is not valid.
+    """
+    reason: ColumnElement[Any] = literal(None)
+    for name, step in reversed(steps):
+        condition = and_(True, *where_clauses(conn, step))
+        reason = case((condition, reason), else_=literal(name))
+    query = (
+        select(reason.label("reason"), func.count())
+        .select_from(Record)
+        .join(Source, Source.id == Record.source_id)
+        .join(Patient, Patient.id == Record.patient_pk)
+        .join(Observation, Observation.record_id == Record.id)
+        .group_by("reason")
+    )
+    return Counter({name: n for name, n in conn.execute(query) if name is not None})
 
 
 def image_details(conn: Connection, sha256s: Iterable[str]) -> dict[str, dict[str, Any]]:

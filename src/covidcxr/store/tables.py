@@ -173,8 +173,10 @@ class Observation(Base):
         ForeignKey("records.id", ondelete="CASCADE"), primary_key=True
     )
     offset_days: Mapped[int | None] = mapped_column(Integer)
-    sex: Mapped[str | None] = mapped_column(String(1), index=True)
-    age_years: Mapped[float | None] = mapped_column(Float, index=True)
+    # No index on sex or age: two values, or a range that usually holds most rows, so
+    # an index there only lures the planner away from the findings and listing order.
+    sex: Mapped[str | None] = mapped_column(String(1))
+    age_years: Mapped[float | None] = mapped_column(Float)
     rt_pcr_positive: Mapped[str | None] = mapped_column(String(8))
     survival: Mapped[bool | None] = mapped_column(Boolean)
     intubated: Mapped[bool | None] = mapped_column(Boolean)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidcxr.ingest.duplicates import (
+from covidcxr.imaging.duplicates import (
     DEFAULT_MAX_DISTANCE,
     DEFAULT_MAX_DISTANCE_COARSE,
     DuplicateCluster,
@@ -263,7 +263,7 @@ def test_100k_random_hashes_cluster_and_find_the_planted_pair() -> None:
 # --- the real collection -----------------------------------------------------------------
 
 # Pictures filed twice, found by screening every pair and checked by eye (see the
-# module docstring of covidcxr.ingest.duplicates).
+# module docstring of covidcxr.imaging.duplicates).
 EXPECTED_NEAR = [
     {
         "16660_2_1.jpg",

@@ -13,51 +13,14 @@ Output: :class:`DuplicateCluster` objects of two kinds:
 Distance: with ``phash_detail`` on every item, the Hamming distance over all 128 bits
 (coarse + detail); with ``phash`` only, over its 64 bits. Mixing the two is refused.
 
-Choice of threshold. Measured on the 724 images of ``covid-chestxray`` (262,026
-pairs). Ground truth: all pairs were screened with three hashes, every close pair was
-scored by an aligned cross-correlation of high-passed images and the borderline ones
-were checked by eye side by side. 14 pairs hold one picture: 1 exact (same sha256)
-and 13 near; 7 of these pictures are filed under two patients (e.g. ``16660_2_1.jpg`` of
-patient 178 is
-``covid-19-rapidly-progressive-...-admission.jpg`` of patient 97, resized;
-``AR-1.jpg`` of patient 192 is ``extubation-1.jpg`` of patient 196, cropped and
-labelled). The
-hard negatives are films of one patient on different days, neighbouring CT slices
-and look-alike films of different patients.
+:data:`DEFAULT_MAX_DISTANCE` is 10 of 128 bits (:data:`DEFAULT_MAX_DISTANCE_COARSE`, 3,
+for the 64-bit ``phash`` alone): the largest with no false pair on ``covid-chestxray``
+(docs/decisions/0040-duplicate-hash-threshold.md). Clusters are candidates for review,
+not proof.
 
-* The textbook 64-bit pHash (coefficients thresholded at their per-image median)
-  cannot tell chest films apart: 167 pairs of *different* pictures lie within 8 bits
-  and 711 within 10, because every chest film has the same low-frequency anatomy.
-  :mod:`covidcxr.imaging.hashing` therefore centres each coefficient on its median
-  over the collection, and adds 64 detail bits.
-* Centred 64-bit ``phash`` alone, max distance 2/3/4/6/8/10/12: near clusters
-  7/8/11/16/24/35/60; pairs of different pictures among them 0/0/1/8/17/66/211; true
-  near pairs found 9/10/12/12/13/13/13 of 13. The first false pair (4 bits) is two
-  different patients' PA films.
-* 128 bits (``phash`` + ``phash_detail``), max distance 8/10/12/14/16/18/20: near
-  clusters 8/8/9/10/10/15/17; pairs of different pictures 0/0/1/3/3/6/11; true near
-  pairs found 8/10/10/11/11/13/13 of 13. The first false pair (12 bits) is two
-  neighbouring CT slices of one patient; from 17 bits come films of one patient on
-  different days and lateral films of different patients.
-* Synthetic edits of 150 real films, share within 10 of 128 bits (within 3 of 64):
-  resize to 50% 0.98 (0.92), to 30% 0.95 (0.87), JPEG quality 60 1.00 (1.00),
-  quality 30 0.99 (0.99), 5% black frame 0.85 (0.75), 5% white frame 0.73 (0.58),
-  3% cropped from each side 0.09 (0.20), 6% 0.01 (0.01). Frames are handled by
-  trimming; crops of more than ~2% are beyond whole-image DCT hashes. The three true
-  pairs missed at 10 bits are a copy with different contrast (13 bits), a crop and a
-  re-windowed copy (18 bits each).
-
-:data:`DEFAULT_MAX_DISTANCE` is 10 of 128 bits, the largest with no false pair
-(clusters at 10: 1 exact, 8 near, 6 of them across patients and 1 across sources; 12
-adds only a pair of CT slices). For items with the 64-bit ``phash`` only,
-:data:`DEFAULT_MAX_DISTANCE_COARSE` is 3. Clusters are candidates for review, not
-proof: a larger collection has more look-alike pairs near the threshold.
-
-Scaling: candidates come from multi-index hashing. The bits are split into ``m``
-bands; two codes within ``d`` bits agree within ``d // m`` bits on at least one band
-(pigeonhole), so each band is looked up with every key within that radius, and only
-those candidates are compared on all bits. ``m`` is picked by a cost model; 100,000
-random 128-bit codes take about 2.5 s on one core.
+Candidates come from multi-index hashing: the bits are split into bands; two codes
+within ``d`` bits agree within ``d // m`` bits on at least one of ``m`` bands, so only
+the keys near each band are compared on all bits.
 """
 
 from __future__ import annotations
