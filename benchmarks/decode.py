@@ -1,20 +1,20 @@
-"""Per-image decode cost of the training loader, by file kind: covidcxr's vs Pillow alone.
+"""Per-image decode cost of the training loader, by file kind: Pillow vs libpng for PNGs.
 
 For every image (and lung mask) of the collection, times :func:`load_image` (or
-:func:`load_mask`) at 224 px as covidcxr runs it (8-bit PNGs inflated by libdeflate and
-unfiltered by its C extension, reduced JPEG decoding, the resize by its second C
-extension), the same call with libpng decoding those PNGs, and with every file decoded
-and resized by Pillow (as where neither extension was built), in one process on one
-thread, and prints the CPU milliseconds per file by kind
-(format, progressive, mode) with the ratios. The outputs are compared pixel for pixel.
-
-This is where a first epoch's time goes: ``benchmarks/loader.py`` times whole passes.
+:func:`load_mask`) at 224 px as covidcxr runs it (Pillow; JPEGs in draft mode), and
+the same with PNGs decoded by libpng through ``imagecodecs`` instead of Pillow (the
+grey conversion, crop and resize unchanged), in one process on one thread, and prints
+the CPU milliseconds per file by kind (format, progressive, mode) with the ratio. The
+outputs are compared pixel for pixel. This is the measurement behind decoding PNGs
+with Pillow (``docs/decisions/0010-loader-library-code.md``); ``benchmarks/loader.py``
+times whole passes.
 
 Usage::
 
     python benchmarks/decode.py [--shared ../shared/datasets] [--repeats 3]
 
-Reads the files in place; writes nothing.
+Needs ``imagecodecs`` (``pip install imagecodecs``). Reads the files in place; writes
+nothing.
 """
 
 from __future__ import annotations
@@ -53,7 +53,53 @@ def _best_cpu_ms(call: Callable[[], object], repeats: int) -> float:
     return best * 1000
 
 
+def _libpng_load(path: Path, what: str) -> np.ndarray:
+    """load_image/load_mask with an 8-bit PNG decoded by libpng, the rest as covidcxr."""
+    import imagecodecs
+
+    data = path.read_bytes()
+    pixels = imagecodecs.png_decode(data) if data.startswith(b"\x89PNG") else None
+    if pixels is None or pixels.dtype != np.uint8:
+        return _covidcxr_load(path, what)  # not an 8-bit PNG: Pillow's path
+    if pixels.ndim == 3 and pixels.shape[2] == 2:
+        pixels = pixels[..., 0]  # grey + alpha: the grey
+    image = Image.fromarray(np.ascontiguousarray(pixels))  # L, RGB or RGBA
+    resample = loading.RESAMPLE if what == "image" else Image.Resampling.NEAREST
+    resized = loading._crop_resize(loading._gray(image), image.size, 1.0, SIZE, "center", resample)
+    grey = loading._to_uint8(resized)
+    return grey if what == "image" else np.ascontiguousarray(grey >= 128, dtype=np.uint8)
+
+
+def _covidcxr_load(path: Path, what: str) -> np.ndarray:
+    load = loading.load_image if what == "image" else loading.load_mask
+    return load(path, SIZE)
+
+
+def _print_table(totals: dict[str, dict[str, float]], names: list[str]) -> None:
+    header = f"{'kind':<28} {'files':>5} " + " ".join(f"{n + ' ms':>11}" for n in names)
+    header += f" {'Pillow/libpng':>14}"
+    print(header)
+    print("-" * len(header))
+
+    def line(label: str, row: dict[str, float]) -> None:
+        n = row["n"]
+        times = " ".join(f"{row[name] / n:>11.2f}" for name in names)
+        print(f"{label:<28} {int(n):>5} {times} {row[names[0]] / row[names[1]]:>13.2f}x")
+
+    for group in ("image", "mask"):
+        total: dict[str, float] = defaultdict(float)
+        for kind, row in sorted(totals.items(), key=lambda kv: -kv[1][names[0]]):
+            if kind.startswith("mask") != (group == "mask"):
+                continue
+            for key, value in row.items():
+                total[key] += value
+            line(kind, row)
+        if total:
+            line(f"all {group}s", total)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Time both decoders on every file and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shared", default=str(ROOT.parent / "shared" / "datasets"))
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs")
@@ -71,73 +117,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs += [(path, "mask", "mask " + _kind(path)) for path in masks]
     for path, _, _ in jobs:
         path.read_bytes()  # into the page cache
-
-    def decode(path: Path, what: str) -> np.ndarray:
-        load = loading.load_image if what == "image" else loading.load_mask
-        return load(path, SIZE)
-
-    # covidcxr as installed; with libpng for PNGs; Pillow alone (no C extension).
-    variants: dict[str, dict[str, object]] = {"covidcxr": {}}
-    if loading.NATIVE_PNG:
-        variants["libpng"] = {"_unfilter": None}
-    variants["Pillow"] = {"_plain_png": lambda *_: None, "_resizer": None}
-    saved = {name: getattr(loading, name) for name in ("_unfilter", "_plain_png", "_resizer")}
+    variants = {"covidcxr": _covidcxr_load, "libpng": _libpng_load}
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     differing = 0
     for path, what, kind in jobs:
-        outputs = []
-        for variant, patch in variants.items():
-            for name, value in patch.items():
-                setattr(loading, name, value)
-            try:
-                outputs.append(decode(path, what))
-                ms = _best_cpu_ms(lambda p=path, w=what: decode(p, w), args.repeats)
-            finally:
-                for name, value in saved.items():
-                    setattr(loading, name, value)
-            totals[kind][variant] += ms
+        outputs = [load(path, what) for load in variants.values()]
+        for name, load in variants.items():
+            totals[kind][name] += _best_cpu_ms(lambda p=path, w=what, f=load: f(p, w), args.repeats)
         totals[kind]["n"] += 1
-        differing += any(not np.array_equal(outputs[0], other) for other in outputs[1:])
-
-    names = list(variants)
-    header = f"{'kind':<28} {'files':>5} " + " ".join(f"{n + ' ms':>11}" for n in names)
-    header += " " + " ".join(f"{'vs ' + n:>10}" for n in names[1:])
-    print(header)
-    print("-" * len(header))
-
-    def line(label: str, row: dict[str, float]) -> None:
-        n = row["n"]
-        times = " ".join(f"{row[name] / n:>11.2f}" for name in names)
-        ratios = " ".join(f"{row[name] / row['covidcxr']:>9.2f}x" for name in names[1:])
-        print(f"{label:<28} {int(n):>5} {times} {ratios}")
-
-    for group in ("image", "mask"):
-        total: dict[str, float] = defaultdict(float)
-        for kind, row in sorted(totals.items(), key=lambda kv: -kv[1]["Pillow"]):
-            if kind.startswith("mask") != (group == "mask"):
-                continue
-            for key, value in row.items():
-                total[key] += value
-            line(kind, row)
-        if total:
-            line(f"all {group}s", total)
+        differing += not np.array_equal(outputs[0], outputs[1])
+    _print_table(totals, list(variants))
     print(
-        "ms: CPU milliseconds per file for load_image/load_mask at 224 px (read, decode, "
-        "grey, crop, resize); vs X: how many times covidcxr's time X's is"
+        "ms: CPU milliseconds per file at 224 px (read, decode, grey, crop, resize); "
+        "covidcxr: Pillow decodes (JPEG in draft mode); libpng: 8-bit PNGs decoded by "
+        "libpng (imagecodecs), everything else as covidcxr"
     )
-    print(
-        "covidcxr: 8-bit PNGs inflated by libdeflate, unfiltered and made grey by covidcxr's C "
-        "extension"
-        if loading.NATIVE_PNG
-        else "covidcxr: the C extension was not built, so 8-bit PNGs go to libpng"
-    )
-    print(
-        "covidcxr: grey images resized by covidcxr's C extension"
-        if loading.NATIVE_RESIZE
-        else "covidcxr: the resize extension was not built, so Pillow resizes"
-    )
-    print("libpng: the same with 8-bit PNGs decoded by libpng")
-    print("Pillow: every file decoded and resized by Pillow (as without the C extensions)")
     print(f"outputs that differ between them: {differing} of {len(jobs)}")
     return 1 if differing else 0
 

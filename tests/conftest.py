@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import os
-import shutil
-import sysconfig
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -71,27 +69,6 @@ def _isolated_data_dir(
     monkeypatch.delenv("COVIDCXR_DB", raising=False)
     monkeypatch.setenv("XDG_DATA_HOME", str(data / "xdg"))
     return data
-
-
-def skip_without_c_compiler(falls_back_to: str) -> None:
-    """Skip a test of a C extension's build where Python's C compiler is missing (the
-    install then succeeds without the extension, and ``falls_back_to`` does its work)."""
-    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    if shutil.which(compiler) is None:
-        pytest.skip(f"no C compiler ({compiler}): {falls_back_to}")
-
-
-@pytest.fixture(params=["native", "libpng"])
-def png_decoder(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which decoder the training loader uses for plain PNGs: covidcxr's C extension
-    (skipped where it was not built) or libpng, as where it was not."""
-    from covidcxr.dataset import loading
-
-    if request.param == "native" and not loading.NATIVE_PNG:
-        pytest.skip("the C extension covidcxr.dataset._pngfilter was not built")
-    if request.param == "libpng":
-        monkeypatch.setattr(loading, "_unfilter", None)
-    return str(request.param)
 
 
 @pytest.fixture

@@ -1,8 +1,7 @@
-"""The preprocessed-pixel cache: pack files shared by threads and processes, damage."""
+"""The preprocessed-pixel cache: one .npy per record, written atomically; damage; writers."""
 
 from __future__ import annotations
 
-import gc
 import logging
 import multiprocessing
 import os
@@ -13,28 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import PIL
 import pytest
 
+from covidcxr.dataset import cache as cache_module
 from covidcxr.dataset.cache import CACHE_VERSION, PreprocessCache, stale_folders
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
-SHA_C = "c" * 64
-HEADER = 48
 
 
 def _noise(side: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8)
-
-
-def _record(cache: PreprocessCache, sha: str) -> tuple[Path, int]:
-    """The pack and offset of ``sha``'s (first) record, found by reading the files."""
-    for pack in cache.packs():
-        data = pack.read_bytes()
-        at = data.find(bytes.fromhex(sha))
-        if at >= 0:
-            return pack, at - 8
-    raise AssertionError(f"no record of {sha[:8]} in {cache.folder}")
 
 
 def _failing_after_first() -> Any:
@@ -59,38 +48,11 @@ def test_hit_returns_identical_pixels_without_decoding(tmp_path: Path) -> None:
     assert second.shape == (24, 24)
     second[0, 0] ^= 1  # the caller's own copy: writable, and the cache is unchanged
     np.testing.assert_array_equal(cache.get(SHA_A), first)
-    [pack] = cache.packs()
-    assert pack.parent == tmp_path / f"v{CACHE_VERSION}-24-center"
-    assert pack.name.startswith(f"{os.getpid()}-") and pack.suffix == ".pack"
-    assert pack.stat().st_size == HEADER + 24 * 24
+    assert [p.name for p in cache.folder.iterdir()] == [f"{SHA_A}.npy"]  # no temporary left
+    np.testing.assert_array_equal(np.load(cache.path(SHA_A)), first)  # a plain .npy file
 
 
-def test_one_pack_per_process_not_one_file_per_image(tmp_path: Path) -> None:
-    cache = PreprocessCache(tmp_path, 8)
-    for i in range(50):
-        cache.put(f"{i:064x}", _noise(8, seed=i))
-    [pack] = cache.packs()
-    assert list(cache.folder.iterdir()) == [pack]
-    assert pack.stat().st_size == 50 * (HEADER + 64)
-    reader = PreprocessCache(tmp_path, 8)  # another process would see the same
-    for i in range(50):
-        np.testing.assert_array_equal(reader.get(f"{i:064x}"), _noise(8, seed=i))
-
-
-def test_indexed_says_what_this_cache_knows_without_reading(tmp_path: Path) -> None:
-    writer = PreprocessCache(tmp_path, 8)
-    reader = PreprocessCache(tmp_path, 8)
-    assert not writer.indexed(SHA_A)
-    writer.put(SHA_A, _noise(8))
-    assert writer.indexed(SHA_A)
-    assert not reader.indexed(SHA_A)  # on disk, but this cache has not looked
-    assert reader.get(SHA_A) is not None
-    assert reader.indexed(SHA_A)
-    with pytest.raises(ValueError, match="not a lowercase hex sha256"):
-        reader.indexed("x")
-
-
-def test_key_has_size_crop_and_kind(tmp_path: Path) -> None:
+def test_key_has_size_crop_kind_and_pillow_version(tmp_path: Path) -> None:
     folders = {
         PreprocessCache(tmp_path, 24).folder,
         PreprocessCache(tmp_path, 32).folder,
@@ -98,6 +60,7 @@ def test_key_has_size_crop_and_kind(tmp_path: Path) -> None:
         PreprocessCache(tmp_path, 24, kind="mask").folder,
     }
     assert len(folders) == 4
+    assert PIL.__version__ in CACHE_VERSION  # a Pillow upgrade starts a new cache
     small = PreprocessCache(tmp_path, 24)
     small.put(SHA_A, _noise(24))
     assert small.get(SHA_B) is None
@@ -109,10 +72,11 @@ def test_repr_and_folder(tmp_path: Path) -> None:
     cache = PreprocessCache(tmp_path, 16, "pad", kind="mask")
     assert cache.folder == tmp_path / f"v{CACHE_VERSION}-16-pad-mask"
     assert str(cache.folder) in repr(cache)
-    assert cache.packs() == []
+    assert cache.get(SHA_A) is None
+    assert not cache.folder.exists()  # reading creates nothing
 
 
-def test_refuses_bad_keys_and_pixels(tmp_path: Path) -> None:
+def test_refuses_bad_keys_pixels_and_requests(tmp_path: Path) -> None:
     cache = PreprocessCache(tmp_path, 8)
     with pytest.raises(ValueError, match="not a lowercase hex sha256"):
         cache.get("ABC")
@@ -124,80 +88,57 @@ def test_refuses_bad_keys_and_pixels(tmp_path: Path) -> None:
         cache.put(SHA_A, np.zeros((8, 8), dtype=np.float32))
     with pytest.raises(ValueError, match="kind"):
         PreprocessCache(tmp_path, 8, kind="depth")  # type: ignore[arg-type]
-    assert cache.packs() == []
+    with pytest.raises(ValueError, match="positive int"):
+        PreprocessCache(tmp_path, 0)
+    with pytest.raises(ValueError, match="crop 'middle'"):
+        PreprocessCache(tmp_path, 8, "middle")  # type: ignore[arg-type]
+    assert not cache.folder.exists()
 
 
-# -- damage -----------------------------------------------------------------------------
+# -- damage and failures ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("damage", ["torn", "zeros", "magic", "other size", "empty"])
-def test_damaged_record_is_ignored_and_rebuilt(
+@pytest.mark.parametrize("damage", ["torn", "empty", "garbage", "other size", "other dtype"])
+def test_damaged_record_is_reported_and_rebuilt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
-    writer = PreprocessCache(tmp_path, 24)
-    good = _noise(24, seed=3)
-    writer.put(SHA_A, good)
-    writer.put(SHA_B, good)
-    pack, at = _record(writer, SHA_B)
-    data = bytearray(pack.read_bytes())
-    record = HEADER + 24 * 24
-    if damage == "torn":  # a crash in the middle of the last record
-        del data[at + record - 100 :]
-    elif damage == "zeros":  # a file system that kept the length, not the data
-        data[at : at + record] = bytes(record)
-    elif damage == "magic":
-        data[at] ^= 0xFF
+    cache = PreprocessCache(tmp_path, 8)
+    cache.put(SHA_A, _noise(8))
+    path = cache.path(SHA_A)
+    data = path.read_bytes()
+    if damage == "torn":
+        path.write_bytes(data[: len(data) - 10])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garbage":
+        path.write_bytes(b"not a numpy file" * 10)
     elif damage == "other size":
-        data[at + 40] = 25
+        np.save(path, _noise(9))
     else:
-        data.clear()
-    pack.write_bytes(bytes(data))
-    reader = PreprocessCache(tmp_path, 24)
-    assert reader.get(SHA_B) is None
-    if damage != "empty":  # the record before the damaged one is still there
-        np.testing.assert_array_equal(reader.get(SHA_A), good)
-    rebuilt = reader.get_or_load(SHA_B, lambda: good)
-    np.testing.assert_array_equal(rebuilt, good)
-    np.testing.assert_array_equal(PreprocessCache(tmp_path, 24).get(SHA_B), good)
-
-
-def test_record_damaged_after_indexing_is_reported_and_rebuilt(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    cache = PreprocessCache(tmp_path, 24)
-    good = _noise(24, seed=3)
-    cache.put(SHA_A, good)
-    pack, at = _record(cache, SHA_A)
-    with pack.open("r+b") as handle:
-        handle.seek(at + 8)
-        handle.write(bytes.fromhex(SHA_B))  # the record now claims another image
+        np.save(path, _noise(8).astype(np.uint16))
     with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.cache"):
         assert cache.get(SHA_A) is None
-    assert "corrupt" in caplog.text
-    np.testing.assert_array_equal(cache.get_or_load(SHA_A, lambda: good), good)
-    np.testing.assert_array_equal(cache.get(SHA_A), good)
+    assert "rebuilding it" in caplog.text
+    np.testing.assert_array_equal(cache.get_or_load(SHA_A, lambda: _noise(8, 5)), _noise(8, 5))
+    np.testing.assert_array_equal(cache.get(SHA_A), _noise(8, 5))
 
 
-def test_short_write_abandons_the_pack(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A write that stores fewer bytes than a record (a full disk) is not indexed, and
-    nothing is appended after it: the next record goes to a new pack."""
+def test_a_failed_write_leaves_no_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that dies mid-write (here: np.save fails) leaves neither a record nor
+    its temporary file; the record is written whole next time."""
     cache = PreprocessCache(tmp_path, 8)
-    cache.put(SHA_A, _noise(8, seed=1))
-    real = os.pwritev
-    monkeypatch.setattr(os, "pwritev", lambda fd, parts, offset: real(fd, parts[:1], offset))
-    with caplog.at_level(logging.WARNING, logger="covidcxr.dataset.cache"):
-        cache.put(SHA_B, _noise(8, seed=2))
-    assert "short write (48 of 112 bytes)" in caplog.text
-    assert cache.get(SHA_B) is None
-    monkeypatch.setattr(os, "pwritev", real)
-    cache.put(SHA_C, _noise(8, seed=3))
-    assert len(cache.packs()) == 2
-    reader = PreprocessCache(tmp_path, 8)
-    assert reader.get(SHA_B) is None
-    np.testing.assert_array_equal(reader.get(SHA_A), _noise(8, seed=1))
-    np.testing.assert_array_equal(reader.get(SHA_C), _noise(8, seed=3))
+
+    def broken(handle: Any, *args: Any, **kwargs: Any) -> None:
+        handle.write(b"\x93NUMPY half a record")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cache_module.np, "save", broken)
+    cache.put(SHA_A, _noise(8))
+    assert cache.get(SHA_A) is None
+    assert list(cache.folder.iterdir()) == []
+    monkeypatch.undo()
+    cache.put(SHA_A, _noise(8))
+    np.testing.assert_array_equal(cache.get(SHA_A), _noise(8))
 
 
 def test_unwritable_cache_warns_once_and_goes_on(
@@ -217,18 +158,15 @@ def test_cache_deleted_while_in_use_is_made_again(tmp_path: Path) -> None:
     cache = PreprocessCache(tmp_path / "cache", 8)
     cache.put(SHA_A, _noise(8, seed=1))
     shutil.rmtree(tmp_path / "cache")
-    assert cache.get(SHA_B) is None  # notices that the folder is gone
+    assert cache.get(SHA_A) is None
     cache.put(SHA_B, _noise(8, seed=2))
-    assert len(cache.packs()) == 1
-    reader = PreprocessCache(tmp_path / "cache", 8)
-    assert reader.get(SHA_A) is None
-    np.testing.assert_array_equal(reader.get(SHA_B), _noise(8, seed=2))
+    np.testing.assert_array_equal(PreprocessCache(tmp_path / "cache", 8).get(SHA_B), _noise(8, 2))
 
 
 # -- several writers --------------------------------------------------------------------
 
 
-def test_concurrent_threads_write_a_key_once(tmp_path: Path) -> None:
+def test_concurrent_threads_write_and_read_whole_records(tmp_path: Path) -> None:
     cache = PreprocessCache(tmp_path, 64)
     pixels = _noise(64, seed=9)
 
@@ -241,103 +179,28 @@ def test_concurrent_threads_write_a_key_once(tmp_path: Path) -> None:
     for got in seen:
         assert got is not None
         np.testing.assert_array_equal(got, pixels)
-    [pack] = cache.packs()
-    assert pack.stat().st_size == 2 * (HEADER + 64 * 64)
+    assert sorted(p.name for p in cache.folder.iterdir()) == [f"{SHA_A}.npy", f"{SHA_B}.npy"]
 
 
-def test_records_of_another_cache_are_found_later(tmp_path: Path) -> None:
-    reader = PreprocessCache(tmp_path, 8)
-    assert reader.get(SHA_A) is None  # indexed an empty cache
-    writer = PreprocessCache(tmp_path, 8)
-    writer.put(SHA_A, _noise(8, seed=1))
-    np.testing.assert_array_equal(reader.get(SHA_A), _noise(8, seed=1))
-    writer.put(SHA_B, _noise(8, seed=2))  # appended to a pack the reader already knows
-    np.testing.assert_array_equal(reader.get(SHA_B), _noise(8, seed=2))
-    reader.put(SHA_B, _noise(8, seed=2))  # known: not written twice
-    assert len(reader.packs()) == 1
-
-
-def _fill(root: str, first: int, count: int) -> None:
+def _fill(root: str, count: int) -> None:
     cache = PreprocessCache(root, 16)
-    for i in range(first, first + count):
+    for i in range(count):  # every process writes the same keys: they race on each
         cache.put(f"{i:064x}", _noise(16, seed=i))
+        assert cache.get(f"{i:064x}") is not None
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_processes_write_their_own_packs_and_forked_children_read_the_parents(
-    tmp_path: Path,
-) -> None:
-    parent = PreprocessCache(tmp_path, 16)
-    parent.put(SHA_A, _noise(16, seed=100))
-    context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_fill, args=(str(tmp_path), k * 40, 40)) for k in range(3)]
+def test_processes_fill_one_cache_at_once(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("spawn" if not hasattr(os, "fork") else "fork")
+    workers = [context.Process(target=_fill, args=(str(tmp_path), 60)) for _ in range(3)]
     for worker in workers:
         worker.start()
     for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
-    assert 2 <= len(parent.packs()) <= 4  # a writer that finished may hand its pack on
-    for i in range(120):
-        np.testing.assert_array_equal(parent.get(f"{i:064x}"), _noise(16, seed=i))
-
-    # A forked child reads the parent's records and appends to a pack of its own.
-    def child() -> None:
-        assert parent.get(SHA_A) is not None
-        parent.put(SHA_B, _noise(16, seed=101))
-
-    process = context.Process(target=child)
-    before = len(parent.packs())
-    process.start()
-    process.join(timeout=60)
-    assert process.exitcode == 0
-    assert len(parent.packs()) <= before + 1
-    np.testing.assert_array_equal(parent.get(SHA_B), _noise(16, seed=101))
-
-
-def test_a_pack_whose_writer_is_gone_is_taken_over(tmp_path: Path) -> None:
-    first = PreprocessCache(tmp_path, 8)
-    first.put(SHA_A, _noise(8, seed=1))
-    second = PreprocessCache(tmp_path, 8)
-    second.put(SHA_B, _noise(8, seed=2))
-    assert len(first.packs()) == 2  # both writers alive: a pack each
-    del first, second
-    gc.collect()  # their files closed: no writer holds either pack
-    third = PreprocessCache(tmp_path, 8)
-    third.put(SHA_C, _noise(8, seed=3))
-    assert len(third.packs()) == 2  # appended to an existing pack
-    reader = PreprocessCache(tmp_path, 8)
-    for sha, seed in ((SHA_A, 1), (SHA_B, 2), (SHA_C, 3)):
-        np.testing.assert_array_equal(reader.get(sha), _noise(8, seed=seed))
-
-
-def test_sequential_processes_share_one_pack(tmp_path: Path) -> None:
-    context = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
-    for k in range(4):
-        worker = context.Process(target=_fill, args=(str(tmp_path), k * 10, 10))
-        worker.start()
         worker.join(timeout=60)
         assert worker.exitcode == 0
     reader = PreprocessCache(tmp_path, 16)
-    assert len(reader.packs()) == 1
-    for i in range(40):
+    for i in range(60):
         np.testing.assert_array_equal(reader.get(f"{i:064x}"), _noise(16, seed=i))
-
-
-def test_a_taken_over_pack_is_written_over_its_torn_tail(tmp_path: Path) -> None:
-    first = PreprocessCache(tmp_path, 8)
-    first.put(SHA_A, _noise(8, seed=1))
-    [pack] = first.packs()
-    del first
-    gc.collect()
-    with pack.open("ab") as handle:
-        handle.write(b"CXRPACK3" + bytes(30))  # a record cut short by a crash
-    second = PreprocessCache(tmp_path, 8)
-    second.put(SHA_B, _noise(8, seed=2))
-    assert second.packs() == [pack]
-    assert pack.stat().st_size == 2 * (HEADER + 64)
-    reader = PreprocessCache(tmp_path, 8)
-    np.testing.assert_array_equal(reader.get(SHA_A), _noise(8, seed=1))
-    np.testing.assert_array_equal(reader.get(SHA_B), _noise(8, seed=2))
+    assert len(list(reader.folder.iterdir())) == 60  # records only, no temporaries
 
 
 def test_pickled_cache_is_the_same_cache(tmp_path: Path) -> None:
@@ -347,14 +210,19 @@ def test_pickled_cache_is_the_same_cache(tmp_path: Path) -> None:
     assert (copy.root, copy.size, copy.crop, copy.kind) == (tmp_path, 8, "pad", "mask")
     np.testing.assert_array_equal(copy.get(SHA_A), _noise(8))
     copy.put(SHA_B, _noise(8, seed=1))
-    assert len(cache.packs()) == 2  # the copy writes a pack of its own
+    np.testing.assert_array_equal(cache.get(SHA_B), _noise(8, seed=1))
 
 
-def test_stale_folders_are_the_older_versions(tmp_path: Path) -> None:
+def test_stale_folders_are_the_other_versions(tmp_path: Path) -> None:
     PreprocessCache(tmp_path, 8).put(SHA_A, _noise(8))
     PreprocessCache(tmp_path, 8, kind="mask").put(SHA_A, _noise(8))
-    for name in ("v2-224-center", "v1-64-pad-mask", "v2-notes", "other"):
+    names = ("v3-224-center", "v1-64-pad-mask", "v4-pillow1.0-224-center", "v2-notes", "other")
+    for name in names:
         (tmp_path / name).mkdir()
     (tmp_path / "v2-32-center").write_text("a file, not a cache folder", encoding="utf-8")
-    assert [p.name for p in stale_folders(tmp_path)] == ["v1-64-pad-mask", "v2-224-center"]
+    assert [p.name for p in stale_folders(tmp_path)] == [
+        "v1-64-pad-mask",
+        "v3-224-center",
+        "v4-pillow1.0-224-center",
+    ]
     assert stale_folders(tmp_path / "missing") == []

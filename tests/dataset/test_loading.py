@@ -1,4 +1,4 @@
-"""Fast loading: geometry like torchxrayvision, every pixel mode, masks, the disk cache."""
+"""Loading: geometry like torchxrayvision, Pillow's pixels, every mode, masks, the cache."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from conftest import encode, xray_like
-from covidcxr.dataset import loading
 from covidcxr.dataset.cache import PreprocessCache
 from covidcxr.dataset.loading import (
     DEFAULT_CACHE_DIR,
@@ -117,7 +116,7 @@ def test_bad_requests_are_refused(tmp_path: Path, size: Any, crop: Any, message:
         PreprocessCache(tmp_path, size, crop)
 
 
-@pytest.mark.parametrize("depth", [8, 16])  # the fast PNG path, Pillow's path
+@pytest.mark.parametrize("depth", [8, 16])
 def test_decompression_bomb_is_an_image_error(tmp_path: Path, depth: int) -> None:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
@@ -131,8 +130,8 @@ def test_decompression_bomb_is_an_image_error(tmp_path: Path, depth: int) -> Non
     assert raised.value.code == "too_many_pixels"
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])  # the fast PNG path, Pillow's path
-def test_missing_and_undecodable_files(tmp_path: Path, png_decoder: str, dtype: type) -> None:
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_missing_and_undecodable_files(tmp_path: Path, dtype: type) -> None:
     with pytest.raises(ImageError, match="does not exist") as missing:
         load_image(tmp_path / "nope.png", 8)
     assert missing.value.code == "missing_file"
@@ -257,139 +256,103 @@ def test_palette_la_and_cmyk(tmp_path: Path) -> None:
     assert load_image(path, 48).shape == (48, 48)
 
 
-def _pillow_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(loading, "_plain_png", lambda *_: None)
-
-
-def _assert_same_as_pillow(monkeypatch: pytest.MonkeyPatch, path: Path, size: int) -> None:
-    """load_image gives the pixels it gives with every file left to Pillow."""
-    got = load_image(path, size)
-    _pillow_only(monkeypatch)
-    np.testing.assert_array_equal(got, load_image(path, size))
-
-
 def _colour(seed: int, channels: int) -> np.ndarray:
     planes = [xray_like(seed + i, (61, 83)) for i in range(channels)]
     return planes[0] if channels == 1 else np.stack(planes, axis=-1)
 
 
-@pytest.mark.parametrize(
-    ("mode", "channels", "fast"),
-    [
-        ("L", 1, True),
-        ("LA", 2, True),
-        ("RGB", 3, True),
-        ("RGBA", 4, True),
-        ("P", 1, False),
-        ("I;16", 1, False),
-        ("1", 1, False),
-    ],
-)
+def _two_passes(gray: Image.Image, size: tuple[int, int], box: tuple[float, ...]) -> Image.Image:
+    """Pillow's BILINEAR resize with reducing_gap, step by step as ``Image.resize`` runs
+    it (reduce, then the resize), the resize as two calls that run one pass each:
+    horizontal, then vertical."""
+    factor = tuple(int((box[i + 2] - box[i]) / size[i] / REDUCING_GAP) or 1 for i in (0, 1))
+    if factor != (1, 1):
+        safe = gray._get_safe_box(size, RESAMPLE, box)  # type: ignore[arg-type]
+        gray = gray.reduce(factor, box=safe)  # type: ignore[arg-type]
+        box = tuple((box[i] - safe[i % 2]) / factor[i % 2] for i in range(4))
+    wide = gray.resize((size[0], gray.height), RESAMPLE, box=(box[0], 0, box[2], gray.height))
+    return wide.resize(size, RESAMPLE, box=(0, box[1], size[0], box[3]))
+
+
+def _pillow_reference(path: Path, size: int, crop: str) -> np.ndarray:
+    """What load_image must give, computed directly with Pillow: grey (``L``), then
+    the resize of the crop box (pad: of the whole image, pasted centred on black)."""
+    with Image.open(path) as image:
+        gray = image.convert("L")
+    width, height = gray.size
+    if crop == "center":
+        return np.asarray(_two_passes(gray, (size, size), center_crop_box(width, height)))
+    scale = size / max(width, height)
+    out = (max(1, round(width * scale)), max(1, round(height * scale)))
+    padded = Image.new("L", (size, size), 0)
+    resized = _two_passes(gray, out, (0, 0, width, height))
+    padded.paste(resized, ((size - out[0]) // 2, (size - out[1]) // 2))
+    return np.asarray(padded)
+
+
+def test_resize_is_pillows_single_call_where_pillow_goes_horizontal_first(tmp_path: Path) -> None:
+    """Square crops of square images: every Pillow runs the horizontal pass first."""
+    for side in (150, 224, 333, 700, 1500):
+        path = _save(tmp_path / f"{side}.png", Image.fromarray(xray_like(side, (side, side))))
+        with Image.open(path) as image:
+            expected = image.resize((224, 224), RESAMPLE, reducing_gap=REDUCING_GAP)
+        np.testing.assert_array_equal(load_image(path, 224), np.asarray(expected))
+
+
+def test_pass_order_is_horizontal_first_whatever_pillow_does(tmp_path: Path) -> None:
+    """Where the order of the two passes changes pixels, the horizontal pass comes first
+    (as in every Pillow before 13, and in the shipped model's training)."""
+    pixels = np.random.default_rng(1).integers(0, 256, (285, 175), dtype=np.uint8)
+    path = _save(tmp_path / "noise.png", Image.fromarray(pixels))
+    image = Image.fromarray(pixels)
+    box = (0, 55, 175, 230)  # center_crop_box(175, 285); 100 px: no reduce
+    wide = image.resize((100, 285), RESAMPLE, box=(0, 0, 175, 285))
+    horizontal_first = wide.resize((100, 100), RESAMPLE, box=(0, 55, 100, 230))
+    vertical_first = image.resize((175, 100), RESAMPLE, box=box).resize((100, 100), RESAMPLE)
+    assert not np.array_equal(np.asarray(horizontal_first), np.asarray(vertical_first))
+    np.testing.assert_array_equal(load_image(path, 100), np.asarray(horizontal_first))
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("LA", 2), ("RGB", 3), ("RGBA", 4)])
 @pytest.mark.parametrize("crop", ["center", "pad"])
-def test_plain_pngs_decode_fast_to_pillows_pixels(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    png_decoder: str,
-    mode: str,
-    channels: int,
-    fast: bool,
-    crop: Any,
+@pytest.mark.parametrize("shape", [(61, 83), (300, 200), (1100, 900), (50, 50)])
+def test_pngs_are_pillows_pixels(
+    tmp_path: Path, mode: str, channels: int, crop: str, shape: tuple[int, int]
 ) -> None:
-    image = Image.fromarray(_colour(7, channels))
-    if mode == "I;16":
-        image = Image.fromarray(_colour(7, 1).astype(np.uint16) * 257)
-    elif mode in ("P", "1"):
-        image = image.convert(mode)
-    assert image.mode == mode
-    path = _save(tmp_path / "image.png", image)
-    calls = Counter[str]()
-    png_decode, native_png = loading.imagecodecs.png_decode, loading._native_png
-
-    def libpng(data: bytes) -> np.ndarray:
-        calls["libpng"] += 1
-        return png_decode(data)
-
-    def native(*args: Any) -> np.ndarray | None:
-        pixels = native_png(*args)
-        calls["native"] += pixels is not None
-        return pixels
-
-    monkeypatch.setattr(loading.imagecodecs, "png_decode", libpng)
-    monkeypatch.setattr(loading, "_native_png", native)
-    got = {size: load_image(path, size, crop=crop) for size in (24, 61, 90)}
-    mask = load_mask(path, 30, crop=crop)
-    assert calls[png_decoder] == (4 if fast else 0)
-    assert sum(calls.values()) == calls[png_decoder]
-    _pillow_only(monkeypatch)
-    for size, pixels in got.items():
-        np.testing.assert_array_equal(pixels, load_image(path, size, crop=crop))
-    np.testing.assert_array_equal(mask, load_mask(path, 30, crop=crop))
-
-
-def _png_chunks(data: bytes) -> dict[bytes, tuple[int, int]]:
-    """Each chunk type's (offset, data length), the last of each type."""
-    chunks, position = {}, 8
-    while position < len(data):
-        length, kind = struct.unpack_from(">I4s", data, position)
-        chunks[kind] = (position, length)
-        position += 12 + length
-    return chunks
-
-
-def _with_chunk_before_idat(data: bytes, kind: bytes, body: bytes) -> bytes:
-    position, _ = _png_chunks(data)[b"IDAT"]
-    crc = struct.pack(">I", zlib.crc32(kind + body))
-    return data[:position] + struct.pack(">I", len(body)) + kind + body + crc + data[position:]
+    if channels == 1:
+        pixels = xray_like(7, shape)
+    else:
+        pixels = np.stack([xray_like(7 + i, shape) for i in range(channels)], axis=-1)
+    path = _save(tmp_path / "image.png", Image.fromarray(pixels))
+    with Image.open(path) as reopened:
+        assert reopened.mode == mode
+    for size in (24, 61, 224):
+        expected = _pillow_reference(path, size, crop)
+        np.testing.assert_array_equal(load_image(path, size, crop=crop), expected)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_png_with_a_transparent_colour_keeps_its_mode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, png_decoder: str, mode: str
-) -> None:
+def test_png_with_a_transparent_colour_keeps_its_grey_levels(tmp_path: Path, mode: str) -> None:
     image = Image.fromarray(_colour(5, len(mode)))
     transparent = 0 if mode == "L" else (0, 0, 0)
     path = _save(tmp_path / "trns.png", image, transparency=transparent)
-    assert b"tRNS" in _png_chunks(path.read_bytes())
-    assert loading.imagecodecs.png_decode(path.read_bytes()).shape[-1] == len(mode) + 1
-    decoded = loading._plain_png(path.read_bytes(), path, "test")
-    assert decoded is not None  # decoded fast; libpng's alpha is dropped
-    if png_decoder == "native":  # the grey levels, as an array
-        assert isinstance(decoded, np.ndarray)
-        pixels = decoded
-    else:
-        assert isinstance(decoded, Image.Image)
-        assert decoded.mode == mode
-        pixels = grey_levels(decoded)
-    with Image.open(path) as image:
-        np.testing.assert_array_equal(pixels, grey_levels(image))
-    _assert_same_as_pillow(monkeypatch, path, 40)
+    np.testing.assert_array_equal(load_image(path, 40), _pillow_reference(path, 40, "center"))
 
 
-def test_png_libpng_refuses_is_left_to_pillow(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, png_decoder: str
-) -> None:
+def test_png_with_a_wrong_data_checksum_is_read_like_pillow(tmp_path: Path) -> None:
     data = bytearray(encode(xray_like(6)))
-    position, length = _png_chunks(bytes(data))[b"IDAT"]
-    data[position + 8 + length] ^= 0xFF  # IDAT's checksum: libpng refuses, Pillow reads
+    position = 8
+    while data[position + 4 : position + 8] != b"IDAT":
+        position += 12 + struct.unpack_from(">I", data, position)[0]
+    length = struct.unpack_from(">I", data, position)[0]
+    data[position + 8 + length] ^= 0xFF  # Pillow does not check the data chunks' CRC
     path = tmp_path / "bad-crc.png"
     path.write_bytes(bytes(data))
-    with pytest.raises(loading.imagecodecs.PngError, match="CRC"):
-        loading.imagecodecs.png_decode(bytes(data))
-    decoded = loading._plain_png(bytes(data), path, "test")
-    # The native decoder, like Pillow, does not check the data chunks' checksums.
-    assert (decoded is not None) is (png_decoder == "native")
-    _assert_same_as_pillow(monkeypatch, path, 32)
-
-
-def test_png_libpng_decodes_to_another_shape_is_left_to_pillow(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = _save(tmp_path / "image.png", Image.fromarray(_colour(3, 3)))
-    expected = load_image(path, 8)
-    monkeypatch.setattr(loading, "_unfilter", None)
-    monkeypatch.setattr(loading.imagecodecs, "png_decode", lambda _: np.zeros((2, 2), np.uint8))
-    assert loading._plain_png(path.read_bytes(), path, "test") is None
-    np.testing.assert_array_equal(load_image(path, 8), expected)
+    assert (
+        zlib.crc32(bytes(data[position + 4 : position + 8 + length]))
+        != struct.unpack_from(">I", data, position + 8 + length)[0]
+    )
+    np.testing.assert_array_equal(load_image(path, 32), _pillow_reference(path, 32, "center"))
 
 
 def test_png_holding_jpeg_name_and_jpeg_bytes(tmp_path: Path) -> None:
@@ -512,11 +475,7 @@ def test_fill_cache_decodes_each_file_once(tmp_path: Path) -> None:
     cached_mask = masks.get(first.mask_sha256)
     assert cached_mask is not None
     assert set(np.unique(cached_mask)) == {0, 1}
-    for pack in images.packs():  # damage the first image's record: it is decoded again
-        data = pack.read_bytes()
-        at = data.find(bytes.fromhex(first.image_sha256))
-        if at >= 0:
-            pack.write_bytes(data[: at - 8] + b"X" + data[at - 7 :])
+    images.path(first.image_sha256).write_bytes(b"damaged")  # decoded again
     assert fill_cache(samples, size=24) == 1
     assert fill_cache(samples, size=32, crop="pad", masks=False, cache_dir=tmp_path / "c") == 3
 

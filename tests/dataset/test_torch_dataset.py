@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
-import os
 import pickle
-import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +26,7 @@ from covidcxr.store.db import Store, open_store
 
 torch = pytest.importorskip("torch")
 
-from torch.utils.data import DataLoader, Subset  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from covidcxr.dataset import torch_dataset  # noqa: E402
 from covidcxr.dataset.torch_dataset import CollectionDataset  # noqa: E402
@@ -310,184 +306,27 @@ def test_two_workers_give_the_same_batches_in_the_same_order(
 
 
 def test_getitems_matches_getitem(sample_set: SampleSet, tmp_path: Path) -> None:
-    threaded = _dataset(sample_set, tmp_path / "a", decode_threads=2)
-    batch = threaded.__getitems__([4, 2, 2, 0, -1])
-    plain = _dataset(sample_set, tmp_path / "b", decode_threads=1)
+    dataset = _dataset(sample_set, tmp_path / "a")
+    batch = dataset.__getitems__([4, 2, 2, 0, -1])
+    plain = _dataset(sample_set, tmp_path / "b", cache_dir=None)
     for item, i in zip(batch, [4, 2, 2, 0, 4], strict=True):
         expected = plain[i]
         assert item.keys() == expected.keys()
         for key in item:
             assert _same(item[key], expected[key]), key
-    with pytest.raises(ValueError, match="decode_threads"):
-        _dataset(sample_set, tmp_path, decode_threads=0)
 
 
-def test_threaded_batch_decodes_the_largest_files_first(
-    sample_set: SampleSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dataset = _dataset(sample_set, tmp_path / "a", decode_threads=2)
-    submitted: list[tuple[str, str]] = []
-
-    class InOrder:
-        """A pool that runs each task when it is submitted, in submission order."""
-
-        def submit(self, function: Any, key: tuple[str, str]) -> Future[Any]:
-            submitted.append(key)
-            future: Future[Any] = Future()
-            future.set_result(function(key))
-            return future
-
-    monkeypatch.setattr(torch_dataset, "_thread_pool", lambda threads: InOrder())
-    indices = list(range(len(dataset)))
-    batch = dataset.__getitems__(indices)
-    sizes = [dataset._blob(sha).stat().st_size for _, sha in submitted]
-    assert len(set(sizes)) > 1
-    assert sizes == sorted(sizes, reverse=True)
-    assert {kind for kind, _ in submitted} == {"image", "mask"}
-    plain = _dataset(sample_set, tmp_path / "b", decode_threads=1)
-    for item, i in zip(batch, indices, strict=True):  # still in index order
-        assert torch.equal(item["img"], plain[i]["img"])
-
-
-# -- reading ahead --------------------------------------------------------------------------
-
-
-def _distinct(root: Path, count: int) -> SampleSet:
-    """``count`` distinct small PNGs in a blob folder (no database)."""
-    blobs = root / "data" / "blobs"
-    samples = []
-    for i in range(count):
-        data = encode(xray_like(i, (40 + i, 48)))
-        sha = sha256_hex(data)
-        (blobs / sha[:2]).mkdir(parents=True, exist_ok=True)
-        (blobs / sha[:2] / sha).write_bytes(data)
-        samples.append(Sample(i, sha, f"x:{i}", "x", (0.0,)))
-    return SampleSet(get_task("covid-vs-other-pneumonia"), Selection(), samples, Counter(), blobs)
-
-
-def _counting_decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The blob names load_image is called on, from any thread."""
-    decoded: list[str] = []
-    original = torch_dataset.load_image
-
-    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
-        decoded.append(Path(path).name)
-        return original(path, *args, **kwargs)
-
-    monkeypatch.setattr(torch_dataset, "load_image", counting)
-    return decoded
-
-
-def _uncached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[CollectionDataset, list[str]]:
-    """Twelve images, no cache, two decode threads, and the decodes as they happen."""
-    decoded = _counting_decodes(monkeypatch)
-    dataset = CollectionDataset(
-        _distinct(tmp_path, 12), size=SIZE, cache_dir=None, decode_threads=2
-    )
-    return dataset, decoded
-
-
-def _wait_for(condition: Any) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
-
-
-@pytest.mark.parametrize("cache", [False, True])
-def test_batches_in_order_decode_the_next_batch_ahead(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: bool
-) -> None:
-    samples = _distinct(tmp_path, 12)
-    decoded = _counting_decodes(monkeypatch)
-    dataset = CollectionDataset(
-        samples, size=SIZE, cache_dir=tmp_path / "cache" if cache else None, decode_threads=2
-    )
-    names = [dataset.image_sha256(i) for i in range(12)]
-    dataset.__getitems__([0, 1, 2, 3])  # a first batch: nothing to go on yet
-    assert sorted(decoded) == sorted(names[:4])
-    dataset.__getitems__([4, 5, 6, 7])  # runs on from it: 8..11 are decoded meanwhile
-    _wait_for(lambda: len(decoded) == 12)
-    assert sorted(decoded[8:]) == sorted(names[8:])
-    batch = dataset.__getitems__([8, 9, 10, 11])  # nothing left to decode
-    assert len(decoded) == 12
-    plain = CollectionDataset(samples, size=SIZE, cache_dir=None, decode_threads=1)
-    for item, i in zip(batch, range(8, 12), strict=True):
-        assert torch.equal(item["img"], plain[i]["img"])
-        assert item["idx"] == i
-
-
-def test_cached_batches_are_not_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    samples = _distinct(tmp_path, 12)
-    dataset = CollectionDataset(samples, size=SIZE, cache_dir=tmp_path / "cache", decode_threads=2)
-    first = [dataset.__getitems__(list(range(start, start + 4))) for start in (0, 4, 8)]
-    submitted: list[Any] = []
-
-    class Recording:
-        def submit(self, function: Any, key: Any) -> Future[Any]:
-            submitted.append(key)
-            future: Future[Any] = Future()
-            future.set_result(function(key))
-            return future
-
-    monkeypatch.setattr(torch_dataset, "_thread_pool", lambda threads: Recording())
-    again = [dataset.__getitems__(list(range(start, start + 4))) for start in (0, 4, 8)]
-    assert submitted == []  # all cached: read on demand, nothing queued
-    for one, two in zip(first, again, strict=True):
-        for a, b in zip(one, two, strict=True):
-            assert torch.equal(a["img"], b["img"])
-
-
-def test_batches_out_of_order_read_nothing_ahead(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dataset, decoded = _uncached(tmp_path, monkeypatch)
-    for batch in ([0, 1, 2, 3], [6, 4, 5, 7], [8, 9, 10, 11], [0, 1, 2, 3], [5, 6, 7, 8]):
-        dataset.__getitems__(batch)  # shuffled, or not running on from the one before
-    time.sleep(0.2)  # what a read-ahead would have decoded by now
-    assert len(decoded) == 20
-    mapped = Subset(dataset, [0, 2, 4, 6, 8, 10])  # in order, but not consecutive
-    for start in (0, 2, 4):
-        mapped.__getitems__([start, start + 1])
-    time.sleep(0.2)
-    assert len(decoded) == 26
-
-
-def test_a_file_read_ahead_that_fails_fails_only_when_asked_for(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    dataset, decoded = _uncached(tmp_path, monkeypatch)
-    dataset._blob(dataset.image_sha256(9)).write_bytes(b"not an image")
-    dataset.__getitems__([0, 1, 2, 3])
-    dataset.__getitems__([4, 5, 6, 7])  # reads 8..11 ahead, 9 among them
-    _wait_for(lambda: len(decoded) == 12)
-    with pytest.raises(ImageError, match="not a PNG or JPEG"):
-        dataset.__getitems__([8, 9, 10, 11])
-    dataset.__getitems__([4, 5, 6, 7])
-    dataset.__getitems__([8, 9, 10, 11][:1])  # 8 alone: 9 is not asked for
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_does_not_wait_for_its_parents_read_ahead(tmp_path: Path) -> None:
-    samples = _distinct(tmp_path, 12)
-    dataset = CollectionDataset(samples, size=SIZE, cache_dir=None, decode_threads=2)
-    dataset.__getitems__([0, 1, 2, 3])
-    dataset.__getitems__([4, 5, 6, 7])  # the parent's threads decode 8..11
-
-    def child() -> None:
-        batch = dataset.__getitems__([8, 9, 10, 11])
-        assert [item["idx"] for item in batch] == [8, 9, 10, 11]
-
-    process = multiprocessing.get_context("fork").Process(target=child)
-    process.start()
-    process.join(timeout=60)
-    if process.is_alive():  # waiting for futures no thread of its own will finish
-        process.kill()
-    assert process.exitcode == 0
-    copy = pickle.loads(pickle.dumps(dataset))  # the futures stay behind
-    assert torch.equal(copy[8]["img"], dataset.__getitems__([8, 9, 10, 11])[0]["img"])
+def test_a_file_that_fails_to_decode_says_which(sample_set: SampleSet, tmp_path: Path) -> None:
+    dataset = _dataset(sample_set, tmp_path, cache_dir=None)
+    blob = sample_set.blob_root / dataset.image_sha256(1)[:2] / dataset.image_sha256(1)
+    saved = blob.read_bytes()
+    try:
+        blob.write_bytes(b"not an image")
+        with pytest.raises(ImageError, match="not a PNG or JPEG"):
+            dataset[1]
+        assert dataset[0]["idx"] == 0  # the others still load
+    finally:
+        blob.write_bytes(saved)
 
 
 # -- the cache --------------------------------------------------------------------------
@@ -698,8 +537,6 @@ def test_bad_size_and_crop(sample_set: SampleSet, tmp_path: Path) -> None:
 def test_matches_torchxrayvision_on_real_images(covid_dir: Path, tmp_path: Path) -> None:
     xrv = pytest.importorskip("torchxrayvision")
     from torchvision.transforms import Compose
-
-    from covidcxr.store.blobs import sha256_hex
 
     state = np.random.get_state()  # COVID19_Dataset reseeds numpy's global generator
     try:
