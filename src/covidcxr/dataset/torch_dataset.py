@@ -34,6 +34,7 @@ from covidcxr.dataset.loading import (
 from covidcxr.dataset.samples import METADATA_KEYS, Sample, SampleSet, Selection, build_samples
 from covidcxr.dataset.tasks import Task, get_task
 from covidcxr.errors import MissingExtraError
+from covidcxr.store.blobs import blob_path
 from covidcxr.store.db import Store
 
 if TYPE_CHECKING:
@@ -326,7 +327,7 @@ class CollectionDataset(Dataset[dict[str, Any]]):
         stored there where it does not)."""
         cache = self._image_cache if kind == "image" else self._mask_cache
         load = load_image if kind == "image" else load_mask
-        path = self._blob_root / sha256[:2] / sha256
+        path = blob_path(self._blob_root, sha256)
 
         def decode() -> NDArray[np.uint8]:
             return load(path, self.size, crop=self.crop)
