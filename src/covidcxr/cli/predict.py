@@ -26,6 +26,7 @@ from covidcxr.models.runtime import (
     expand_inputs,
     record_columns,
 )
+from covidcxr.report.recalibration import load_recalibration, recalibrate
 
 
 def register(subparsers: Any) -> None:
@@ -43,7 +44,7 @@ def register(subparsers: Any) -> None:
         "inputs",
         nargs="+",
         metavar="FILE_OR_DIR",
-        help="PNG/JPEG files, or folders (every file under them; non-images are reported)",
+        help="PNG/JPEG/DICOM files, or folders (every file under them; non-images are reported)",
     )
     parser.add_argument(
         "--model",
@@ -85,6 +86,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--threads", type=positive_int, metavar="N", help="CPU threads for the network"
     )
+    parser.add_argument(
+        "--recalibration",
+        metavar="FILE",
+        help="a site's recalibration (Platt per label) written by validate-model; the "
+        "positive findings stay those of the stored operating points",
+    )
     parser.set_defaults(handler=cmd_predict)
 
 
@@ -118,6 +125,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             "files or folders that hold them"
         )
     bundle = load_bundle(args.model)
+    fits = load_recalibration(args.recalibration, bundle) if args.recalibration else None
     engine = make_engine(bundle, args.engine, saliency_method=args.saliency, threads=args.threads)
     rows = engine.predict_files(
         files,
@@ -125,6 +133,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raw_maps=args.raw_maps,
         batch_size=args.batch_size,
     )
+    if fits is not None:
+        rows = recalibrate(rows, fits)
     out = sys.stdout
     if args.format == "table":
         _write_table(rows, bundle, engine.engine, args.heatmaps, out)
