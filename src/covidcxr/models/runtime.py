@@ -78,7 +78,7 @@ DEFAULT_BATCH_SIZE: Final = 16
 #: Name of the findings head's weight matrix in exported networks.
 FINDINGS_WEIGHT: Final = "heads.findings.weight"
 
-_DECODABLE: Final = frozenset({"PNG", "JPEG"})
+_DECODABLE: Final = frozenset({"PNG", "JPEG", "DICOM"})
 _UNSAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _FORWARD_OUTPUTS: Final = ("features", "pooled", "findings", "severity", "gate")
 
@@ -567,6 +567,8 @@ class InferenceEngine(ABC):
                 code="unsupported_format",
             )
             return _Item(name, None, None, gate.decode_failure(error))
+        if kind == "DICOM":
+            return self._read_dicom(path)
         try:
             data, decoded = read_image_file(path)
         except ImageError as exc:
@@ -585,6 +587,30 @@ class InferenceEngine(ABC):
             else:
                 item.pixels = preprocess(image, size)
         return item
+
+    def _read_dicom(self, path: Path) -> _Item:
+        """A DICOM file's item: its displayed grey levels; nothing from its header is kept
+        or shown (the row names the path as given)."""
+        name = str(path)
+        try:
+            from covidcxr.imaging import dicom  # the dicom extra, only when a DICOM comes
+
+            data, decoded = dicom.read_dicom_file(path)
+        except MissingExtraError as exc:
+            error = ImageError(f"predict: {name!r} is DICOM: {exc}", code="unsupported_format")
+            return _Item(name, None, None, gate.decode_failure(error))
+        except ImageError as exc:
+            return _Item(name, None, None, gate.decode_failure(exc))
+        if decoded.metadata.burned_in_annotation:
+            logger.warning(
+                "predict: %r declares burned-in annotation: its pixels, and heatmap overlays "
+                "of it, may show patient identity",
+                name,
+            )
+        image = decoded.image
+        verdict = gate.check_rules(image, self.bundle.gate)
+        pixels = preprocess(image, self.bundle.input_size) if verdict.passed else None
+        return _Item(name, hashlib.sha256(data).hexdigest(), image, verdict, pixels)
 
     def _load_array(self, name: str, array: Image.Image | NDArray[Any]) -> _Item:
         image = as_image(array)
