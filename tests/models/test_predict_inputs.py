@@ -3,6 +3,7 @@ and what the table says about one image and about the model's quality."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -126,3 +127,37 @@ def test_quality_note_quotes_the_shipped_models_cross_validated_auc() -> None:
     note = quality_note(shipped)
     assert note.startswith(f"model {shipped.model_id}, a research baseline")
     assert f"COVID-19 {kfold['value']:.2f} [{kfold['ci95'][0]:.2f}" in note
+
+
+@pytest.mark.shared_data
+def test_shipped_model_rows_carry_a_coherent_summary_and_prevalence_restates_it(
+    covid_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    image = covid_dir / "images" / "000001-2.jpg"
+    args = ["predict", str(image), "--engine", "onnx", "--format", "json"]
+    assert main(args) == 0
+    at_training = json.loads(capsys.readouterr().out)[0]
+    assert main([*args, "--prevalence", "0.05"]) == 0
+    local = json.loads(capsys.readouterr().out)[0]
+    for record in (at_training, local):
+        assert (
+            record["p_COVID-19_overall"]
+            <= record["p_viral_pneumonia"] + 1e-6
+            <= record["p_pneumonia"] + 2e-6
+        )
+    assert local["covid_19_prevalence"] == 0.05
+    assert at_training["covid_19_prevalence"] > 0.7
+    assert local["p_COVID-19_overall"] < at_training["p_COVID-19_overall"]
+    # The per-label outputs, which the operating points use, do not move.
+    assert local["p_COVID-19"] == at_training["p_COVID-19"]
+
+
+@pytest.mark.parametrize("bad", ["0", "1", "1.5", "x"])
+def test_prevalence_outside_zero_one_is_a_usage_error(
+    bad: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tmp_path), "--prevalence", bad])
+    assert exit_info.value.code == 2
+    assert "strictly between 0 and 1" in capsys.readouterr().err

@@ -19,13 +19,14 @@ from covidcxr import RESEARCH_USE_ONLY
 from covidcxr.cli.output import FORMATS, escape_text, positive_int, write_rows
 from covidcxr.errors import MetadataError
 from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
-from covidcxr.models.engines import ENGINES, make_engine, quality_note
+from covidcxr.models.engines import ENGINES, make_engine, quality_note, restate
 from covidcxr.models.runtime import (
     DEFAULT_BATCH_SIZE,
     PredictionRow,
     expand_inputs,
     record_columns,
 )
+from covidcxr.progress import counter
 from covidcxr.report.recalibration import load_recalibration, recalibrate
 
 
@@ -92,7 +93,30 @@ def register(subparsers: Any) -> None:
         help="a site's recalibration (Platt per label) written by validate-model; the "
         "positive findings stay those of the stored operating points",
     )
+    parser.add_argument(
+        "--prevalence",
+        type=_prevalence,
+        metavar="P",
+        help="your COVID-19 prevalence (0-1) among the patients you image: P(COVID-19) is "
+        "re-stated for it by Bayes' rule (default: the training prevalence, about 0.78, "
+        "far above any clinic's)",
+    )
     parser.set_defaults(handler=cmd_predict)
+
+
+def _prevalence(text: str) -> float:
+    """argparse type: a probability strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a prevalence strictly between 0 and 1")
+    return value
+
+
+# The coherent answer first, in the order a clinician asks (models/coherence.py).
+SUMMARY_TABLE = ("P(pneumonia)", "P(COVID-19 | pneumonia)", "P(COVID-19)")
 
 
 def _probability(value: float | None) -> str:
@@ -103,6 +127,13 @@ def _table_rows(rows: Sequence[PredictionRow]) -> list[dict[str, str]]:
     table: list[dict[str, str]] = []
     for row in rows:
         line = {"file": row.file, "input_check": row.input_check, "reason": row.reason}
+        summary = row.summary
+        for column, value in (
+            ("P(pneumonia)", None if summary is None else summary.pneumonia),
+            ("P(COVID-19 | pneumonia)", None if summary is None else summary.covid_if_pneumonia),
+            ("P(COVID-19)", None if summary is None else summary.covid),
+        ):
+            line[column] = _probability(value)
         for label, p in row.probabilities.items():
             line[f"p_{label}"] = _probability(p)
         line["positive"] = "" if row.positive is None else (", ".join(row.positive) or "none")
@@ -127,14 +158,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     bundle = load_bundle(args.model)
     fits = load_recalibration(args.recalibration, bundle) if args.recalibration else None
     engine = make_engine(bundle, args.engine, saliency_method=args.saliency, threads=args.threads)
-    rows = engine.predict_files(
-        files,
-        heatmaps_dir=args.heatmaps,
-        raw_maps=args.raw_maps,
-        batch_size=args.batch_size,
-    )
+    with counter("predict", total=len(files)) as advance:
+        rows = engine.predict_files(
+            files,
+            heatmaps_dir=args.heatmaps,
+            raw_maps=args.raw_maps,
+            batch_size=args.batch_size,
+            progress=advance,
+        )
     if fits is not None:
         rows = recalibrate(rows, fits)
+    if fits is not None or args.prevalence is not None:
+        rows = restate(rows, bundle, args.prevalence)
     out = sys.stdout
     if args.format == "table":
         _write_table(rows, bundle, engine.engine, args.heatmaps, out)
@@ -159,7 +194,7 @@ def _write_table(
 ) -> None:
     """The table format: one line per image, or one block when there is one image."""
     lines = _table_rows(rows)
-    columns = ["file", "input_check", "reason"]
+    columns = ["file", "input_check", "reason", *SUMMARY_TABLE]
     columns += [f"p_{label}" for label in bundle.findings]
     columns += ["positive", *bundle.severity]
     if len(lines) == 1:
@@ -185,8 +220,21 @@ def _write_table(
         f"\n{len(rows)} image(s): {passed} passed the input check, "
         f"{len(rows) - passed} failed (no findings for those). Severity: score "
         f"[{float(level):.0%} interval].\n"
+        f"{_summary_note(rows)}"
         f"{quality_note(bundle)}\n"
         f"weights sha256 {bundle.weights_sha256 or 'unknown'}, engine {engine}"
         + (f", heatmaps in {heatmaps}" if heatmaps else "")
         + f".\n{RESEARCH_USE_ONLY[0].upper()}{RESEARCH_USE_ONLY[1:]}.\n"
+    )
+
+
+def _summary_note(rows: Sequence[PredictionRow]) -> str:
+    """What the three P(...) columns mean, and the prevalence they assume."""
+    prevalence = next((row.summary.prevalence for row in rows if row.summary), None)
+    if prevalence is None:
+        return ""
+    return (
+        "P(pneumonia), P(COVID-19 | pneumonia) and P(COVID-19) read the labels as one "
+        f"distribution, at a COVID-19 prevalence of {prevalence:.2f} (--prevalence P for "
+        "yours); p_<label> are the separate outputs the operating points use.\n"
     )

@@ -9,6 +9,7 @@ model id and weights hash, and "research use only, not a diagnosis".
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Final
@@ -20,11 +21,12 @@ from covidcxr.models.runtime import (
     InferenceEngine,
     OnnxPredictor,
     PredictionRow,
+    summarise_row,
 )
 
 ENGINES: Final = ("auto", "torch", "onnx")
 
-__all__ = ["ENGINES", "make_engine", "predict"]
+__all__ = ["ENGINES", "make_engine", "predict", "quality_note", "restate"]
 
 
 def _torch_importable() -> bool:
@@ -79,6 +81,7 @@ def predict(
     engine: str = "auto",
     heatmaps_dir: str | os.PathLike[str] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    prevalence: float | None = None,
 ) -> list[PredictionRow]:
     """A second opinion on image files and folders (research use only, not a diagnosis).
 
@@ -88,6 +91,8 @@ def predict(
         engine: ``auto``, ``torch`` or ``onnx`` (see :func:`make_engine`).
         heatmaps_dir: where to write a heatmap overlay PNG per explained finding.
         batch_size: images per forward pass.
+        prevalence: the local COVID-19 prevalence for each row's coherent summary
+            (default: the model's training prevalence).
 
     Returns:
         One row per file, in input order; files that cannot be judged get a row with
@@ -97,8 +102,24 @@ def predict(
         MetadataError: no such model or path.
         MissingExtraError: the engine's package is not installed.
     """
-    engine_ = make_engine(load_bundle(model), engine)
-    return engine_.predict_files(paths, heatmaps_dir=heatmaps_dir, batch_size=batch_size)
+    bundle = load_bundle(model)
+    rows = make_engine(bundle, engine).predict_files(
+        paths, heatmaps_dir=heatmaps_dir, batch_size=batch_size
+    )
+    return rows if prevalence is None else restate(rows, bundle, prevalence)
+
+
+def restate(
+    rows: Sequence[PredictionRow], bundle: ModelBundle, prevalence: float | None = None
+) -> list[PredictionRow]:
+    """Rows whose coherent summary is recomputed from their (possibly recalibrated)
+    probabilities, at ``prevalence`` (default: the model's training prevalence)."""
+    return [
+        dataclasses.replace(row, summary=summarise_row(row.probabilities, bundle, prevalence))
+        if row.summary is not None
+        else row
+        for row in rows
+    ]
 
 
 def quality_note(bundle: ModelBundle, labels: Sequence[str] = ("COVID-19", "No finding")) -> str:

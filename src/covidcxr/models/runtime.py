@@ -53,7 +53,7 @@ import re
 import stat
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Final
@@ -66,7 +66,7 @@ from covidcxr import RESEARCH_USE_ONLY
 from covidcxr.dataset import loading
 from covidcxr.errors import ImageError, MetadataError, MissingExtraError
 from covidcxr.imaging.decode import read_image_file, sniff_format
-from covidcxr.models import gate, saliency
+from covidcxr.models import coherence, gate, saliency
 from covidcxr.models.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,14 @@ DEFAULT_BATCH_SIZE: Final = 16
 FINDINGS_WEIGHT: Final = "heads.findings.weight"
 
 _DECODABLE: Final = frozenset({"PNG", "JPEG", "DICOM"})
+#: The coherent summary's columns in a record, and the Summary attribute of each.
+SUMMARY_COLUMNS: Final = {
+    "p_pneumonia": "pneumonia",
+    "p_viral_pneumonia": "viral",
+    "p_COVID-19_if_pneumonia": "covid_if_pneumonia",
+    "p_COVID-19_overall": "covid",
+    "covid_19_prevalence": "prevalence",
+}
 _UNSAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _FORWARD_OUTPUTS: Final = ("features", "pooled", "findings", "severity", "gate")
 
@@ -124,6 +132,9 @@ class PredictionRow:
         heatmap_files: overlay PNGs (and raw ``.npy`` maps) written for this image.
         heatmaps: per explained finding, the [0, 1] map on the whole image (only when
             asked for with ``heatmaps=True``).
+        summary: the coherent answer (:mod:`covidcxr.models.coherence`): pneumonia at
+            all, COVID-19 given pneumonia, COVID-19 at the stated prevalence; ``None``
+            when the image failed the gate or the model lacks the labels.
         note: "research use only, not a diagnosis".
     """
 
@@ -139,6 +150,7 @@ class PredictionRow:
     heatmap_files: tuple[str, ...] = ()
     heatmaps: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
     no_call: tuple[str, ...] = ()
+    summary: coherence.Summary | None = None
     note: str = RESEARCH_USE_ONLY
 
     @property
@@ -166,6 +178,9 @@ class PredictionRow:
             out[f"p_{label}"] = _rounded(probability)
         out["positive_findings"] = None if self.positive is None else list(self.positive)
         out["no_call_findings"] = list(self.no_call)
+        summary = self.summary
+        for column, attribute in SUMMARY_COLUMNS.items():
+            out[column] = None if summary is None else _rounded(getattr(summary, attribute))
         level: float | None = None
         for name, score in self.severity.items():
             out[name] = None if score is None else _rounded(score.mean, 3)
@@ -186,6 +201,17 @@ def _rounded(value: float | None, digits: int = 6) -> float | None:
     return None if value is None else round(float(value), digits)
 
 
+def summarise_row(
+    probabilities: Mapping[str, float | None], bundle: ModelBundle, prevalence: float | None = None
+) -> coherence.Summary | None:
+    """The coherent summary of one row's probabilities (``None`` when the bundle does
+    not record its training prevalence or lacks the second-opinion labels)."""
+    model_prevalence = coherence.training_prevalence(bundle.training)
+    if model_prevalence is None:
+        return None
+    return coherence.summarise(probabilities, model_prevalence, prevalence)
+
+
 def record_columns(bundle: ModelBundle) -> list[str]:
     """The columns of :meth:`PredictionRow.record` for a bundle, in order."""
     columns = [
@@ -198,7 +224,7 @@ def record_columns(bundle: ModelBundle) -> list[str]:
         "gate_p_frontal",
     ]
     columns += [f"p_{label}" for label in bundle.findings]
-    columns += ["positive_findings", "no_call_findings"]
+    columns += ["positive_findings", "no_call_findings", *SUMMARY_COLUMNS]
     for name in bundle.severity:
         columns += [name, f"{name}_low", f"{name}_high"]
     columns += ["severity_interval_level", "model_id", "weights_sha256", "engine"]
@@ -460,6 +486,7 @@ class InferenceEngine(ABC):
         raw_maps: bool = False,
         heatmaps: bool = False,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        progress: Callable[[int], None] | None = None,
     ) -> list[PredictionRow]:
         """Predict on files and directories (see :func:`expand_inputs`).
 
@@ -473,6 +500,7 @@ class InferenceEngine(ABC):
                 :attr:`PredictionRow.heatmaps` (full resolution: mind the memory).
             batch_size: images per forward pass (also the most decoded images held in
                 memory at once).
+            progress: called with the number of files done after each batch.
 
         Returns:
             One row per file, in input order; files that are unreadable, not PNG or
@@ -487,6 +515,8 @@ class InferenceEngine(ABC):
         for start in range(0, len(files), _check_batch_size(batch_size)):
             items = [self._load_file(path) for path in files[start : start + batch_size]]
             rows.extend(self._run(items, request))
+            if progress is not None:
+                progress(len(items))
         return rows
 
     def predict_arrays(
@@ -699,11 +729,13 @@ class InferenceEngine(ABC):
         positive: tuple[str, ...] | None = None
         files: list[str] = []
         maps: dict[str, NDArray[np.float32]] = {}
+        summary: coherence.Summary | None = None
         if index in probabilities and outputs is not None:
             values = probabilities[index]
             probs = {label: float(p) for label, p in zip(bundle.findings, values, strict=True)}
             positive = tuple(bundle.findings[k] for k in self._positive(values))
             severity = dict(severity_scores(outputs.severity[position[index]], bundle))
+            summary = summarise_row(probs, bundle)
             if request is not None:
                 files, maps = self._write_heatmaps(item, explained.get(index, {}), request)
         return PredictionRow(
@@ -719,6 +751,7 @@ class InferenceEngine(ABC):
             heatmap_files=tuple(files),
             heatmaps=maps,
             no_call=bundle.uncalled_findings,
+            summary=summary,
         )
 
     def _write_heatmaps(
