@@ -129,7 +129,7 @@ class Synthetic:
         """A private copy of the database (blobs are shared: content-addressed)."""
         copy = folder / "store.sqlite"
         shutil.copyfile(self.database, copy)
-        return open_store(f"sqlite:///{copy}", self.data_dir)
+        return open_store(f"sqlite:///{copy}", self.data_dir, create=True)
 
 
 def build_synthetic(root: Path) -> Synthetic:
@@ -138,7 +138,7 @@ def build_synthetic(root: Path) -> Synthetic:
     alpha = write_source(root / "alpha", rows, images, severity)
     beta = write_source(root / "beta", *beta_rows())
     database = root / "store.sqlite"
-    with open_store(f"sqlite:///{database}", root / "data") as store:
+    with open_store(f"sqlite:///{database}", root / "data", create=True) as store:
         ingest_source(alpha, store, workers=1)
         ingest_source(beta, store, workers=1)
     return Synthetic(database, root / "data", alpha, beta)

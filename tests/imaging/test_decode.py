@@ -413,7 +413,7 @@ def test_read_image_file_without_permission(tmp_path: Path) -> None:
     path.write_bytes(_png())
     path.chmod(0)
     try:
-        with pytest.raises(ImageError, match=r"cannot read .*check its permissions") as caught:
+        with pytest.raises(ImageError, match=r"cannot open .*permissions") as caught:
             read_image_file(path)
         assert caught.value.code == "unreadable"
     finally:
@@ -421,11 +421,11 @@ def test_read_image_file_without_permission(tmp_path: Path) -> None:
 
 
 def test_read_image_file_os_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: Path) -> bytes:
+    def refuse(*_args: object) -> int:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", refuse)
-    with pytest.raises(ImageError, match=r"\(Permission denied\); check its permissions") as caught:
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(ImageError, match=r"\(Permission denied\); check .*permissions") as caught:
         read_image_file(tmp_path / "x.png")
     assert caught.value.code == "unreadable"
 

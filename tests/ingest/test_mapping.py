@@ -10,6 +10,7 @@ from conftest import encode, xray_like
 from covidcxr.errors import MappingError, MetadataError
 from covidcxr.ingest.mapping import load_mapping
 from covidcxr.ingest.pipeline import check_source, ingest_source
+from covidcxr.ingest.report import Action
 from covidcxr.store import queries
 from covidcxr.store.db import open_store
 
@@ -66,7 +67,7 @@ separator = "+"
         ("[columns]\nfilename=3", "expected a string"),
         ("[columns]\nmodality='m'\n[constants]\nmodality='X-ray'", "both in"),
         ("[values]\nview='x'", r"\[values.view\] must be a table"),
-        ("[findings]\nsep='|'", "takes only 'separator'"),
+        ("[findings]\nsep='|'", "takes only separator, strip, uncertain_marker"),
         ("[findings]\nseparator=''", "separator must be"),
         ("[source]\ndelimiter=';;'", "must be one character"),
     ],
@@ -127,7 +128,7 @@ separator = "+"
 def test_ingest_other_layout_through_a_mapping(tmp_path: Path) -> None:
     root = other_source(tmp_path)
     mapping = load_mapping(write_toml(tmp_path, OTHER_MAPPING))
-    with open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "data") as store:
+    with open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "data", create=True) as store:
         outcome = ingest_source(root, store, mapping=mapping)
         with store.read() as conn:
             rows = {r["filename"]: r for r in queries.list_records(conn)}
@@ -191,3 +192,142 @@ def test_nih_subset_through_the_shipped_mapping(nih_dir: Path, tmp_path: Path) -
     first = scan.records[0]
     assert first.extra["Image Index"].endswith(".png")
     assert first.extra["OriginalImage[Width]"].isdigit()
+
+
+# ---------------------------------------------------------------- files named their own way
+
+
+def named_by_patient(tmp_path: Path) -> Path:
+    """A source without a file column: each image is named after its patient id, with
+    extensions that differ; one header feeds two of our columns."""
+    root = tmp_path / "named"
+    (root / "scans").mkdir(parents=True)
+    (root / "scans" / "P-001.png").write_bytes(encode(xray_like(1)))
+    (root / "scans" / "P-002.jpg").write_bytes(encode(xray_like(2), "JPEG"))
+    (root / "scans" / "P-002.txt").write_text("notes, not an image\n")
+    (root / "cases.csv").write_text(
+        "Patient,Age,Ward\nP-001,50+,ICU 3\nP-002,early 40s,ER\nP-003,67,ER\n",
+        encoding="utf-8",
+    )
+    return root
+
+
+NAMED_MAPPING = """
+[source]
+metadata = "cases.csv"
+images = "scans"
+[columns]
+patientid = "Patient"
+filename = "{patientid}.*"
+age = "Age"
+location = "Ward"
+clinical_notes = "Ward"
+[constants]
+modality = "X-ray"
+[values.age]
+"50+" = "50"
+"""
+
+
+def test_file_names_from_a_pattern_with_the_extension_looked_up(tmp_path: Path) -> None:
+    root = named_by_patient(tmp_path)
+    scan = check_source(root, mapping=load_mapping(write_toml(tmp_path, NAMED_MAPPING)))
+    records = {s.record.patient_id: s for s in scan.records}
+    assert records["P-001"].record.filename == "P-001.png"
+    assert records["P-002"].record.filename == "P-002.jpg"  # an image wins over .txt
+    assert records["P-001"].image_status == records["P-002"].image_status == "stored"
+    assert records["P-003"].image_status == "missing"
+    missing = [i for i in scan.report.issues if i.code == "image_missing"]
+    assert [(i.row, i.value) for i in missing] == [(4, "scans/P-003.*")]
+    # one header, two columns
+    assert records["P-001"].record.location == records["P-001"].record.clinical_notes == "ICU 3"
+    # an explicit value map for a free-text age; the others are reported, not guessed
+    assert records["P-001"].record.age_years == 50
+    assert records["P-002"].record.age_years is None
+    (age_issue,) = [i for i in scan.report.issues if i.column == "age"]
+    assert (age_issue.row, age_issue.value) == (3, "early 40s")
+
+
+def test_patterns_take_format_specs_and_regular_expressions(tmp_path: Path) -> None:
+    root = tmp_path / "study"
+    (root / "files" / "p10" / "s77").mkdir(parents=True)
+    (root / "files" / "p10" / "s77" / "ab12.png").write_bytes(encode(xray_like(3)))
+    (root / "meta.csv").write_text(
+        "subject,study,image,source_path\n"
+        "10042,77,ab12,site/patient10042/x\n"
+        "10042,77,zz99,nothing-to-match\n",
+        encoding="utf-8",
+    )
+    text = """
+[source]
+metadata = "meta.csv"
+[columns]
+patientid = { header = "source_path", pattern = "(patient\\\\d+)" }
+filename = "files/p{subject:.2}/s{study}/{image}.*"
+"""
+    scan = check_source(root, mapping=load_mapping(write_toml(tmp_path, text)))
+    first = scan.records[0]
+    assert first.record.patient_id == "patient10042"
+    assert first.record.filename == "files/p10/s77/ab12.png" and first.image_status == "stored"
+    blank = [i for i in scan.report.issues if i.code == "underived_value"]
+    assert [(i.row, i.column) for i in blank] == [(3, "patientid")]
+    assert "does not match" in blank[0].message
+
+
+def test_a_list_of_headers_takes_the_first_value_present(tmp_path: Path) -> None:
+    root = named_by_patient(tmp_path)
+    (root / "cases.csv").write_text(
+        "Patient,Projection,Orientation\nP-001,,Lateral\nP-002,AP,Frontal\n", encoding="utf-8"
+    )
+    text = (
+        NAMED_MAPPING.replace('age = "Age"\nlocation = "Ward"\nclinical_notes = "Ward"\n', "")
+        .replace('"{patientid}.*"', '"{patientid}.*"\nview = ["Projection", "Orientation"]')
+        .replace('"50+" = "50"', '"50+" = "50"\n[values.view]\n"Lateral" = "L"')
+    )
+    scan = check_source(root, mapping=load_mapping(write_toml(tmp_path, text)))
+    views = {s.record.patient_id: s.record.view for s in scan.records}
+    assert views == {"P-001": "L", "P-002": "AP"}
+
+
+@pytest.mark.parametrize(
+    ("columns", "message"),
+    [
+        ('filename = "{nothere}.*"', r"derives filename from 'nothere', but cases.csv has no"),
+        ('filename = { header = "Patient", pattern = "(" }', "pattern '\\(' is not valid"),
+        ('filename = "{}.png"', "name a column in each"),
+        ("filename = 3", "expected a string"),
+    ],
+)
+def test_bad_patterns_are_refused(tmp_path: Path, columns: str, message: str) -> None:
+    root = named_by_patient(tmp_path)
+    text = NAMED_MAPPING.replace('filename = "{patientid}.*"', columns)
+    with pytest.raises(MappingError, match=message):
+        check_source(root, mapping=load_mapping(write_toml(tmp_path, text)))
+
+
+def test_a_second_table_is_joined_row_by_row(tmp_path: Path) -> None:
+    root = named_by_patient(tmp_path)
+    (root / "diagnoses.csv").write_text("Patient,Diagnosis\nP-001,COVID-19\n", encoding="utf-8")
+    text = NAMED_MAPPING.replace(
+        'images = "scans"', 'images = "scans"\njoin = "diagnoses.csv"\njoin_on = "Patient"'
+    ).replace('age = "Age"', 'age = "Age"\nfinding = "Diagnosis"')
+    scan = check_source(root, mapping=load_mapping(write_toml(tmp_path, text)))
+    findings = {s.record.patient_id: s.record.finding for s in scan.records}
+    assert findings == {"P-001": "COVID-19", "P-002": None, "P-003": None}
+    unmatched = [i.row for i in scan.report.issues if i.code == "join_missing"]
+    assert unmatched == [3, 4]
+
+
+def test_a_given_encoding_reports_the_row_and_byte_of_undecodable_values(
+    tmp_path: Path,
+) -> None:
+    root = other_source(tmp_path)
+    table = (root / "table.csv").read_bytes()
+    # 0x81 is undefined in cp1252: a file mislabelled or damaged on the way
+    (root / "table.csv").write_bytes(table.replace("Genève".encode("cp1252"), b"Gen\x81ve", 1))
+    scan = check_source(root, mapping=load_mapping(write_toml(tmp_path, OTHER_MAPPING)))
+    (issue,) = [i for i in scan.report.issues if i.code == "undecodable_value"]
+    assert (issue.file, issue.row, issue.action) == ("table.csv", 4, Action.ROW_SKIPPED)
+    assert "byte 0x81 at offset" in issue.message and "not valid cp1252" in issue.message
+    assert sorted(s.record.filename for s in scan.records) == ["img0.png", "img1.png", "img3.png"]
+    assert scan.records[0].record.location == "Zürich"  # the rest decoded as cp1252

@@ -51,10 +51,13 @@ def test_utf16_with_bom(tmp_path: Path) -> None:
     assert table.encoding == "utf-16"
 
 
-def test_explicit_wrong_encoding_raises_with_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "a\nx\n\u00e9\n".encode("latin-1"))
-    with pytest.raises(MetadataError, match=r"line 3 is not valid utf-8 .*0xe9"):
-        read_table(path, encoding="utf-8")
+def test_explicit_wrong_encoding_reports_the_row_and_byte(tmp_path: Path) -> None:
+    path = write(tmp_path, "a\nx\n\u00e9\ny\n".encode("latin-1"))
+    table = read_table(path, encoding="utf-8")
+    assert [row.cells for row in table.rows] == [("x",), ("y",)]
+    (issue,) = table.issues
+    assert (issue.code, issue.row, issue.file) == ("undecodable_value", 3, str(path))
+    assert "byte 0xe9 at offset 4 is not valid utf-8" in issue.message
 
 
 def test_unknown_encoding_name(tmp_path: Path) -> None:

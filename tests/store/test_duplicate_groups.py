@@ -34,7 +34,7 @@ def collection_with_copies(make_collection: MakeCollection) -> Path:
 
 
 def test_exact_and_near_groups(make_collection: MakeCollection, tmp_path: Path) -> None:
-    with open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "d") as store:
+    with open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "d", create=True) as store:
         ingest_source(collection_with_copies(make_collection), store)
         with store.read() as conn:
             groups = duplicate_groups(conn)

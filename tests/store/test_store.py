@@ -13,6 +13,7 @@ from conftest import MakeCollection, encode, upstream_row, write_metadata, xray_
 from covidcxr.errors import IngestRefusedError, MetadataError, StoreError
 from covidcxr.ingest import writer
 from covidcxr.ingest.pipeline import ingest_source
+from covidcxr.ingest.writer import RemovalsRefusedError
 from covidcxr.store import accounts, queries
 from covidcxr.store.db import current_revision, head_revision, open_store, table_names
 from covidcxr.store.tables import Base, Image, IngestLog, Observation, Record
@@ -40,7 +41,7 @@ def snapshot(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
 
 @pytest.fixture
 def store(db_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    with open_store(db_url, tmp_path / "data") as opened:
+    with open_store(db_url, tmp_path / "data", create=True) as opened:
         yield opened
 
 
@@ -64,14 +65,14 @@ def test_models_and_migrations_agree(store) -> None:  # type: ignore[no-untyped-
 def test_unmigrated_database_is_refused_without_migrate(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'empty.sqlite'}"
     with pytest.raises(StoreError, match="is at schema revision None"):
-        open_store(url, tmp_path, migrate=False)
+        open_store(url, tmp_path, migrate=False, create=True)
 
 
 def test_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="cannot open"):
-        open_store("postgresql://postgres@127.0.0.1:1/test", tmp_path)
+        open_store("postgresql://postgres@127.0.0.1:1/test", tmp_path, create=True)
     with pytest.raises(StoreError, match="cannot use nope://x"):
-        open_store("nope://x", tmp_path)
+        open_store("nope://x", tmp_path, create=True)
 
 
 def test_ingest_then_reingest_changes_nothing(store, make_collection: MakeCollection) -> None:  # type: ignore[no-untyped-def]
@@ -105,7 +106,15 @@ def test_changed_metadata_is_synchronised(
     ]
     (root / "images" / "p4.png").write_bytes(encode(xray_like(4)))
     write_metadata(root / "metadata.csv", rows)
-    outcome = ingest_source(root, store)
+    with store.read() as conn:
+        before = snapshot(conn)
+    # Two of four records would go: refused unless removals are allowed.
+    with pytest.raises(RemovalsRefusedError, match="remove 2 of 4 stored record") as refused:
+        ingest_source(root, store)
+    assert refused.value.counts["records_removed"] == 2
+    with store.read() as conn:
+        assert snapshot(conn) == before
+    outcome = ingest_source(root, store, allow_removals=True)
     counts = outcome.summary.counts
     assert (
         counts["records_added"],
@@ -348,7 +357,9 @@ def test_empty_store_has_no_paths(store) -> None:  # type: ignore[no-untyped-def
 def test_ingest_refreshes_planner_statistics(
     tmp_path: Path, make_collection: MakeCollection
 ) -> None:
-    with open_store(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "data") as store:
+    with open_store(
+        f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "data", create=True
+    ) as store:
         with store.read() as conn:
             stat_tables = text("SELECT name FROM sqlite_master WHERE name = 'sqlite_stat1'")
             assert conn.execute(stat_tables).all() == []
@@ -364,7 +375,7 @@ def test_ingest_vacuums_and_analyzes_on_postgresql(
 ) -> None:
     # Fresh pages are not all-visible until VACUUM: index-only scans would still read
     # the table behind every index entry.
-    with open_store(postgres_url, tmp_path / "data") as store:
+    with open_store(postgres_url, tmp_path / "data", create=True) as store:
         ingest_source(make_collection(), store)
         with store.read() as conn:
             done = conn.execute(
@@ -385,7 +396,7 @@ def test_store_at_the_first_migration_is_upgraded_with_its_data(
 
     from covidcxr.store.db import alembic_config, create_store_engine
 
-    with open_store(db_url, tmp_path / "data") as store:
+    with open_store(db_url, tmp_path / "data", create=True) as store:
         ingest_source(make_collection(), store)
         with store.engine.begin() as conn:
             command.downgrade(alembic_config(conn), "0001")
@@ -396,7 +407,7 @@ def test_store_at_the_first_migration_is_upgraded_with_its_data(
     indexes = {i["name"] for i in inspect(engine).get_indexes("findings")}
     engine.dispose()
     assert "ix_findings_path" in indexes and "ix_findings_path_record" not in indexes
-    with open_store(db_url, tmp_path / "data") as store, store.read() as conn:
+    with open_store(db_url, tmp_path / "data", create=True) as store, store.read() as conn:
         assert current_revision(conn) == head_revision()
         assert snapshot(conn) == before
         assert {

@@ -10,13 +10,18 @@ to be 100000 x 100000 pixels. :func:`decode_image` checks, in this order, and ra
    the message names what the bytes are (WEBP, DICOM, HTML, ...).
 3. ``too_many_pixels``: width x height from the header exceeds ``max_pixels``; checked by
    our own header parser before Pillow sees the bytes, so no pixel is decoded and no
-   ``DecompressionBombWarning`` is raised.
+   ``DecompressionBombWarning`` is raised. ``extreme_shape``: one side is more than
+   :data:`MAX_ASPECT_RATIO` times the other (a 79,000,000 x 1 strip is under the pixel
+   limit, but no radiograph, and it defeats every bounded-size reduction).
 4. ``truncated``: the file's structure is incomplete. Checked by our own structural walk
    (PNG: every chunk present with a good CRC up to ``IEND``; JPEG: an ``EOI`` marker after
-   the first scan), because Pillow pads a JPEG without ``EOI`` and ignores a missing
-   ``IEND`` or a bad ``IDAT`` CRC, and because ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is
-   process-global: another library may have switched it on, and we must not switch it
-   off for them.
+   the first scan, and a decoded JPEG whose last rows are one flat mid-grey value: what
+   libjpeg fills in when the entropy-coded data ends early, e.g. a file cut short with
+   an ``EOI`` appended or a header that claims more rows than the data holds), because
+   Pillow pads a JPEG without ``EOI`` and ignores a missing ``IEND``, a bad ``IDAT`` CRC
+   and libjpeg's "premature end of data" warning, and because
+   ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is process-global: another library may have
+   switched it on, and we must not switch it off for them.
 5. ``undecodable``: anything else Pillow cannot decode.
 
 Each image is decoded exactly once; :func:`to_grayscale` and the hashes in
@@ -25,9 +30,11 @@ Each image is decoded exactly once; :func:`to_grayscale` and the hashes in
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -49,6 +56,11 @@ logger = logging.getLogger(__name__)
 #: decoded RGBA buffer (~320 MB) still fits a CI worker. It is also below Pillow's own
 #: ``Image.MAX_IMAGE_PIXELS`` (~89.5 MP), so Pillow never warns on what we accept.
 DEFAULT_MAX_PIXELS = 80_000_000
+
+#: Largest ratio of the long side to the short side :func:`decode_image` accepts. The
+#: most elongated image in the collection is under 3:1; 20:1 leaves room for strips
+#: and scout views while refusing shapes whose reductions cannot be bounded.
+MAX_ASPECT_RATIO = 20
 
 #: Formats :func:`decode_image` accepts unless told otherwise.
 DEFAULT_ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG")
@@ -247,6 +259,12 @@ def decode_image(
         _check_jpeg_end(data, scan_start, name)
     header_pixels = None if header_size is None else header_size[0] * header_size[1]
     image = _pil_decode(data, fmt, name, max_pixels, header_pixels)
+    if fmt == "JPEG":
+        try:
+            _check_jpeg_tail(image, name)
+        except ImageError:
+            image.close()
+            raise
     return DecodedImage(info=_image_info(image, fmt, len(data)), image=image)
 
 
@@ -271,28 +289,65 @@ def read_image_file(
             is a directory or cannot be read, or any code :func:`decode_image` raises.
     """
     file_path = Path(path)
-    try:
-        data = file_path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ImageError(
-            f"read_image_file: {str(file_path)!r} does not exist; check the path",
-            code="missing_file",
-        ) from exc
-    except IsADirectoryError as exc:
-        raise ImageError(
-            f"read_image_file: {str(file_path)!r} is a directory, not an image file",
-            code="unreadable",
-        ) from exc
-    except OSError as exc:
-        raise ImageError(
-            f"read_image_file: cannot read {str(file_path)!r} ({exc.strerror or exc}); "
-            "check its permissions",
-            code="unreadable",
-        ) from exc
+    data = read_regular_file(file_path, function="read_image_file")
     decoded = decode_image(
         data, name=str(file_path), max_pixels=max_pixels, allowed_formats=allowed_formats
     )
     return data, decoded
+
+
+def read_regular_file(path: str | os.PathLike[str], *, function: str = "read_file") -> bytes:
+    """The bytes of a regular file, refusing anything else without blocking on it.
+
+    The file is opened non-blocking and checked with ``fstat`` before any read, so a
+    FIFO, socket or device named ``.png`` is refused instead of hanging the caller.
+
+    Args:
+        path: the file.
+        function: the caller's name, for the message.
+
+    Raises:
+        ImageError: ``missing_file`` (absent or a dangling link), ``unreadable`` (a
+            directory, a link loop, no permission, an I/O error) or ``not_a_file``.
+    """
+    shown = repr(os.fspath(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError as exc:
+        raise ImageError(
+            f"{function}: {shown} does not exist (or is a dangling link); check the path",
+            code="missing_file",
+        ) from exc
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket, or a device with nothing behind it
+            raise ImageError(
+                f"{function}: {shown} is not a regular file (a socket or device); not read",
+                code="not_a_file",
+            ) from exc
+        raise ImageError(
+            f"{function}: cannot open {shown} ({exc.strerror or exc}); check the path "
+            "and its permissions",
+            code="unreadable",
+        ) from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageError(f"{function}: {shown} is a directory, not an image file", "unreadable")
+        if not stat.S_ISREG(mode):
+            raise ImageError(
+                f"{function}: {shown} is not a regular file (a FIFO, socket or device); not read",
+                code="not_a_file",
+            )
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            return handle.read()
+    except OSError as exc:
+        raise ImageError(
+            f"{function}: cannot read {shown} ({exc.strerror or exc}); check the disk",
+            code="unreadable",
+        ) from exc
+    finally:
+        os.close(fd)
 
 
 def to_grayscale(image: Image.Image) -> NDArray[np.float32]:
@@ -350,6 +405,34 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, name: str) -> None:
             f"over the limit of {max_pixels} (a possible decompression bomb); raise "
             "max_pixels only if the file is trusted",
             code="too_many_pixels",
+        )
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageError(
+            f"decode_image: {name!r} claims {width}x{height} pixels, a shape more than "
+            f"{MAX_ASPECT_RATIO}:1 (no radiograph is); crop or re-export it",
+            code="extreme_shape",
+        )
+
+
+def _check_jpeg_tail(image: Image.Image, name: str) -> None:
+    """Refuse a JPEG whose last 8 rows are one flat value away from black and white.
+
+    When the entropy-coded data stops early, libjpeg warns (Pillow does not pass the
+    warning on) and repeats the last DC value with no detail for every block left.
+    Real radiographs end in noise, or in a black or white border: among the 1,519
+    JPEGs of the shared collections none has a flat tail between 8 and 247.
+    """
+    height = image.height
+    if height < 16:
+        return
+    tail = image.crop((0, height - 8, image.width, height)).convert("L")
+    pixels = np.asarray(tail)
+    low, high = int(pixels.min()), int(pixels.max())
+    if low == high and 8 <= low <= 247:
+        raise _truncated(
+            name,
+            f"JPEG data ends before its last rows, which decode as flat grey {low}: "
+            "cut short, or its header claims more rows than it holds",
         )
 
 

@@ -41,7 +41,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from covidcxr.imaging.decode import to_grayscale
+from covidcxr.errors import ImageError
+from covidcxr.imaging.decode import MAX_ASPECT_RATIO, to_grayscale
 
 #: Side of the square image the DCT is taken of.
 HASH_IMAGE_SIZE = 32
@@ -403,8 +404,20 @@ def working_gray(image: Image.Image | NDArray[np.float32]) -> NDArray[np.float32
 
     Returns:
         A 2-D float32 grayscale array whose shorter side is below
-        ``2 * WORKING_MIN_SIDE`` (unless the input was already smaller).
+        ``2 * WORKING_MIN_SIDE`` (unless the input was already smaller), so at most
+        ``2 * WORKING_MIN_SIDE * MAX_ASPECT_RATIO`` long.
+
+    Raises:
+        ImageError: ``extreme_shape`` when one side is more than ``MAX_ASPECT_RATIO``
+            times the other; checked before any pixel is converted.
     """
+    height, width = image.shape[:2] if isinstance(image, np.ndarray) else image.size[::-1]
+    if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+        raise ImageError(
+            f"working_gray: a {width}x{height} image is more than {MAX_ASPECT_RATIO}:1; "
+            "its reduction cannot be bounded, so it is not hashed",
+            code="extreme_shape",
+        )
     if isinstance(image, Image.Image):
         if image.mode not in _REDUCIBLE_MODES:
             # Palette indices and 1-bit pixels cannot be averaged; 16-bit modes are not

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import os
@@ -11,9 +12,10 @@ from pathlib import Path
 
 from covidcxr.errors import IngestRefusedError, MetadataError
 from covidcxr.imaging.decode import DEFAULT_MAX_PIXELS
+from covidcxr.ingest.files import dicom_png
 from covidcxr.ingest.mapping import SourceMapping
-from covidcxr.ingest.scan import ScanResult, resolve_source, scan_source
-from covidcxr.ingest.writer import IngestSummary, write_scan
+from covidcxr.ingest.scan import ScannedImage, ScanResult, resolve_source, scan_source
+from covidcxr.ingest.writer import IngestSummary, Progress, RemovalPolicy, write_scan
 from covidcxr.store.blobs import BlobStore, sha256_hex
 from covidcxr.store.db import Store
 
@@ -49,30 +51,59 @@ def check_source(
     return scan_source(spec, workers=workers, max_pixels=max_pixels)
 
 
-def copy_to_blobs(scan: ScanResult, blobs: BlobStore) -> None:
+def copy_to_blobs(scan: ScanResult, blobs: BlobStore, progress: Progress | None = None) -> int:
     """Copy every stored image and mask of a scan into the blob store.
 
     The bytes are hashed again as they are copied, so a file changed since the
-    scan is refused instead of stored under the wrong name.
+    scan is refused instead of stored under the wrong name. A blob already there
+    whose size is not its image's (truncated or overwritten on disk) is repaired
+    from the source's bytes.
+
+    Returns:
+        how many damaged blobs were repaired.
 
     Raises:
         MetadataError: a file changed between the scan and the copy.
     """
-    files = [(img.sha256, img.path) for img in scan.images.values()]
+    files: list[tuple[str, ScannedImage | Path, int | None]] = [
+        (img.sha256, img, img.info.n_bytes) for img in scan.images.values()
+    ]
     files += [
-        (a.mask_sha256, a.mask_path)
+        (a.mask_sha256, a.mask_path, None)
         for a in scan.annotations
         if a.mask_sha256 is not None and a.mask_path is not None
     ]
-    for sha, path in files:
-        if blobs.has(sha):
+    repaired = 0
+    for done, (sha, path, n_bytes) in enumerate(files):
+        if progress is not None and done % 64 == 0:
+            progress("blobs", done, len(files))
+        state = blobs.state(sha, n_bytes)
+        if state == "ok":
             continue
-        data = path.read_bytes()
+        data = _stored_bytes(scan, path)
         if sha256_hex(data) != sha:
             raise MetadataError(
-                f"ingest: {path} changed while it was being ingested; run the ingest again"
+                f"ingest: {getattr(path, 'path', path)} changed while it was being ingested; "
+                "run the ingest again"
             )
-        blobs.put(data, sha)
+        blobs.put(data, sha, replace=state == "damaged")
+        if state == "damaged":
+            log.warning("repaired damaged blob %s from %s", sha, getattr(path, "path", path))
+            repaired += 1
+    if progress is not None:
+        progress("blobs", len(files), len(files))
+    return repaired
+
+
+def _stored_bytes(scan: ScanResult, item: ScannedImage | Path) -> bytes:
+    """The bytes the blob store keeps for an image or mask: the file's own, or for a
+    DICOM file the de-identified PNG the scan made of it."""
+    if isinstance(item, Path):
+        return item.read_bytes()
+    data = item.path.read_bytes()
+    if item.converted_from == "DICOM" and scan.deid_dir is not None:
+        return dicom_png(data, str(item.path), scan.deid_dir, DEFAULT_MAX_PIXELS)[0]
+    return data
 
 
 def ingest_source(
@@ -86,6 +117,9 @@ def ingest_source(
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     report_dir: str | os.PathLike[str] | None = None,
+    allow_removals: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> IngestOutcome:
     """Scan a source and bring the store in line with it, in one transaction.
 
@@ -100,14 +134,24 @@ def ingest_source(
         workers: processes for image decoding.
         max_pixels: decompression-bomb limit per image.
         report_dir: where the JSON/CSV report goes (default: the store's reports dir).
+        allow_removals: remove stored records the table no longer lists, however
+            many and even after a parse error (see :class:`RemovalPolicy`).
+        dry_run: scan and work out what would change; write no blob and no row
+            (the report is still written).
+        progress: called with ``(phase, done, total)``: phase ``scan`` (files
+            decoded), ``blobs`` (files copied) and ``database`` (write steps).
 
     Raises:
         IngestRefusedError: ``strict`` and the scan found errors; the report is
             written, the store is unchanged.
+        RemovalsRefusedError: the ingest would remove records without being
+            allowed to; the store is unchanged.
     """
     started = dt.datetime.now(dt.UTC)
     spec = resolve_source(path, metadata=metadata, mapping=mapping, name=name)
-    scan = scan_source(spec, workers=workers, max_pixels=max_pixels)
+    # DICOM files are de-identified with the store's own key (kept in its data dir).
+    spec = dataclasses.replace(spec, deid_dir=store.data_dir)
+    scan = scan_source(spec, workers=workers, max_pixels=max_pixels, progress=progress)
     stem = f"{spec.name}-{started:%Y%m%dT%H%M%S%fZ}"
     report_json, report_csv = scan.report.write(Path(report_dir or store.reports_dir), stem)
     errors = scan.report.errors
@@ -119,13 +163,23 @@ def ingest_source(
         )
     timings = dict(scan.timings)
     clock = time.perf_counter()
-    copy_to_blobs(scan, store.blobs)
+    repaired = 0 if dry_run else copy_to_blobs(scan, store.blobs, progress)
     timings["blobs"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    summary = write_scan(store, scan, report_path=str(report_json), started_at=started)
+    summary = write_scan(
+        store,
+        scan,
+        report_path=str(report_json),
+        started_at=started,
+        removals=RemovalPolicy(allow=allow_removals),
+        dry_run=dry_run,
+        progress=progress,
+    )
+    summary.counts["blobs_repaired"] = repaired
     timings["database"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    store.analyze()
+    if not dry_run:
+        store.analyze()
     timings["analyze"] = time.perf_counter() - clock
     log.info("ingested %s: %s in %s", spec.name, summary.counts, timings)
     return IngestOutcome(scan, summary, report_json, report_csv, timings)

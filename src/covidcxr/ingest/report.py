@@ -22,7 +22,7 @@ from covidcxr.atomic import atomic_output
 from covidcxr.schema.values import Action, Severity, escape_formula
 from covidcxr.serialise import to_dict
 
-__all__ = ["Action", "Issue", "Report", "Severity", "write_text_atomic"]
+__all__ = ["Action", "Issue", "Report", "Severity", "escape_control", "write_text_atomic"]
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,16 @@ class Issue:
 
     def __str__(self) -> str:
         value = f" value {self.value!r}" if self.value else ""
-        return f"{self.severity}: {self.location()}{value}: {self.message} ({self.code})"
+        text = f"{self.severity}: {self.location()}{value}: {self.message} ({self.code})"
+        return escape_control(text)
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (escape codes, newlines, NUL, bidi overrides)
+    written as Python escapes, so that echoing input cannot spoof a terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 REPORT_FIELDS = ("severity", "code", "file", "row", "column", "value", "action", "message")

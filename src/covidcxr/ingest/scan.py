@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,10 +26,21 @@ from typing import Any
 
 from covidcxr.errors import MappingError, MetadataError
 from covidcxr.imaging.decode import DEFAULT_MAX_PIXELS, ImageInfo, extension_matches
-from covidcxr.ingest.files import FileJob, FileOutcome, process_files
-from covidcxr.ingest.mapping import SourceMapping
+from covidcxr.ingest.files import (
+    FileJob,
+    FileOutcome,
+    files_progress,
+    is_dicom,
+    process_files,
+)
+from covidcxr.ingest.mapping import (
+    UNCERTAIN_EXTRA,
+    SourceMapping,
+    finding_tokens,
+    template_fields,
+)
 from covidcxr.ingest.report import Action, Report
-from covidcxr.ingest.table import Table, read_table
+from covidcxr.ingest.table import Table, TableRow, read_table
 from covidcxr.schema.columns import BY_NAME, COLUMNS, Kind, match_headers
 from covidcxr.schema.record import MetadataRecord, parse_record
 from covidcxr.schema.values import Severity, looks_like_formula
@@ -49,6 +61,9 @@ class SourceSpec:
     metadata: Path
     kind: str
     mapping: SourceMapping | None = None
+    #: The de-identification key's folder (the store's data directory); DICOM files
+    #: are de-identified and kept as PNG. ``None``: a throwaway key (``check``).
+    deid_dir: Path | None = None
 
     @property
     def default_folder(self) -> str | None:
@@ -99,6 +114,9 @@ def resolve_source(
             metadata_path = candidate.resolve()
     else:
         metadata_path = default_metadata
+    dicom_folder = metadata is None and not metadata_path.is_file() and given.is_dir()
+    if dicom_folder and _holds_dicom(root):
+        return SourceSpec(name=name or root.name, root=root, metadata=root, kind="dicom")
     if not metadata_path.is_file():
         raise MetadataError(
             f"resolve_source: no metadata file {metadata_path}; give the folder of a "
@@ -112,6 +130,29 @@ def resolve_source(
         kind="mapped" if mapping is not None else "upstream",
         mapping=mapping,
     )
+
+
+def _holds_dicom(root: Path) -> bool:
+    """Whether a folder (or any folder under it) holds a DICOM file, by content."""
+    return any(is_dicom(_head(path)) for path in _source_files(root))
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(512)
+    except OSError:
+        return b""
+
+
+def _source_files(root: Path) -> Iterator[Path]:
+    """Every regular file under ``root``, sorted, hidden files and folders skipped."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            path = Path(folder, name)
+            if not name.startswith(".") and path.is_file() and not path.is_symlink():
+                yield path
 
 
 @dataclass
@@ -134,6 +175,8 @@ class ScannedImage:
     info: ImageInfo
     phash: str | None
     phash_detail: str | None
+    #: ``"DICOM"``: the stored bytes are the de-identified PNG made from ``path``.
+    converted_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +207,8 @@ class ScanResult:
     annotations: list[ScannedAnnotation] = field(default_factory=list)
     #: Seconds spent per phase (metadata, images, annotations), for logs and benchmarks.
     timings: dict[str, float] = field(default_factory=dict)
+    #: The key folder DICOM files were de-identified with (see SourceSpec.deid_dir).
+    deid_dir: str | None = None
     report: Report = field(init=False)
 
     def __post_init__(self) -> None:
@@ -176,6 +221,7 @@ def _header_map(table: Table, spec: SourceSpec, result: ScanResult) -> dict[str,
     index = {h: i for i, h in enumerate(table.headers)}
     columns: dict[str, int] = {}
     mapped = dict(spec.mapping.columns) if spec.mapping else {}
+    _check_derived(table, spec, mapped)
     for name, header in mapped.items():
         if header not in index:
             raise MappingError(
@@ -183,7 +229,7 @@ def _header_map(table: Table, spec: SourceSpec, result: ScanResult) -> dict[str,
                 f"such column; its columns are: {', '.join(table.headers)}"
             )
         columns[name] = index[header]
-    used = set(mapped.values())
+    used = set(mapped.values()) | _derived_headers(spec.mapping)
     for header, column in match_headers(h for h in table.headers if h not in used).items():
         if column.name in columns:
             report.add(
@@ -208,15 +254,45 @@ def _header_map(table: Table, spec: SourceSpec, result: ScanResult) -> dict[str,
                 row=1,
                 column=header,
             )
-    constants = spec.mapping.constants if spec.mapping else {}
+    given = set(spec.mapping.constants) | set(spec.mapping.derived) if spec.mapping else set()
     for column in COLUMNS:
-        if column.required and column.name not in columns and column.name not in constants:
+        if column.required and column.name not in columns and column.name not in given:
             raise MetadataError(
                 f"scan: {file} has no {column.upstream} column (required); its columns are: "
                 f"{', '.join(table.headers)}; name it with a mapping file "
                 f'([columns] {column.name} = "...")'
             )
     return columns
+
+
+def _derived_headers(mapping: SourceMapping | None) -> set[str]:
+    """Headers the mapping reads other than through [columns]."""
+    if mapping is None:
+        return set()
+    labels = set(mapping.labels.columns) if mapping.labels else set()
+    return labels | set(template_fields(mapping))
+
+
+def _check_derived(table: Table, spec: SourceSpec, mapped: Mapping[str, str]) -> None:
+    mapping = spec.mapping
+    if mapping is None:
+        return
+    known = set(table.headers) | set(mapped) | set(mapping.constants) | set(mapping.derived)
+    known |= {BY_NAME[name].upstream for name in known if name in BY_NAME}
+    for name, how in mapping.derived.items():
+        for source in how.sources():
+            if source not in known:
+                raise MappingError(
+                    f"scan: the mapping derives {name} from {source!r}, but "
+                    f"{spec.display(table.path)} has no such column; its columns are: "
+                    f"{', '.join(table.headers)}"
+                )
+    for header in mapping.labels.columns if mapping.labels else ():
+        if header not in table.headers:
+            raise MappingError(
+                f"scan: the mapping reads label column {header!r}, but "
+                f"{spec.display(table.path)} has no such column"
+            )
 
 
 def _map_value(raw: str, column: str, mapping: SourceMapping | None) -> str:
@@ -236,9 +312,18 @@ def _read_records(spec: SourceSpec, table: Table, result: ScanResult) -> None:
     constants = dict(mapping.constants) if mapping else {}
     known_indexes = set(columns.values())
     seen_keys: dict[tuple[str, str], int] = {}
+    extensions = _ExtensionFinder(spec.root)
+    dicom_files = _DicomMatcher(spec, result, file)
     for row in table.rows:
         report.count("rows")
         cells = {name: _map_value(row.cells[i], name, mapping) for name, i in columns.items()}
+        uncertain: list[str] = []
+        if mapping is not None:
+            by_header = dict(zip(table.headers, row.cells, strict=True))
+            uncertain = _derive(mapping, by_header, cells, result, file, row.line)
+            cells["filename"] = extensions.resolve(cells.get("filename", ""), spec)
+            if mapping.dicom_match is not None:
+                cells["filename"] = dicom_files.file_for(cells.get("filename", ""), row.line)
         cells.update(constants)
         parsed = parse_record(
             cells,
@@ -285,6 +370,8 @@ def _read_records(spec: SourceSpec, table: Table, result: ScanResult) -> None:
         }
         if row.overflow:
             extra["_overflow"] = [c for c in row.overflow if c.strip()]
+        if uncertain:
+            extra[UNCERTAIN_EXTRA] = "|".join(dict.fromkeys(uncertain))
         for text_column in COLUMNS:
             value = getattr(record, text_column.name)
             if (
@@ -303,6 +390,154 @@ def _read_records(spec: SourceSpec, table: Table, result: ScanResult) -> None:
                     value=value,
                 )
         result.records.append(ScannedRecord(row.line, record, extra))
+
+
+def _derive(
+    mapping: SourceMapping,
+    by_header: Mapping[str, str],
+    cells: dict[str, str],
+    result: ScanResult,
+    file: str,
+    line: int,
+) -> list[str]:
+    """Fill the mapping's derived columns and label findings into ``cells``.
+
+    Returns:
+        The row's uncertain findings (vocabulary names or tokens as written).
+    """
+    for name, how in mapping.derived.items():
+        # Patterns may name a header, or one of our columns by its name or upstream name.
+        ours = {BY_NAME[n].upstream: v for n, v in cells.items() if n in BY_NAME}
+        value, problem = how.value({**by_header, **cells, **ours})
+        if problem is not None:
+            result.report.add(
+                Severity.WARNING,
+                "underived_value",
+                f"{BY_NAME[name].upstream} cannot be made: {problem}; left blank",
+                file=file,
+                row=line,
+                column=BY_NAME[name].upstream,
+                action=Action.VALUE_BLANKED,
+            )
+        cells[name] = _map_value(value, name, mapping)
+    uncertain: list[str] = []
+    if mapping.labels is not None:
+        positive, uncertain = mapping.labels.read(by_header)
+        cells["finding"] = "|".join(positive)
+    if "finding" in cells:
+        cells["finding"], marked = finding_tokens(cells["finding"], mapping)
+        uncertain += marked
+    return uncertain
+
+
+class _DicomMatcher:
+    """Finds the DICOM file a row names by an attribute (the mapping's
+    ``dicom_match``); the attribute's values are never reported (an accession number
+    identifies a patient's study)."""
+
+    def __init__(self, spec: SourceSpec, result: ScanResult, file: str) -> None:
+        self.spec, self.result, self.file = spec, result, file
+        self._index: dict[str, list[Path]] | None = None
+
+    def file_for(self, value: str, line: int) -> str:
+        keyword = self.spec.mapping.dicom_match if self.spec.mapping else None
+        if keyword is None or not value.strip():
+            return value
+        if self._index is None:
+            from covidcxr.imaging.dicom import header_index  # the dicom extra
+
+            self._index = header_index(_source_files(self.spec.root), keyword)
+        found = sorted(self._index.get(value.strip(), []))
+        if len(found) != 1:
+            what = "no DICOM file" if not found else f"{len(found)} DICOM files"
+            self.result.report.add(
+                Severity.ERROR,
+                "dicom_unmatched" if not found else "dicom_ambiguous",
+                f"{what} in the source folder ha{'s' if not found else 've'} this row's "
+                f"{keyword} (value withheld); the row is skipped",
+                file=self.file,
+                row=line,
+                column=keyword,
+                action=Action.ROW_SKIPPED,
+            )
+            return ""
+        return found[0].relative_to(self.spec.root).as_posix()
+
+
+class _ExtensionFinder:
+    """Finds ``name.*`` (a mapping's file pattern) in its folder, listing each folder
+    once; an image extension wins over others."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._listing: dict[str, dict[str, list[str]]] = {}
+
+    def resolve(self, relative: str, spec: SourceSpec) -> str:
+        if not relative.endswith(".*"):
+            return relative
+        stem = relative[:-2]
+        folder = "/".join(p for p in (spec.default_folder or "", str(Path(stem).parent)) if p)
+        if ".." in Path(folder).parts or Path(folder).is_absolute():
+            return relative  # the path check refuses it
+        if folder not in self._listing:
+            self._listing[folder] = defaultdict(list)
+            directory = self.root / folder
+            names = sorted(os.listdir(directory)) if directory.is_dir() else []  # noqa: PTH208
+            for name in names:
+                self._listing[folder][os.path.splitext(name)[0]].append(name)  # noqa: PTH122
+        found = self._listing[folder].get(Path(stem).name, [])
+        if not found:
+            return relative  # reported as a missing image
+        images = [n for n in found if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS]  # noqa: PTH122
+        return str(Path(stem).parent / (images or found)[0]).removeprefix("./")
+
+
+def _joined(spec: SourceSpec, table: Table, result: ScanResult) -> Table:
+    """The table with the mapping's second table's columns added row by row."""
+    mapping = spec.mapping
+    if mapping is None or mapping.join is None or mapping.join_on is None:
+        return table
+    other = read_table(
+        spec.root / mapping.join,
+        encoding=mapping.encoding,
+        delimiter=mapping.delimiter,
+        display_name=mapping.join,
+    )
+    key = mapping.join_on
+    for which, headers in (
+        (spec.display(table.path), table.headers),
+        (mapping.join, other.headers),
+    ):
+        if key not in headers:
+            raise MappingError(
+                f"scan: the mapping joins on {key!r}, but {which} has no such column; "
+                f"its columns are: {', '.join(headers)}"
+            )
+    result.report.extend(other.issues)
+    at = other.headers.index(key)
+    added = [h for h in other.headers if h not in table.headers]
+    rows_by_key: dict[str, dict[str, str]] = {}
+    for row in other.rows:
+        rows_by_key.setdefault(
+            row.cells[at].strip(), dict(zip(other.headers, row.cells, strict=True))
+        )
+    merged = Table(table.path, table.encoding, [*table.headers, *added], issues=list(table.issues))
+    here = table.headers.index(key)
+    for row in table.rows:
+        joined = rows_by_key.get(row.cells[here].strip())
+        if joined is None:
+            result.report.add(
+                Severity.WARNING,
+                "join_missing",
+                f"no row of {mapping.join} has {key} {row.cells[here]!r}; its columns are blank",
+                file=spec.display(table.path),
+                row=row.line,
+                column=key,
+                value=row.cells[here],
+            )
+        cells = (*row.cells, *((joined or {}).get(h, "") for h in added))
+        merged.rows.append(TableRow(row.line, cells, row.overflow))
+    return merged
 
 
 def _flag_shared_images(result: ScanResult, file: str) -> None:
@@ -345,20 +580,32 @@ class _SourceFiles:
         self._folders: dict[str, str] = {}
 
     def locate(self, relative: str) -> tuple[Path, str]:
-        """``(path, status)``: status ``file``, ``missing`` (no regular file there) or
-        ``unsafe`` (it resolves outside the root, through ``..`` or a link)."""
+        """``(path, status)``: status ``file`` (something is there: the file job
+        refuses, with the reason, a FIFO, socket, device or link loop), ``missing``
+        (nothing, a folder, or a dangling link) or ``unsafe`` (it resolves outside
+        the root, through ``..`` or a link)."""
         folder, _, name = relative.rpartition("/")
         if name in ("", ".", ".."):
-            resolved = str(Path(self.root, relative).resolve())
+            resolved = _resolved(str(Path(self.root, relative)))
         else:
             if folder not in self._folders:
-                self._folders[folder] = str(Path(self.root, folder).resolve())
+                self._folders[folder] = _resolved(str(Path(self.root, folder)))
             resolved = os.path.join(self._folders[folder], name)  # noqa: PTH118
             if os.path.islink(resolved):  # noqa: PTH114
-                resolved = str(Path(resolved).resolve())
+                resolved = _resolved(resolved)
         if resolved != self.root and not resolved.startswith(self._prefix):
             return Path(resolved), "unsafe"
-        return Path(resolved), "file" if os.path.isfile(resolved) else "missing"  # noqa: PTH113
+        present = os.path.lexists(resolved) and not os.path.isdir(resolved)  # noqa: PTH112
+        return Path(resolved), "file" if present else "missing"
+
+
+def _resolved(path: str) -> str:
+    """``path`` resolved, or as it is when it is a link loop (its read then fails
+    with ELOOP, reported as that file's error)."""
+    try:
+        return str(Path(path).resolve())
+    except (RuntimeError, OSError):
+        return path
 
 
 def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) -> None:
@@ -399,7 +646,7 @@ def _resolve_images(result: ScanResult, workers: int | None, max_pixels: int) ->
                 action=Action.IMAGE_MISSING,
             )
             continue
-        jobs.append(FileJob(str(target), relative))
+        jobs.append(FileJob(str(target), relative, deid_dir=result.deid_dir))
     report.counts["images_referenced"] = len(by_path)
     with _paused_gc():
         _collect_outcomes(
@@ -448,7 +695,8 @@ def _collect_outcomes(
                 action=Action.IMAGE_REJECTED,
             )
             continue
-        if not extension_matches(outcome.job.name, outcome.info.format):
+        _report_dicom(result, outcome)
+        if outcome.dicom is None and not extension_matches(outcome.job.name, outcome.info.format):
             report.add(
                 Severity.WARNING,
                 "format_mismatch",
@@ -463,10 +711,94 @@ def _collect_outcomes(
                 outcome.info,
                 outcome.phash,
                 outcome.phash_detail,
+                "DICOM" if outcome.dicom is not None else None,
             )
         for scanned in group:
             scanned.image_status = "stored"
             scanned.image_sha256 = outcome.sha256
+
+
+def _report_dicom(result: ScanResult, outcome: FileOutcome) -> None:
+    for note in outcome.dicom.warnings if outcome.dicom else ():
+        result.report.add(
+            Severity.WARNING,
+            "dicom_deidentification",
+            f"{note}; stored as a de-identified PNG",
+            file=outcome.job.name,
+        )
+
+
+def _dicom_records(result: ScanResult, workers: int | None, max_pixels: int) -> None:
+    """A folder of DICOM files without a table: one record per image, from its
+    de-identified header (the pseudonym is the patient id)."""
+    spec, report = result.spec, result.report
+    jobs = [
+        FileJob(str(path), path.relative_to(spec.root).as_posix(), deid_dir=result.deid_dir)
+        for path in _source_files(spec.root)
+    ]
+    done: list[FileOutcome] = []
+    for outcome in process_files(jobs, workers=workers, max_pixels=max_pixels):
+        report.count("rows")
+        if outcome.dicom is None or outcome.info is None or outcome.sha256 is None:
+            report.add(
+                Severity.WARNING if outcome.error_code is None else Severity.ERROR,
+                outcome.error_code or "not_dicom",
+                outcome.error_message or f"{outcome.job.name} is not a DICOM file; skipped",
+                file=outcome.job.name,
+                action=Action.FILE_SKIPPED,
+            )
+            continue
+        done.append(outcome)
+    days = [(o.dicom.patient_pseudonym, o.dicom.study_day) for o in done if o.dicom]
+    first: dict[str, int] = {}
+    for patient, day in days:
+        if day is not None:
+            first[patient] = min(day, first.get(patient, day))
+    for outcome in done:
+        fields = outcome.dicom
+        if fields is None or outcome.info is None or outcome.sha256 is None:
+            continue
+        offset = (
+            None if fields.study_day is None else fields.study_day - first[fields.patient_pseudonym]
+        )
+        cells = {
+            "patient_id": fields.patient_pseudonym,
+            "filename": outcome.job.name,
+            "offset_days": "" if offset is None else str(offset),
+            "modality": fields.modality or "",
+            "view": fields.view_position or "",
+            "sex": "" if fields.sex not in ("M", "F") else fields.sex or "",
+            "age_years": "" if fields.age_years is None else f"{fields.age_years:g}",
+        }
+        parsed = parse_record(cells)
+        for problem in parsed.problems:
+            report.add(
+                problem.severity,
+                problem.code,
+                problem.message,
+                file=outcome.job.name,
+                column=BY_NAME[problem.column].upstream,
+                value=problem.value,
+                action=problem.action,
+            )
+        if parsed.record is None:
+            continue
+        _report_dicom(result, outcome)
+        result.images.setdefault(
+            outcome.sha256,
+            ScannedImage(
+                outcome.sha256,
+                Path(outcome.job.path),
+                outcome.info,
+                outcome.phash,
+                outcome.phash_detail,
+                "DICOM",
+            ),
+        )
+        result.records.append(
+            ScannedRecord(0, parsed.record, {}, image_status="stored", image_sha256=outcome.sha256)
+        )
+    report.counts["images_stored"] = len(result.records)
 
 
 def _report_unreferenced(result: ScanResult, referenced: Any) -> None:
@@ -767,36 +1099,30 @@ def _read_annotations(result: ScanResult, workers: int | None, max_pixels: int) 
         )
 
 
-def scan_source(
-    spec: SourceSpec,
-    *,
-    workers: int | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+@contextlib.contextmanager
+def _deid_folder(spec: SourceSpec) -> Iterator[str]:
+    """The key folder for DICOM files: the store's, or a throwaway one (``check``)."""
+    if spec.deid_dir is not None:
+        yield str(spec.deid_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="covidcxr-deid-") as folder:
+        yield folder
+
+
+def _scan_table(
+    spec: SourceSpec, workers: int | None, max_pixels: int, deid_dir: str, started: float
 ) -> ScanResult:
-    """Read and validate a whole source.
-
-    Args:
-        spec: the source (see :func:`resolve_source`).
-        workers: processes for image decoding (None: one per CPU).
-        max_pixels: decompression-bomb limit per image.
-
-    Raises:
-        MetadataError: the metadata file cannot be read at all, or lacks a
-            required column.
-        MappingError: the mapping names a column the file lacks.
-    """
-    started = time.perf_counter()
     encoding = spec.mapping.encoding if spec.mapping else None
     delimiter = spec.mapping.delimiter if spec.mapping else ","
     metadata_bytes = spec.metadata.read_bytes()
-    result = ScanResult(spec, hashlib.sha256(metadata_bytes).hexdigest())
+    result = ScanResult(spec, hashlib.sha256(metadata_bytes).hexdigest(), deid_dir=deid_dir)
     table = read_table(
         spec.metadata,
         encoding=encoding,
         delimiter=delimiter,
         display_name=spec.display(spec.metadata),
     )
-    _read_records(spec, table, result)
+    _read_records(spec, _joined(spec, table, result), result)
     _flag_shared_images(result, spec.display(spec.metadata))
     result.timings["metadata"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -805,6 +1131,43 @@ def scan_source(
     started = time.perf_counter()
     _read_annotations(result, workers, max_pixels)
     result.timings["annotations"] = time.perf_counter() - started
+    return result
+
+
+def scan_source(
+    spec: SourceSpec,
+    *,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ScanResult:
+    """Read and validate a whole source.
+
+    Args:
+        spec: the source (see :func:`resolve_source`).
+        workers: processes for image decoding (None: one per CPU).
+        max_pixels: decompression-bomb limit per image.
+        progress: called with ``("scan", files done, files in the batch)`` as files
+            are decoded.
+
+    Raises:
+        MetadataError: the metadata file cannot be read at all, or lacks a
+            required column.
+        MappingError: the mapping names a column the file lacks.
+    """
+    started = time.perf_counter()
+    with files_progress(progress), _deid_folder(spec) as deid_dir:
+        if spec.kind == "dicom":
+            listing = "\n".join(
+                p.relative_to(spec.root).as_posix() for p in _source_files(spec.root)
+            )
+            result = ScanResult(
+                spec, hashlib.sha256(listing.encode()).hexdigest(), deid_dir=deid_dir
+            )
+            _dicom_records(result, workers, max_pixels)
+            result.timings["images"] = time.perf_counter() - started
+        else:
+            result = _scan_table(spec, workers, max_pixels, deid_dir, started)
     report = result.report
     report.counts["records"] = len(result.records)
     report.counts["patients"] = len({s.record.patient_id for s in result.records})

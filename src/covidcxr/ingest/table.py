@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import os
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from covidcxr.ingest.report import Action, Issue
 from covidcxr.schema.values import Severity
 
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")
+#: What an undecodable byte reads as (its row is reported and skipped).
+UNDECODABLE = "\ufffd"
 MAX_FIELD_CHARS = 1_000_000
 
 
@@ -51,14 +54,7 @@ def _decode(data: bytes, path: Path, encoding: str | None, issues: list[Issue]) 
     """Decode ``data``; without an explicit encoding try UTF-8, then fall back."""
     if encoding is not None:
         try:
-            return data.decode(encoding), encoding
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise MetadataError(
-                f"read_table: {path}: line {line} is not valid {encoding} "
-                f"(byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-                "fix the file or give the right encoding"
-            ) from exc
+            return _decode_reporting(data, encoding, issues), encoding
         except LookupError as exc:
             raise MetadataError(f"read_table: unknown encoding {encoding!r} for {path}") from exc
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -85,6 +81,34 @@ def _decode(data: bytes, path: Path, encoding: str | None, issues: list[Issue]) 
         )
         return text, fallback
     raise AssertionError("latin-1 decodes every byte")  # pragma: no cover
+
+
+def _decode_reporting(data: bytes, encoding: str, issues: list[Issue]) -> str:
+    """Decode with the given encoding; each undecodable byte becomes U+FFFD and an
+    issue naming its line and offset (its row is then skipped)."""
+    pieces: list[str] = []
+    position = 0
+    while True:
+        try:
+            pieces.append(data[position:].decode(encoding))
+            return "".join(pieces)
+        except UnicodeDecodeError as exc:
+            bad = position + exc.start
+            pieces.append(data[position:bad].decode(encoding))
+            pieces.append(UNDECODABLE)
+            line = data[:bad].count(b"\n") + 1
+            issues.append(
+                Issue(
+                    Severity.ERROR,
+                    "undecodable_value",
+                    f"byte 0x{data[bad]:02x} at offset {bad} is not valid {encoding}; the "
+                    "row is skipped: fix that byte, or give the file's real encoding",
+                    "",
+                    line,
+                    action=Action.ROW_SKIPPED,
+                )
+            )
+            position = bad + 1
 
 
 def _merge_bracket_headers(headers: list[str]) -> list[str]:
@@ -135,8 +159,8 @@ def read_table(
         the table; rows that could not be read are left out and reported.
 
     Raises:
-        MetadataError: the file is missing, empty, or undecodable with the
-            given encoding.
+        MetadataError: the file is missing, empty, undecodable with the given
+            encoding, has a NUL byte in its header, or has no readable data row.
     """
     path = Path(path)
     name = display_name or str(path)
@@ -146,7 +170,7 @@ def read_table(
         raise MetadataError(f"read_table: cannot read {name}: {exc.strerror or exc}") from exc
     issues: list[Issue] = []
     text, used = _decode(data, path, encoding, issues)
-    issues = [Issue(i.severity, i.code, i.message, name, i.row) for i in issues]
+    issues = [dataclasses.replace(issue, file=name) for issue in issues]
     if not text.strip():
         raise MetadataError(f"read_table: {name} is empty: expected a header line and rows")
 
@@ -166,7 +190,20 @@ def read_table(
         io.StringIO("".join(lines[start:]), newline=""), delimiter=delimiter, strict=True
     )
     csv.field_size_limit(MAX_FIELD_CHARS)
-    raw_headers = next(reader)
+    try:
+        raw_headers = next(reader)
+    except csv.Error as exc:
+        raise MetadataError(
+            f"read_table: {name}: the header on line {start + 1} cannot be read as CSV "
+            f"({exc}); fix its quotes"
+        ) from exc
+    for index, header in enumerate(raw_headers):
+        if "\x00" in header:
+            raise MetadataError(
+                f"read_table: {name}: header cell {index + 1} on line {start + 1} "
+                f"({header!r}) contains a NUL byte: a corrupt or binary file? Fix the "
+                "header; no row is read with a damaged header"
+            )
     headers = _merge_bracket_headers([h.strip() for h in raw_headers])
     if len(headers) != len(raw_headers):  # pragma: no cover - merge keeps the count
         raise AssertionError("bracket merge changed the column count")
@@ -184,6 +221,11 @@ def read_table(
     # A header ending with a comma (upstream metadata.csv) adds one unnamed column.
     while headers and headers[-1] == "":
         headers.pop()
+    if not headers:
+        raise MetadataError(
+            f"read_table: {name}: the header on line {start + 1} names no column; "
+            "expected column names such as patientid,filename,..."
+        )
     seen: dict[str, int] = {}
     for index, header in enumerate(headers):
         if header == "":
@@ -242,6 +284,8 @@ def read_table(
         previous_end = reader.line_num
         if not cells or all(not c.strip() for c in cells):
             continue
+        if encoding is not None and any(UNDECODABLE in c for c in cells):
+            continue  # reported with its byte when decoding
         if any("\x00" in c for c in cells):
             table.issues.append(
                 Issue(
@@ -286,4 +330,11 @@ def read_table(
         else:
             overflow = ()
         table.rows.append(TableRow(line, tuple(cells[:width]), overflow))
+    if not table.rows:
+        errors = [i for i in table.issues if i.severity is Severity.ERROR]
+        why = f"; first problem: {errors[0]}" if errors else ""
+        raise MetadataError(
+            f"read_table: {name} has a header but no data row that could be read "
+            f"({len(errors)} unreadable){why}; a table with no rows would drop every record"
+        )
     return table

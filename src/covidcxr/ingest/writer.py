@@ -1,9 +1,12 @@
 """Writing a scan into the store, in one transaction, idempotently.
 
 The store holds, per source, exactly the records of the last metadata file
-ingested for it: new rows are inserted, changed rows updated, rows no longer in
-the file removed, unchanged rows left alone. Re-ingesting the same input
-changes nothing but the ingest log. Any error rolls the whole ingest back.
+ingested for it: new rows are inserted, changed rows updated in place (their ids
+kept), rows no longer in the file removed, unchanged rows left alone. Re-ingesting
+the same input changes nothing but the ingest log. Any error rolls the whole ingest
+back. Removals are guarded (:class:`RemovalPolicy`): a table with parse errors, or one
+that would remove more than a small share of the stored records, is refused unless
+removals are allowed. One ingest of a source writes at a time (:func:`_lock_source`).
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, delete, insert, select, update
+from sqlalchemy.exc import OperationalError
 
 from covidcxr import __version__
+from covidcxr.errors import IngestRefusedError
 from covidcxr.ingest.scan import ScannedAnnotation, ScannedRecord, ScanResult
 from covidcxr.schema.columns import COLUMNS
 from covidcxr.store.db import Store
@@ -39,6 +45,60 @@ RECORD_FIELDS = tuple(
     c.name for c in COLUMNS if c.name in Record.__table__.c and c.name not in ("filename",)
 )
 _CHUNK = 5000
+#: Codes of table-level read errors: after one, rows missing from the scan may only
+#: have been unreadable, so no record is removed unless removals are allowed.
+PARSE_ERROR_CODES = frozenset({"malformed_csv", "nul_byte", "short_row"})
+
+log = logging.getLogger(__name__)
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class RemovalPolicy:
+    """When an ingest may remove stored records of its source.
+
+    Attributes:
+        allow: remove whatever the new table no longer lists (``--allow-removals``).
+        max_fraction: without ``allow``, the largest share of the source's stored
+            records one ingest may remove (and never any after a parse error).
+    """
+
+    allow: bool = False
+    max_fraction: float = 0.1
+
+    def refusal(self, counts: dict[str, int], parse_errors: int) -> str | None:
+        """Why an ingest with these counts must not commit (None: it may)."""
+        removed = counts.get("records_removed", 0)
+        if self.allow or removed == 0:
+            return None
+        stored = removed + counts.get("records_updated", 0) + counts.get("records_unchanged", 0)
+        if parse_errors:
+            return (
+                f"it would remove {removed} of {stored} stored record(s) after "
+                f"{parse_errors} row(s) could not be read"
+            )
+        if removed > self.max_fraction * stored:
+            return (
+                f"it would remove {removed} of {stored} stored record(s), more than "
+                f"{self.max_fraction:.0%}"
+            )
+        return None
+
+
+class RemovalsRefusedError(IngestRefusedError):
+    """An ingest would remove records without being allowed to; nothing was written.
+
+    Attributes:
+        counts: what the ingest would have changed (added, updated, removed, ...).
+    """
+
+    def __init__(self, message: str, counts: dict[str, int], report: object | None = None):
+        super().__init__(message, report)
+        self.counts = counts
+
+
+class _RollBackDryRunError(Exception):
+    """Raised inside the write transaction to roll a dry run back."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +129,7 @@ class IngestSummary:
                 "annotations_added",
                 "annotations_removed",
                 "patients_removed",
+                "blobs_repaired",
             )
         )
 
@@ -312,42 +373,98 @@ def write_scan(
     *,
     report_path: str | None = None,
     started_at: dt.datetime | None = None,
+    removals: RemovalPolicy | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
 ) -> IngestSummary:
     """Bring the store in line with a scan, in one transaction.
 
-    Images and masks must already be in the blob store (the scan writes them
-    when given ``blob_root``).
+    Images and masks must already be in the blob store (unless ``dry_run``).
 
     Args:
         store: the open store.
         scan: the scan of the source.
         report_path: the JSON report written for this ingest, logged with it.
         started_at: when the ingest began (default: now).
+        removals: when records may be removed (default: :class:`RemovalPolicy`()).
+        dry_run: work out the counts, then roll everything back.
+        progress: called with ``("database", done, total)`` between the steps.
 
     Returns:
-        the counts of what changed.
+        the counts of what changed (or, for a dry run, would change; ``log_id`` 0).
+
+    Raises:
+        RemovalsRefusedError: the ingest would remove records the policy does not
+            allow; nothing is written.
     """
     started = started_at or _now()
-    with store.transaction() as conn:
-        source_id = _source_id(conn, scan)
-        counts = {"images_added": _insert_images(conn, scan)}
-        patients, patients_added = _sync_patients(conn, source_id, scan)
-        counts["patients_added"] = patients_added
-        counts.update(_sync_records(conn, source_id, patients, scan))
-        counts.update(_sync_annotations(conn, source_id, scan))
-        orphans = (
-            conn.execute(
-                select(Patient.id)
-                .where(Patient.source_id == source_id)
-                .where(~select(Record.id).where(Record.patient_pk == Patient.id).exists())
-            )
-            .scalars()
-            .all()
+    policy = removals or RemovalPolicy()
+    parse_errors = sum(1 for i in scan.report.errors if i.code in PARSE_ERROR_CODES)
+    try:
+        with store.transaction() as conn:
+            _lock_source(conn, scan.spec.name)
+            counts = _sync_all(conn, scan, progress)
+            reason = policy.refusal(counts, parse_errors)
+            if reason is not None:
+                raise RemovalsRefusedError(
+                    f"ingest {scan.spec.name}: refused, nothing written: {reason}; "
+                    "fix the table, or pass --allow-removals if the records really are gone "
+                    "(--dry-run shows the plan)",
+                    counts,
+                    scan.report,
+                )
+            if dry_run:
+                raise _RollBackDryRunError(counts)
+            log_id = _log_ingest(conn, scan, counts, report_path, started)
+    except _RollBackDryRunError:
+        return IngestSummary(scan.spec.name, 0, counts)
+    return IngestSummary(scan.spec.name, log_id, counts)
+
+
+def _sync_all(conn: Connection, scan: ScanResult, progress: Progress | None) -> dict[str, int]:
+    steps = 5
+
+    def step(done: int) -> None:
+        if progress is not None:
+            progress("database", done, steps)
+
+    step(0)
+    source_id = _source_id(conn, scan)
+    counts = {"images_added": _insert_images(conn, scan)}
+    step(1)
+    patients, patients_added = _sync_patients(conn, source_id, scan)
+    counts["patients_added"] = patients_added
+    step(2)
+    counts.update(_sync_records(conn, source_id, patients, scan))
+    step(3)
+    counts.update(_sync_annotations(conn, source_id, scan))
+    step(4)
+    orphans = (
+        conn.execute(
+            select(Patient.id)
+            .where(Patient.source_id == source_id)
+            .where(~select(Record.id).where(Record.patient_pk == Patient.id).exists())
         )
-        for chunk in _chunks(orphans):
-            conn.execute(delete(Patient).where(Patient.id.in_(chunk)))
-        counts["patients_removed"] = len(orphans)
-        log_id = conn.execute(
+        .scalars()
+        .all()
+    )
+    for chunk in _chunks(orphans):
+        conn.execute(delete(Patient).where(Patient.id.in_(chunk)))
+    counts["patients_removed"] = len(orphans)
+    step(5)
+    return counts
+
+
+def _log_ingest(
+    conn: Connection,
+    scan: ScanResult,
+    counts: dict[str, int],
+    report_path: str | None,
+    started: dt.datetime,
+) -> int:
+    source_id = conn.execute(select(Source.id).where(Source.name == scan.spec.name)).scalar_one()
+    return int(
+        conn.execute(
             insert(IngestLog)
             .values(
                 source_id=source_id,
@@ -362,4 +479,34 @@ def write_scan(
             )
             .returning(IngestLog.id)
         ).scalar_one()
-    return IngestSummary(scan.spec.name, int(log_id), counts)
+    )
+
+
+def _lock_source(conn: Connection, name: str) -> None:
+    """Take the write lock of this source's ingest for the rest of the transaction.
+
+    Two ingests of one source then run their writes one after the other (the second
+    sees what the first committed) instead of racing to insert the same rows.
+    PostgreSQL: a transaction-level advisory lock per source name. SQLite: the
+    database's write lock, taken up front (``BEGIN IMMEDIATE``) rather than on the
+    first insert, which a transaction that has already read cannot always upgrade to.
+    """
+    if conn.dialect.name == "postgresql":
+        key = int.from_bytes(
+            hashlib.sha256(f"covidcxr-ingest:{name}".encode()).digest()[:8], "big", signed=True
+        )
+        if not conn.exec_driver_sql(f"SELECT pg_try_advisory_xact_lock({key})").scalar():
+            log.warning("another ingest of %s is writing; waiting for it to finish", name)
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({key})")
+        return
+    if conn.dialect.name != "sqlite":
+        return
+    conn.exec_driver_sql("PRAGMA busy_timeout=0")
+    try:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    except OperationalError:
+        log.warning("another process is writing to the store; waiting for it to finish")
+        conn.exec_driver_sql("PRAGMA busy_timeout=600000")
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    finally:
+        conn.exec_driver_sql("PRAGMA busy_timeout=30000")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -45,16 +46,41 @@ class BlobStore:
         """True if the blob exists."""
         return self.path(sha256).is_file()
 
-    def put(self, data: bytes, sha256: str | None = None) -> str:
+    def state(self, sha256: str, n_bytes: int | None = None) -> str:
+        """``ok``, ``missing``, or ``damaged`` (not a regular file, or not ``n_bytes``
+        long): a cheap check by ``stat`` alone; :meth:`verify` re-hashes."""
+        try:
+            info = self.path(sha256).stat()
+        except FileNotFoundError:
+            return "missing"
+        if not stat.S_ISREG(info.st_mode) or (n_bytes is not None and info.st_size != n_bytes):
+            return "damaged"
+        return "ok"
+
+    def verify(self, sha256: str) -> str:
+        """``ok``, ``missing`` or ``damaged``: the blob's bytes re-hashed."""
+        try:
+            digest = hashlib.sha256()
+            with self.path(sha256).open("rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return "missing"
+        except OSError:
+            return "damaged"
+        return "ok" if digest.hexdigest() == sha256 else "damaged"
+
+    def put(self, data: bytes, sha256: str | None = None, *, replace: bool = False) -> str:
         """Store ``data`` (once) and return its sha256.
 
         Args:
             data: the bytes.
             sha256: their hash, when the caller has just computed it from ``data``.
+            replace: write even if a file is there (to repair a damaged blob).
         """
         digest = sha256_hex(data) if sha256 is None else sha256
         target = self.path(digest)
-        if target.is_file():
+        if target.is_file() and not replace:
             return digest
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
