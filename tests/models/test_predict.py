@@ -49,10 +49,13 @@ def xray(height: int, width: int, seed: int = 0) -> NDArray[np.uint8]:
 
 
 def photo(height: int, width: int) -> NDArray[np.uint8]:
-    rgb = np.zeros((height, width, 3), dtype=np.uint8)
+    """Sky over grass, with a little noise: a real photograph is never perfectly flat
+    (a flat run of rows at the end of a JPEG is what the truncation check refuses)."""
+    rgb = np.zeros((height, width, 3), dtype=np.int16)
     rgb[: height // 2] = (90, 150, 230)
     rgb[height // 2 :] = (60, 170, 60)
-    return rgb
+    rgb += np.random.default_rng(0).integers(-6, 7, rgb.shape, dtype=np.int16)
+    return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 def write_inputs(folder: Path) -> dict[str, Path]:
