@@ -1,0 +1,45 @@
+"""``/api/v1/health`` and the model card page."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio.to_thread
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from covidcxr import RESEARCH_USE_ONLY, __version__
+from covidcxr.models.engines import quality_note
+from covidcxr.serve.deps import State, render
+
+router = APIRouter()
+
+
+@router.get("/api/v1/health")
+async def health(state: State) -> dict[str, Any]:
+    """Liveness and what answers: ``{"status": "ok", "model": ID, ...}``."""
+    engine = await anyio.to_thread.run_sync(state.engine)
+    with state.store.read() as conn:
+        dialect = conn.dialect.name
+    return {
+        "status": "ok",
+        "model": engine.bundle.model_id,
+        "weights_sha256": engine.bundle.weights_sha256,
+        "engine": engine.engine,
+        "store": dialect,
+        "version": __version__,
+        "note": RESEARCH_USE_ONLY,
+    }
+
+
+@router.get("/model", response_class=HTMLResponse)
+async def model_card(request: Request, state: State) -> HTMLResponse:
+    """The model card (its Markdown, as text) with the quality note."""
+    bundle = await anyio.to_thread.run_sync(state.bundle)
+    card = bundle.path / "MODEL_CARD.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else "(no model card shipped)"
+    return render(
+        request,
+        "model.html",
+        {"bundle": bundle, "card": text, "quality": quality_note(bundle)},
+    )

@@ -1,0 +1,120 @@
+"""The pages in headless Chromium (Debian's, driven by Playwright; nothing downloaded).
+
+Screenshots go to /tmp/covidcxr-shots/serve-*.png.
+"""
+
+# ruff: noqa: F811  (pytest fixtures imported from serve_helpers are parameters here)
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from serve_helpers import (  # noqa: F401  (fixtures)
+    add_user,
+    client,
+    engine,
+    live_server,
+    make_client,
+    store_url,
+    xray_png,
+)
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path("/tmp/covidcxr-shots")
+
+pytestmark = [pytest.mark.browser]
+
+
+@pytest.fixture
+def page(live_server: str) -> Iterator[Any]:
+    """A Chromium page on the live server (skips without chromium or playwright)."""
+    if shutil.which(CHROMIUM) is None:
+        pytest.skip(f"{CHROMIUM} is absent: apt-get install chromium")
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    SHOTS.mkdir(exist_ok=True)
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        tab = browser.new_page(base_url=live_server, viewport={"width": 1280, "height": 900})
+        yield tab
+        browser.close()
+
+
+@pytest.mark.shared_data
+def test_upload_a_collection_image_shows_verdict_and_heatmap(
+    page: Any, covid_dir: Path, tmp_path: Path
+) -> None:
+    images = [covid_dir / "images" / "000001-3.png", tmp_path / "small.png"]
+    images[1].write_bytes(xray_png(2, (64, 64)))
+    page.goto("/")
+    page.screenshot(path=str(SHOTS / "serve-upload.png"))
+    page.set_input_files("input[type=file]", [str(p) for p in images])
+    page.click("button[type=submit]")
+    page.wait_for_selector("section.result")
+    assert "Input check passed" in page.inner_text("#result-1 .verdict")
+    assert "Model calls:" in page.inner_text("#result-1 .headline")
+    assert "Not analysed" in page.inner_text("#result-2 .verdict")
+    heat = page.locator("#result-1 img.heat").first
+    assert heat.is_visible()
+    page.screenshot(path=str(SHOTS / "serve-results.png"), full_page=True)
+    page.locator("#result-1 .heat-opacity").fill("20")
+    assert heat.evaluate("img => img.style.opacity") == "0.2"
+    page.locator("#result-1 .heat-toggle").uncheck()
+    assert not heat.is_visible()
+
+
+def test_browse_filter_and_open_a_case(page: Any) -> None:
+    page.goto("/browse")
+    page.select_option("select[name=sex]", "F")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**sex=F**")
+    assert "1 record(s)" in page.inner_text("main")
+    page.screenshot(path=str(SHOTS / "serve-browse.png"), full_page=True)
+    page.click("a.tile")
+    page.wait_for_selector("h1")
+    assert "Patient 2" in page.inner_text("h1")
+    page.goto("/patients/tiny/1")
+    page.screenshot(path=str(SHOTS / "serve-case.png"), full_page=True)
+    page.goto("/stats")
+    page.screenshot(path=str(SHOTS / "serve-stats.png"), full_page=True)
+
+
+def test_contribute_then_accept_as_curator(page: Any, client: TestClient, tmp_path: Path) -> None:
+    add_user(client, "carl", "contributor", password="carl-password")
+    add_user(client, "cora", "curator", password="cora-password")
+    image = tmp_path / "case.png"
+    image.write_bytes(xray_png(8))
+
+    def sign_in(name: str, password: str) -> None:
+        page.goto("/login")
+        page.fill("input[name=username]", name)
+        page.fill("input[name=password]", password)
+        page.click("form.card button[type=submit]")
+        page.wait_for_url("**/")
+
+    sign_in("carl", "carl-password")
+    page.goto("/contribute")
+    page.set_input_files("input[type=file]", str(image))
+    for name, value in {
+        "patientid": "b-1",
+        "finding": "COVID-19",
+        "license": "CC BY 4.0",
+        "view": "PA",
+        "modality": "X-ray",
+    }.items():
+        page.fill(f"input[name={name}]", value)
+    page.click("form.card button[type=submit]")
+    assert "pending review" in page.inner_text("h1")
+    page.click("button.link")  # sign out
+    sign_in("cora", "cora-password")
+    page.goto("/review")
+    page.fill("input[name=reason]", "complete and licensed")
+    page.screenshot(path=str(SHOTS / "serve-review.png"), full_page=True)
+    page.click("button[value=accept]")
+    page.wait_for_url("**/review")
+    assert "accepted" in page.inner_text("table.review")
+    page.goto("/patients/contributed-1/b-1")
+    assert "Patient b-1" in page.inner_text("h1")
