@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -46,8 +47,12 @@ def test_db_option_wins_over_the_environment(
     assert (tmp_path / "explicit.sqlite").exists() and not (tmp_path / "env.sqlite").exists()
     code, out, _ = run(["list", "--db", url, "--format", "json"], capsys)
     assert code == 0 and len(json.loads(out)) == 4
-    assert run(["list", "--format", "json"], capsys)[1].strip() != ""  # env DB: empty store
-    assert json.loads(run(["list", "--format", "json"], capsys)[1]) == []
+    # The environment's database does not exist: a reading command refuses (exit 3,
+    # naming it) and creates nothing.
+    code, out, err = run(["list", "--format", "json"], capsys)
+    assert code == 3 and out == ""
+    assert str(tmp_path / "env.sqlite") in err and "covidcxr ingest" in err
+    assert not (tmp_path / "env.sqlite").exists()
 
 
 def test_strict_ingest_exit_code_and_message(
@@ -143,7 +148,7 @@ def test_list_bad_filter_is_exit_2_with_reason(
     code, _, err = run(["list", "--finding", "dragonpox"], capsys)
     assert code == 2 and "dragonpox" in err
     code, _, err = run(["list", "--survival", "maybe"], capsys)
-    assert code == 2 and "use Y, N or unknown" in err
+    assert code == 2 and "accepted: Y, N or unknown" in err
 
 
 def test_show_and_stats(
@@ -177,3 +182,133 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([])
     assert exc.value.code == 2
+
+
+def test_every_enumerated_filter_refuses_unknown_values(
+    make_collection: MakeCollection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(["ingest", str(make_collection())], capsys)
+    code, out, err = run(["list", "--source", "tinny"], capsys)
+    assert code == 2 and out == ""
+    assert "unknown source 'tinny' (did you mean 'tiny'?); accepted: tiny" in err
+    for option, value, accepted in (
+        ("--view", "XYZ", "PA, AP"),
+        ("--modality", "MRI", "X-ray, CT"),
+        ("--sex", "X", "M, F"),
+        ("--survival", "maybe", "Y, N or unknown"),
+    ):
+        code, _, err = run(["stats", option, value], capsys)
+        assert code == 2 and repr(value) in err and accepted in err, (option, err)
+    for option, value in (("--flag", "kids"), ("--image-status", "gone")):
+        with pytest.raises(SystemExit) as exc:
+            main(["list", option, value])
+        assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+    code, _, err = run(["duplicates", "--finding", "dragonpox"], capsys)
+    assert code == 2 and "resolve_node" not in err
+    assert err.startswith("covidcxr duplicates: error: --finding 'dragonpox': ")
+
+
+def test_filters_are_checked_in_the_library_too(make_collection: MakeCollection) -> None:
+    from covidcxr.errors import MetadataError
+    from covidcxr.ingest.pipeline import ingest_source
+    from covidcxr.store import queries
+    from covidcxr.store.db import open_store
+
+    with open_store(create=True) as store:
+        ingest_source(make_collection(), store)
+        with store.read() as conn:
+            for selection, message in (
+                (queries.RecordFilter(flags=["kids"]), "unknown flag 'kids'"),
+                (queries.RecordFilter(image_status=["gone"]), "unknown image status"),
+            ):
+                with pytest.raises(MetadataError, match=message):
+                    queries.list_records(conn, selection)
+            pediatric = queries.RecordFilter(flags=["pediatric"])
+            assert queries.list_records(conn, pediatric) == []
+
+
+def test_show_a_patient_id_that_two_sources_use(
+    make_collection: MakeCollection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(["ingest", str(make_collection())], capsys)
+    run(["ingest", str(make_collection(name="other"))], capsys)
+    code, out, _ = run(["show", "1"], capsys)
+    assert code == 0
+    assert "'1' matches 2 patients of different sources: other:1, tiny:1" in out
+    assert out.count("== patient other:1: 2 record(s)") == 1
+    assert out.count("== patient tiny:1: 2 record(s)") == 1
+    assert "severity by " in out and "geographic_mean" in out and '{"' not in out
+    code, out, _ = run(["show", "tiny:1"], capsys)
+    assert code == 0 and "matches" not in out and "other:1" not in out
+
+
+def test_list_never_cuts_in_a_pipe_and_wide_never_cuts(
+    make_collection: MakeCollection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    long_name = "a-file-name-longer-than-any-table-cell-" + "x" * 40 + ".png"
+    rows = [upstream_row(patientid="1", filename=long_name)]
+    run(["ingest", str(make_collection(rows, images={long_name: encode(xray_like(1))}))], capsys)
+    for extra in ([], ["--wide"]):
+        code, out, _ = run(["list", *extra], capsys)
+        assert code == 0 and long_name in out and "…" not in out
+
+
+def test_stats_on_an_empty_store_says_so_and_where(capsys: pytest.CaptureFixture[str]) -> None:
+    from covidcxr.store.db import open_store
+
+    with open_store(create=True) as store:
+        url = store.url
+    code, out, err = run(["stats"], capsys)
+    assert code == 0 and "records: 0" in out
+    assert f"the store {url} is empty" in err and "covidcxr ingest" in err
+    code, out, err = run(["list", "--format", "json"], capsys)
+    assert code == 0 and json.loads(out) == [] and f"the store {url} is empty" in err
+
+
+def test_messages_cut_long_values() -> None:
+    from covidcxr.cli.collection import issue_line
+    from covidcxr.ingest.report import Issue
+    from covidcxr.schema.values import Severity
+
+    value = "z" * 600
+    issue = Issue(
+        Severity.WARNING,
+        "unrecognised_value",
+        f"{value!r} is not a view",
+        "m.csv",
+        3,
+        "view",
+        value,
+    )
+    line = issue_line(issue)
+    assert "(600 characters)" in line and value not in line and len(line) < 300
+    assert line.count("z" * 80) == 2
+
+
+def _commands() -> list[str]:
+    from covidcxr.cli import build_parser
+
+    parser = build_parser()
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(subparsers.choices)
+
+
+@pytest.mark.parametrize("command", _commands())
+def test_help_has_no_doubled_percent(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "%%" not in capsys.readouterr().out
+
+
+def test_help_describes_list_show_and_train_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    helps = {}
+    for command in ("list", "show", "train", "duplicates"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "One line per metadata row" in helps["list"]
+    assert "--limit N print at most N records" in helps["list"]
+    assert "--format {table,csv,json} table for people" in helps["list"]
+    assert "a patient summary" in helps["show"]
+    assert "maximum epochs (default: 30)" in helps["train"]
+    assert "~2% per side" in helps["duplicates"]

@@ -1,8 +1,9 @@
 """Where covidcxr keeps its data: database URL and data directory.
 
-Precedence for both: an explicit argument (``--db``/``--data-dir``), then the
-environment (``COVIDCXR_DB``, ``COVIDCXR_DATA_DIR``), then the user's data
-directory (``platformdirs.user_data_dir("covidcxr")``).
+One rule, from any working directory: an explicit argument (``--db``/``--data-dir``),
+then the environment (``COVIDCXR_DB``, ``COVIDCXR_DATA_DIR``), then the user's data
+directory (``platformdirs.user_data_dir("covidcxr")``, ``~/.local/share/covidcxr`` on
+Linux). ``covidcxr info`` prints which one is in use and why.
 """
 
 from __future__ import annotations
@@ -17,6 +18,29 @@ DATA_DIR_ENV = "COVIDCXR_DATA_DIR"
 DB_FILENAME = "covidcxr.sqlite"
 
 
+def default_data_dir() -> Path:
+    """The data directory used when neither ``--data-dir`` nor the environment names one."""
+    return Path(platformdirs.user_data_dir("covidcxr", appauthor=False))
+
+
+def data_dir_origin(explicit: str | os.PathLike[str] | None = None) -> str:
+    """Why :func:`data_dir` returns what it does: ``--data-dir``, the variable, or default."""
+    if explicit is not None:
+        return "--data-dir"
+    if os.environ.get(DATA_DIR_ENV):
+        return f"${DATA_DIR_ENV}"
+    return "default (the user data directory)"
+
+
+def database_url_origin(explicit: str | None = None) -> str:
+    """Why :func:`database_url` returns what it does: ``--db``, the variable, or default."""
+    if explicit:
+        return "--db"
+    if os.environ.get(DB_ENV):
+        return f"${DB_ENV}"
+    return f"default ({DB_FILENAME} in the data directory)"
+
+
 def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     """Return the data directory (not created here).
 
@@ -28,7 +52,7 @@ def data_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
     from_env = os.environ.get(DATA_DIR_ENV)
     if from_env:
         return Path(from_env).expanduser()
-    return Path(platformdirs.user_data_dir("covidcxr", appauthor=False))
+    return default_data_dir()
 
 
 def database_url(

@@ -46,7 +46,7 @@ def store(make_collection: MakeCollection, tmp_path: Path) -> Store:
     mask = np.zeros((96, 80), dtype=np.uint8)
     mask[20:70, 10:70] = 255
     (root / "annotations" / "lungVAE-masks" / "a_mask.png").write_bytes(encode(mask))
-    opened = open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "data")
+    opened = open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "data", create=True)
     ingest_source(root, opened)
     return opened
 

@@ -95,7 +95,7 @@ def test_a_changed_store_fails_verify_with_exit_1(
     rows.append(upstream_row(patientid="61", filename="a61.png"))
     (changed / "images" / "a61.png").write_bytes(_picture(61))
     write_metadata(changed / "metadata.csv", rows)
-    with open_store(store_args[1], store_args[3]) as store:
+    with open_store(store_args[1], store_args[3], create=True) as store:
         ingest_source(changed, store, name="alpha", workers=1)
     capsys.readouterr()
     assert main(["split", "--verify", str(out), *store_args]) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from covidcxr.dataset.samples import Selection, build_samples
 from covidcxr.dataset.splits import (
     SPANS_SOURCES,
     Split,
+    SplitMismatchWarning,
     linked_patients,
     load_split,
     make_split,
@@ -248,7 +250,7 @@ def test_load_refuses_edited_or_malformed_files(
 ) -> None:
     path = covid_split(store, scheme="holdout").save(tmp_path / "split.csv")
     path.write_text(edit(path.read_text()))  # type: ignore[operator]
-    with pytest.raises(MetadataError, match=rf"load_split: .*split\.csv:(\d+:)? .*{message}"):
+    with pytest.raises(MetadataError, match=rf"split file .*split\.csv:(\d+:)? .*{message}"):
         load_split(path)
 
 
@@ -391,6 +393,23 @@ def test_no_samples_is_an_error(store: Store) -> None:
         make_split(sample_set, conn)
 
 
+def test_samples_of_another_selection_warn_with_counts(store: Store) -> None:
+    split = covid_split(store)
+    narrower = build_samples(store, COVID, Selection(views=("PA",)))
+    with pytest.warns(SplitMismatchWarning, match=r"views .* of the split's \d+ patients"):
+        chosen = split.indices(narrower, split.folds[0])
+    assert len(narrower) == len(narrower.samples) > 0
+    assert all(split.fold_of(narrower.samples[i].patient) == split.folds[0] for i in chosen)
+
+
+def test_samples_of_the_split_selection_do_not_warn(store: Store) -> None:
+    split = covid_split(store)
+    same = build_samples(store, COVID, Selection.from_dict(split.selection))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(split.indices(same, split.folds)) == len(same)
+
+
 def test_counts_by_fold_cover_the_sample_set(store: Store) -> None:
     sample_set = build_samples(store, COVID)
     split = covid_split(store, scheme="region")
@@ -417,7 +436,7 @@ def real_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
 
     mapping = Path(__file__).resolve().parents[2] / "examples/mappings/nih-cxr14-subset.toml"
     folder = tmp_path_factory.mktemp("real")
-    with open_store(f"sqlite:///{folder / 'real.sqlite'}", folder / "data") as store:
+    with open_store(f"sqlite:///{folder / 'real.sqlite'}", folder / "data", create=True) as store:
         ingest_source(COVID_DIR, store)
         ingest_source(NIH_DIR, store, mapping=load_mapping(mapping))
         yield store

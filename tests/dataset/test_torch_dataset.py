@@ -75,7 +75,7 @@ def _collection(root: Path) -> Path:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("torch-dataset")
     source = _collection(root / "tiny")
-    with open_store(f"sqlite:///{root / 'store.sqlite'}", root / "data") as opened:
+    with open_store(f"sqlite:///{root / 'store.sqlite'}", root / "data", create=True) as opened:
         ingest_source(source, opened)
         yield opened
 

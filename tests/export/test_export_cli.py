@@ -19,7 +19,7 @@ from covidcxr.store.db import open_store
 def store_args(make_collection: MakeCollection, tmp_path: Path) -> list[str]:
     """``--db``/``--data-dir`` of a store holding the default tiny collection."""
     url, data = f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "data"
-    with open_store(url, data) as store:
+    with open_store(url, data, create=True) as store:
         ingest_source(make_collection(), store)
     return ["--db", url, "--data-dir", str(data)]
 

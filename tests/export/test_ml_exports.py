@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,7 +57,7 @@ def test_webdataset_shards_per_fold(store: Store, holdout: Path, tmp_path: Path)
     assert sorted(p.name for p in out.glob("*.tar")) == [
         "test-000000.tar",
         "train-000000.tar",
-        "val-000000.tar",
+        "validation-000000.tar",
     ]
     samples = list(ml.iter_webdataset(out))
     assert len(samples) == written
@@ -62,8 +65,9 @@ def test_webdataset_shards_per_fold(store: Store, holdout: Path, tmp_path: Path)
         assert "." not in key and meta["key"] == key
         assert hashlib.sha256(image).hexdigest() == meta["image_sha256"]
         assert meta["label_names"] == ["Pneumonia/Viral/COVID-19"]
-        assert meta["labels"] in ([0.0], [1.0])
-        assert meta["fold"] in ("train", "val", "test")
+        assert meta["labels"] in ([0.0], [1.0]) and meta["label"] == meta["labels"][0]
+        assert meta["class_names"] == ["not_COVID-19", "COVID-19"]
+        assert meta["fold"] in ("train", "validation", "test")
     folds_by_patient: dict[str, set[str]] = {}
     for _, _, meta in samples:
         folds_by_patient.setdefault(meta["patient"], set()).add(meta["fold"])
@@ -71,13 +75,41 @@ def test_webdataset_shards_per_fold(store: Store, holdout: Path, tmp_path: Path)
     manifest = json.loads((out / "covidcxr-export.json").read_text())
     assert manifest["samples"] == written and manifest["split"]["scheme"] == "holdout"
     assert manifest["task"]["name"] == "covid-vs-other-pneumonia"
+    assert manifest["split"]["folds"] == ["train", "validation", "test"]
 
 
-def test_webdataset_is_reproducible(store: Store, holdout: Path, tmp_path: Path) -> None:
-    export_records(store, tmp_path / "a", "webdataset", split=str(holdout))
-    export_records(store, tmp_path / "b", "webdataset", split=str(holdout))
-    for shard in (tmp_path / "a").glob("*.tar"):
-        assert shard.read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+def test_webdataset_loads_in_webdataset(store: Store, holdout: Path, tmp_path: Path) -> None:
+    wds = pytest.importorskip("webdataset")
+    out = tmp_path / "wds"
+    written = export_records(store, out, "webdataset", split=str(holdout))
+    shards = sorted(str(p) for p in out.glob("*.tar"))
+    with warnings.catch_warnings():
+        # 2026-12: webdataset leaves its shard files to the garbage collector.
+        warnings.simplefilter("ignore", ResourceWarning)
+        loaded = list(wds.WebDataset(shards, shardshuffle=False).decode("pil"))
+        gc.collect()
+    assert len(loaded) == written
+    for sample in loaded:
+        image = sample.get("png", sample.get("jpg"))
+        assert image.size[0] > 0
+        assert sample["json"]["label"] == int(sample["json"]["labels"][0])
+
+
+def test_every_ml_export_has_a_dataset_card(store: Store, holdout: Path, tmp_path: Path) -> None:
+    for fmt in ("webdataset", "hf", "imagefolder"):
+        out = tmp_path / fmt
+        written = export_records(store, out, fmt, split=str(holdout))
+        card = (out / "README.md").read_text()
+        assert "Research use only, not a diagnosis" in card
+        assert "covid-vs-other-pneumonia" in card and f"samples: {written}" in card
+        assert "0 = `not_COVID-19`, 1 = `COVID-19`" in card
+        assert "| validation |" in card and "CC BY 4.0" in card
+        assert (out / "covidcxr-export.json").is_file()
+
+
+def load_hf(path: Path, tmp_path: Path, config: str | None = None) -> Any:
+    datasets = pytest.importorskip("datasets")
+    return datasets.load_dataset(str(path), config, cache_dir=str(tmp_path / "hf-cache"))
 
 
 def test_hf_imagefolder_layout(store: Store, holdout: Path, tmp_path: Path) -> None:
@@ -91,26 +123,48 @@ def test_hf_imagefolder_layout(store: Store, holdout: Path, tmp_path: Path) -> N
     ]
     assert len(rows) == written
     for row in rows:
-        folder = {"train": "train", "val": "validation", "test": "test"}[row["fold"]]
-        assert (out / folder / row["file_name"]).is_file()
-        assert row["label_Pneumonia_Viral_COVID_19"] == row["labels"][0]
+        assert (out / row["fold"] / row["file_name"]).is_file()
+        assert row["label_Pneumonia_Viral_COVID_19"] == row["labels"][0] == row["label"]
         assert row["view"] in ("PA", "AP")
 
 
-def test_kfold_split_goes_into_one_hf_split_with_a_fold_column(
-    store: Store, tmp_path: Path
+def test_hf_loads_in_datasets_with_a_class_label(
+    store: Store, holdout: Path, tmp_path: Path
 ) -> None:
+    out = tmp_path / "hf"
+    written = export_records(store, out, "hf", split=str(holdout))
+    loaded = load_hf(out, tmp_path)
+    assert sorted(loaded) == ["test", "train", "validation"]
+    assert sum(len(part) for part in loaded.values()) == written
+    label = loaded["train"].features["label"]
+    assert label.names == ["not_COVID-19", "COVID-19"]
+    for name, part in loaded.items():
+        assert set(part["fold"]) == {name}
+        for row in part:
+            assert row["image"].size[0] > 0
+            assert row["label"] == int(row["labels"][0])
+
+
+def test_kfold_hf_export_has_one_config_per_fold(store: Store, tmp_path: Path) -> None:
     samples = build_samples(store, get_task("findings"))
     with store.read() as conn:
         split = make_split(samples, conn, scheme="kfold", folds=3, seed=0)
     path = split.save(tmp_path / "kfold.csv")
     out = tmp_path / "hf"
-    export_records(store, out, "hf", split=str(path))
-    assert [p.name for p in out.iterdir() if p.is_dir()] == ["train"]
-    rows = [json.loads(x) for x in (out / "train" / "metadata.jsonl").read_text().splitlines()]
-    assert {r["fold"] for r in rows} == {"0", "1", "2"}
+    written = export_records(store, out, "hf", split=str(path))
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["0", "1", "2"]
+    rows = [
+        json.loads(x) for f in "012" for x in (out / f / "metadata.jsonl").read_text().splitlines()
+    ]
     assert all(len(r["labels"]) == 11 and set(r["labels"]) <= {0.0, 1.0, None} for r in rows)
     assert sum(r["label_Pneumonia_Viral_COVID_19"] == 1.0 for r in rows) >= 20
+    everything = load_hf(out, tmp_path)
+    assert list(everything) == ["train"] and len(everything["train"]) == written
+    assert set(everything["train"]["fold"]) == {"0", "1", "2"}
+    fold_one = load_hf(out, tmp_path, "fold-1")
+    assert set(fold_one["test"]["fold"]) == {"1"}
+    assert set(fold_one["train"]["fold"]) == {"0", "2"}
+    assert len(fold_one["train"]) + len(fold_one["test"]) == written
 
 
 def test_imagefolder_for_a_binary_task(store: Store, holdout: Path, tmp_path: Path) -> None:
@@ -119,10 +173,34 @@ def test_imagefolder_for_a_binary_task(store: Store, holdout: Path, tmp_path: Pa
     classes = {p.parent.name for p in out.rglob("*.png")} | {
         p.parent.name for p in out.rglob("*.jpg")
     }
-    assert classes == {"COVID_19", "not_COVID_19"}
+    assert classes == {"1_COVID-19", "0_not_COVID-19"}
     assert sum(1 for p in out.rglob("*") if p.suffix in (".png", ".jpg")) == written
-    covid = len(list(out.glob("*/COVID_19/*")))
-    assert 0 < covid < written
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["test", "train", "validation"]
+
+
+def test_imagefolder_loads_in_torchvision_with_index_equal_to_label(
+    store: Store, holdout: Path, tmp_path: Path
+) -> None:
+    datasets = pytest.importorskip("torchvision.datasets")
+    out = tmp_path / "imagefolder"
+    written = export_records(store, out, "imagefolder", split=str(holdout))
+    by_key = {meta["key"]: meta for _, _, meta in _webdataset_metas(store, holdout, tmp_path)}
+    total = 0
+    for fold in ("train", "validation", "test"):
+        folder = datasets.ImageFolder(str(out / fold))
+        assert folder.class_to_idx == {"0_not_COVID-19": 0, "1_COVID-19": 1}
+        for (file, index), (image, _) in zip(folder.samples, folder, strict=True):
+            assert image.size[0] > 0
+            assert index == by_key[Path(file).stem]["label"]
+        total += len(folder)
+    assert total == written
+
+
+def _webdataset_metas(
+    store: Store, holdout: Path, tmp_path: Path
+) -> list[tuple[str, bytes, dict[str, Any]]]:
+    export_records(store, tmp_path / "labels", "webdataset", split=str(holdout))
+    return list(ml.iter_webdataset(tmp_path / "labels"))
 
 
 def test_imagefolder_refuses_multilabel_tasks(store: Store, tmp_path: Path) -> None:
@@ -228,7 +306,7 @@ def test_cli_exports(
 def test_unknown_labels_are_null_not_zero(make_collection: MakeCollection, tmp_path: Path) -> None:
     rows = [upstream_row(patientid="1", filename="p1.png", finding="Pneumonia")]
     root = make_collection(rows, images={"p1.png": encode(xray_like(1))}, annotations=False)
-    with open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "d") as small:
+    with open_store(f"sqlite:///{tmp_path / 's.sqlite'}", tmp_path / "d", create=True) as small:
         ingest_source(root, small)
         export_records(small, tmp_path / "hf", "hf", task="findings")
     text = (tmp_path / "hf" / "train" / "metadata.jsonl").read_text()

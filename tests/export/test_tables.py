@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -124,7 +125,7 @@ def synthetic(make_collection: MakeCollection) -> Path:
 
 @pytest.fixture
 def ingested(synthetic: Path, db_url: str, tmp_path: Path) -> Iterable[tuple[Store, IngestOutcome]]:
-    with open_store(db_url, tmp_path / "data") as store:
+    with open_store(db_url, tmp_path / "data", create=True) as store:
         yield store, ingest_source(synthetic, store)
 
 
@@ -262,7 +263,7 @@ def test_june_2020_input_round_trips(
     root = make_collection(
         rows, images={"p1.png": encode(xray_like(1)), "p2.png": encode(xray_like(2))}
     )
-    with open_store(db_url, tmp_path / "data") as store:
+    with open_store(db_url, tmp_path / "data", create=True) as store:
         outcome = ingest_source(root, store)
         out = tmp_path / "june.csv"
         assert export_records(store, out, "upstream-csv", layout="june-2020") == 2
@@ -502,6 +503,25 @@ def test_parquet_has_types_values_and_provenance(
     assert third["rt_pcr_positive"] == "Unclear" and third["acquired_on"] is None
 
 
+def test_parquet_rows_lead_to_the_stored_image(
+    ingested: tuple[Store, IngestOutcome], tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    store, _ = ingested
+    out = tmp_path / "records.parquet"
+    written = export_records(store, out, "parquet")
+    frame = pd.read_parquet(out)
+    assert len(frame) == written
+    stored = frame[frame["image_status"] == "stored"]
+    assert (
+        len(stored) > 0 and frame.loc[frame["image_status"] != "stored", "image_path"].isna().all()
+    )
+    for path, sha in zip(stored["image_path"], stored["image_sha256"], strict=True):
+        data = (store.data_dir / path).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == sha
+
+
 def test_parquet_of_an_empty_selection(
     ingested: tuple[Store, IngestOutcome], tmp_path: Path
 ) -> None:
@@ -524,7 +544,9 @@ def test_parquet_of_an_empty_selection(
 def test_real_collection_round_trips(
     covid_dir: Path, tmp_path: Path, metadata: str, layout: str, least: int
 ) -> None:
-    with open_store(f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "data") as store:
+    with open_store(
+        f"sqlite:///{tmp_path / 'store.sqlite'}", tmp_path / "data", create=True
+    ) as store:
         outcome = ingest_source(covid_dir, store, metadata=metadata)
         out = tmp_path / "export.csv"
         written = export_records(store, out, "upstream-csv", layout=layout)

@@ -34,7 +34,7 @@ def june_ingest(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-un
     if not (COVID_DIR / "metadata.csv").is_file():
         pytest.skip(f"shared data not found at {COVID_DIR}")
     folder = tmp_path_factory.mktemp("real")
-    with open_store(f"sqlite:///{folder / 'real.sqlite'}", folder / "data") as store:
+    with open_store(f"sqlite:///{folder / 'real.sqlite'}", folder / "data", create=True) as store:
         outcome = ingest_source(COVID_DIR, store)
     return folder, outcome
 
@@ -45,7 +45,7 @@ def june_store(june_ingest, tmp_path: Path):  # type: ignore[no-untyped-def]
     folder, outcome = june_ingest
     copy = tmp_path / "real.sqlite"
     shutil.copyfile(folder / "real.sqlite", copy)
-    with open_store(f"sqlite:///{copy}", folder / "data") as store:
+    with open_store(f"sqlite:///{copy}", folder / "data", create=True) as store:
         yield store, outcome
 
 
@@ -126,7 +126,7 @@ def test_real_ingest_on_postgresql(covid_dir: Path, tmp_path: Path) -> None:
     urls = _postgres_schema_url()
     url = next(urls)
     try:
-        with open_store(url, tmp_path / "data") as store:
+        with open_store(url, tmp_path / "data", create=True) as store:
             first = ingest_source(covid_dir, store)
             assert first.summary.counts["records_added"] == 751
             before = snapshot(store)

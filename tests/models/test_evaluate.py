@@ -126,14 +126,14 @@ class Synthetic:
     def open_copy(self, folder: Path, data_dir: Path | None = None) -> Store:
         copy = folder / "store.sqlite"
         shutil.copyfile(self.database, copy)
-        return open_store(f"sqlite:///{copy}", data_dir or self.data_dir)
+        return open_store(f"sqlite:///{copy}", data_dir or self.data_dir, create=True)
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Synthetic:
     root = tmp_path_factory.mktemp("evaluate")
     database = root / "store.sqlite"
-    with open_store(f"sqlite:///{database}", root / "data") as store:
+    with open_store(f"sqlite:///{database}", root / "data", create=True) as store:
         ingest_source(_write_alpha(root / "alpha"), store, workers=1)
         ingest_source(_write_beta(root / "beta"), store, workers=1)
     return Synthetic(database, root / "data")

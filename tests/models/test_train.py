@@ -118,7 +118,7 @@ def make_collection(root: Path) -> Path:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     root = tmp_path_factory.mktemp("train-store")
     source = make_collection(root / "covid-chestxray")
-    with open_store(f"sqlite:///{root / 'store.sqlite'}", root / "data") as opened:
+    with open_store(f"sqlite:///{root / 'store.sqlite'}", root / "data", create=True) as opened:
         ingest_source(source, opened, workers=1)
         yield opened
 

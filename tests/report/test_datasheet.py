@@ -48,7 +48,7 @@ def sheet(tmp_path: Path) -> tuple[Path, dict[str, Any], list[dict[str, str]]]:
     rows, images = _rows()
     source = write_source(tmp_path / "kids", rows, images)
     url = f"sqlite:///{tmp_path / 'store.sqlite'}"
-    with open_store(url, tmp_path / "data") as store:
+    with open_store(url, tmp_path / "data", create=True) as store:
         ingest_source(source, store, workers=1)
     out = tmp_path / "card"
     code = main(["datasheet", "--db", url, "--data-dir", str(tmp_path / "data"), "--out", str(out)])

@@ -37,6 +37,7 @@ from covidcxr.models.eval_report import EvaluationReport, LabelResult
 from covidcxr.models.eval_severity import LITERATURE_SOURCE, SEVERITY_SPLITS
 from covidcxr.models.evaluate import DEFAULT_MIN_HELDOUT, DEFAULT_SCHEMES, evaluate
 from covidcxr.models.metrics import DEFAULT_RESAMPLES, Estimate
+from covidcxr.progress import step
 from covidcxr.store.db import Store
 
 DEFAULT_TASK: Final = "second-opinion"
@@ -83,7 +84,7 @@ def make_fit(args: argparse.Namespace, store: Store) -> tuple[FitFunction, dict[
 
 
 def _progress(line: str) -> None:
-    print(f"  .. {line}", file=sys.stderr, flush=True)
+    step(f"  .. {line}", "evaluate")
 
 
 def _schemes(text: str) -> tuple[str, ...]:
@@ -108,7 +109,7 @@ def register(subparsers: Any) -> None:
         "region; run the severity protocol of Cohen et al. 2020 (50 random 50/50 "
         "splits); audit for shortcuts by masking the lungs. Prints AUC, sensitivity "
         "and specificity at the stored operating point, Brier score and calibration "
-        "error with 95%% patient-bootstrap intervals next to the baselines. Research "
+        "error with 95% patient-bootstrap intervals next to the baselines. Research "
         "use only.",
     )
     add_store_options(parser)

@@ -10,8 +10,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from covidcxr.cli.collection import add_filter_options, add_store_options, filter_from, store_from
-from covidcxr.export import FORMATS, ExportOption, export_records
+from covidcxr.cli.collection import (
+    add_filter_options,
+    add_store_options,
+    filter_from,
+    store_from,
+    without_prefix,
+)
+from covidcxr.export import FORMATS, ExportError, ExportOption, export_records
 
 
 def _all_options() -> dict[str, ExportOption]:
@@ -37,9 +43,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         if getattr(args, name, None) is not None
     }
     with store_from(args) as store:
-        written = export_records(
-            store, args.out, args.format, selection=filter_from(args), **options
-        )
+        with store.read() as conn:
+            selection = filter_from(args, conn)
+        try:
+            written = export_records(store, args.out, args.format, selection=selection, **options)
+        except ExportError as exc:
+            raise ExportError(without_prefix(str(exc))) from None
     print(f"wrote {written} rows to {args.out}")
     return 0
 

@@ -15,6 +15,7 @@ from typing import Any
 from covidcxr import config as covidcxr_config
 from covidcxr.cli.collection import add_store_options, store_from
 from covidcxr.errors import MetadataError, MissingExtraError
+from covidcxr.progress import counter, note
 
 DEFAULT_SOURCE = "covid-chestxray"
 
@@ -114,16 +115,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value:
             exact += f" {flag} {shlex.quote(str(value))}"
 
-    def progress(record: dict[str, Any]) -> None:
-        print(
-            f"epoch {record['epoch']}: train loss {record['train_loss']}, val loss "
-            f"{record['val_loss']}, val AUROC {record['val_findings_auroc']}, gate "
-            f"accuracy {record['val_gate_accuracy']} ({record['seconds']} s)",
-            file=sys.stderr,
-            flush=True,
-        )
+    with store_from(args) as store, counter("train", total=args.epochs) as advance:
 
-    with store_from(args) as store:
+        def progress(record: dict[str, Any]) -> None:
+            note(
+                f"epoch {record['epoch']}: train loss {record['train_loss']}, val loss "
+                f"{record['val_loss']}, val AUROC {record['val_findings_auroc']}, gate "
+                f"accuracy {record['val_gate_accuracy']} ({record['seconds']} s)"
+            )
+            advance(1)
+
         model = train_model(store, settings, split=split, progress=progress)
     bundle = model.save(out, model_id, {"command": command})
     _print_report(model, bundle, exact)
@@ -147,20 +148,36 @@ def register(subparsers: Any) -> None:
         "model.onnx, model.json, MODEL_CARD.md and split.csv, and prints the command that "
         "reproduces them. Research use only, not a diagnosis.",
     )
-    parser.add_argument("--size", type=int, default=224, metavar="N", help="input side (px)")
-    parser.add_argument("--epochs", type=int, default=30, metavar="N", help="maximum epochs")
     parser.add_argument(
-        "--width", type=int, default=24, metavar="N", help="width of the small backbone"
+        "--size", type=int, default=224, metavar="N", help="input side (px) (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=30, metavar="N", help="maximum epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--width",
+        type=int,
+        default=24,
+        metavar="N",
+        help="width of the small backbone (default: %(default)s)",
     )
     parser.add_argument(
         "--backbone",
         default="small",
         metavar="SPEC",
         help="small (built in), torchscript:PATH or xrv-densenet121:PATH (your weights on "
-        "disk; nothing is downloaded)",
+        "disk; nothing is downloaded; default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="the one seed")
-    parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per step")
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="the one seed (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="images per step (default: %(default)s)",
+    )
     parser.add_argument(
         "--threads",
         type=int,

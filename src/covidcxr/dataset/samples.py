@@ -159,6 +159,10 @@ class SampleSet:
     excluded: Counter[str]
     blob_root: Path
 
+    def __len__(self) -> int:
+        """The number of samples."""
+        return len(self.samples)
+
     @property
     def label_names(self) -> tuple[str, ...]:
         """The label names, in the order of each sample's label vector."""

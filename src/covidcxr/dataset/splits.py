@@ -44,6 +44,7 @@ import logging
 import math
 import os
 import re
+import warnings
 from bisect import bisect_right
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -202,6 +203,14 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
+class SplitMismatchWarning(UserWarning):
+    """A sample set was built with another task or selection than the split it uses."""
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 @dataclass(frozen=True)
 class Split:
     """Patients assigned to folds, with everything needed to rebuild and check them.
@@ -283,7 +292,35 @@ class Split:
                 )
             if fold in wanted:
                 result.append(index)
+        self._warn_on_mismatch(sample_set)
         return result
+
+    def _warn_on_mismatch(self, sample_set: SampleSet) -> None:
+        """Warn, with counts, when the samples were built otherwise than the split."""
+        ours = _canonical(sample_set.selection.as_dict()), sample_set.task.name
+        theirs = _canonical(self.selection), self.task.get("name")
+        if ours == theirs:
+            return
+        present = {s.patient for s in sample_set.samples}
+        missing = sum(1 for p in self.assignment if p not in present)
+        changed = {
+            key: (sample_set.selection.as_dict().get(key), value)
+            for key, value in self.selection.items()
+            if _canonical(sample_set.selection.as_dict().get(key)) != _canonical(value)
+        }
+        detail = "; ".join(f"{k} {a!r} here, {b!r} in the split" for k, (a, b) in changed.items())
+        if ours[1] != theirs[1]:
+            detail = f"task {ours[1]!r} here, {theirs[1]!r} in the split; " + detail
+        warnings.warn(
+            SplitMismatchWarning(
+                f"Split.indices: these {len(sample_set.samples)} samples were not built "
+                f"as the split was ({detail.rstrip('; ')}): {missing} of the split's "
+                f"{len(self.assignment)} patients have no sample here, so each fold is "
+                "smaller than the split says; build the samples with the split's selection "
+                "(Selection.from_dict(split.selection))"
+            ),
+            stacklevel=3,
+        )
 
     def cross_validation(self) -> list[tuple[tuple[str, ...], str]]:
         """(training folds, test fold) for each fold: k-fold or leave-one-out.
@@ -616,14 +653,14 @@ _COMMENT = re.compile(r"# ([a-z0-9_]+): (.*)")
 
 
 class _SplitFileError:
-    """Makes the errors of one split file: ``load_split: FILE:LINE: reason``."""
+    """Makes the errors of one split file: ``split file FILE:LINE: reason``."""
 
     def __init__(self, source: Path) -> None:
         self.source = source
 
     def __call__(self, line: int | None, reason: str) -> MetadataError:
         where = f"{self.source}:{line}" if line is not None else str(self.source)
-        return MetadataError(f"load_split: {where}: {reason}")
+        return MetadataError(f"split file {where}: {reason}")
 
 
 @dataclass

@@ -155,7 +155,11 @@ register_format(
     ExportFormat(
         "upstream-csv",
         "covidcxr.export.tables:write_upstream_csv",
-        "the upstream metadata.csv layout (round-trips through ingest)",
+        "the upstream metadata.csv layout with the stored, normalised values (ingest "
+        "reads them back unchanged): unknown markers (?, Not visible) and out-of-range "
+        "values are blank, whitespace is trimmed, extra and overflow columns are left "
+        "out (Parquet's extra column has them); the original cell text is in the "
+        "source's metadata file at each record's line",
         ".csv",
         (
             ExportOption(
@@ -183,7 +187,8 @@ register_format(
         "parquet",
         "covidcxr.export.tables:write_parquet",
         "every listed column with real types, plus image size/format/phash, severity "
-        "scores and lung mask/box presence",
+        "scores, lung mask/box presence and image_path (the stored image, relative to "
+        "the data directory)",
         ".parquet",
     )
 )
@@ -214,7 +219,9 @@ register_format(
     ExportFormat(
         "hf",
         "covidcxr.export.ml:write_hf",
-        "Hugging Face imagefolder with metadata.jsonl (train/validation/test for holdout splits)",
+        "Hugging Face imagefolder with metadata.jsonl and a card giving the features "
+        "(label = ClassLabel for binary tasks; train/validation/test for holdout splits, "
+        "one config per fold otherwise)",
         "",
         _ML_OPTIONS,
         directory=True,
@@ -224,7 +231,8 @@ register_format(
     ExportFormat(
         "imagefolder",
         "covidcxr.export.ml:write_imagefolder",
-        "torchvision ImageFolder: fold/class/image (binary tasks)",
+        "torchvision ImageFolder: fold/class/image (binary tasks; class folders "
+        "0_not_X and 1_X, so class index = label)",
         "",
         _ML_OPTIONS,
         directory=True,

@@ -5,8 +5,10 @@ The samples are those of a task and selection (:mod:`covidcxr.dataset.samples`),
 taken from a split file when one is given (``--split``: its task, selection and folds)
 and narrowed by the export command's record filters. Images are written as their
 original bytes (no re-encoding); labels, patient, fold and metadata travel with each
-image. Every export also writes ``covidcxr-export.json``: task, label names,
-selection, split hash, counts and exclusions, so the output documents itself.
+image. In every format a binary task's class index is its label (``not_X`` = 0,
+``X`` = 1) and folds have the same names (a holdout's ``val`` is ``validation``).
+Every export also writes ``covidcxr-export.json`` (task, label names, selection, split
+hash, counts, exclusions) and a ``README.md`` dataset card.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ from covidcxr.dataset.samples import Sample, SampleSet, Selection, build_samples
 from covidcxr.dataset.splits import Split, load_split
 from covidcxr.dataset.tasks import Task, get_task, task_of
 from covidcxr.export import ExportError, ExportJob
+from covidcxr.export.card import dataset_card, hf_card_yaml
 from covidcxr.imaging.decode import sniff_format
+from covidcxr.progress import bar
 
 SHARD_SIZE = 1000
 UNSPLIT = "all"
-# Hugging Face recognises these folder names as splits.
-HF_SPLIT_NAMES = {"train": "train", "val": "validation", "test": "test"}
+# The fold names of an export: a holdout's val is validation (Hugging Face's name).
+EXPORT_FOLD_NAMES = {"val": "validation"}
 _EXTENSIONS = {"PNG": "png", "JPEG": "jpg"}
 
 
@@ -62,7 +66,25 @@ def _plan(
 
 
 def _fold(sample: Sample, split: Split | None) -> str:
-    return split.assignment[sample.patient] if split is not None else UNSPLIT
+    """The sample's fold as every format names it."""
+    if split is None:
+        return UNSPLIT
+    fold = split.assignment[sample.patient]
+    return EXPORT_FOLD_NAMES.get(fold, fold) if split.scheme == "holdout" else fold
+
+
+def class_names(task: Task) -> tuple[str, str] | None:
+    """A binary task's classes, index = label: (``not_X``, ``X``); None otherwise."""
+    if task.kind != "binary":
+        return None
+    leaf = re.sub(r"[^A-Za-z0-9-]+", "_", task.labels[0].split("/")[-1]).strip("_")
+    return f"not_{leaf}", leaf
+
+
+def class_index(sample: Sample) -> int | None:
+    """A binary sample's class index (its label), None when the label is unknown."""
+    value = sample.labels[0]
+    return None if math.isnan(value) else int(value >= 0.5)
 
 
 def _key(sample: Sample) -> str:
@@ -79,6 +101,11 @@ def _sample_json(sample: Sample, sample_set: SampleSet, fold: str) -> dict[str, 
         "key": _key(sample),
         "labels": _label_json(sample.labels),
         "label_names": list(sample_set.label_names),
+        **(
+            {"label": class_index(sample), "class_names": list(names)}
+            if (names := class_names(sample_set.task))
+            else {}
+        ),
         "task": sample_set.task.name,
         "fold": fold,
         "patient": sample.patient,
@@ -100,8 +127,14 @@ def _image(sample_set: SampleSet, sample: Sample) -> tuple[bytes, str]:
 
 
 def _manifest(
-    out: Path, fmt: str, sample_set: SampleSet, split: Split | None, samples: Sequence[Sample]
+    out: Path,
+    fmt: str,
+    sample_set: SampleSet,
+    split: Split | None,
+    samples: Sequence[Sample],
+    hf_yaml: str = "",
 ) -> None:
+    """Write ``covidcxr-export.json`` and the ``README.md`` dataset card."""
     folds = Counter(_fold(s, split) for s in samples)
     doc = {
         "format": fmt,
@@ -114,13 +147,20 @@ def _manifest(
             "scheme": split.scheme,
             "seed": split.seed,
             "membership_sha256": split.membership_sha256,
+            "folds": [
+                EXPORT_FOLD_NAMES.get(f, f) if split.scheme == "holdout" else f for f in split.folds
+            ],
         },
         "samples": len(samples),
+        "class_names": list(class_names(sample_set.task) or []) or None,
         "folds": dict(sorted(folds.items())),
         "excluded": dict(sample_set.excluded.most_common()),
         "note": RESEARCH_USE_ONLY,
     }
     (out / "covidcxr-export.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    licences = Counter(str(s.metadata.get("license") or "unknown") for s in samples)
+    card = dataset_card(fmt, doc, licences, hf_yaml=hf_yaml)
+    (out / "README.md").write_text(card, encoding="utf-8")
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -135,7 +175,8 @@ def write_webdataset(
     job: ExportJob, path: Path, *, task: str | None = None, split: str | None = None
 ) -> int:
     """WebDataset tar shards, ``<fold>-<n>.tar``, each sample as ``KEY.png|jpg`` and
-    ``KEY.json``; at most :data:`SHARD_SIZE` samples per shard."""
+    ``KEY.json`` (``labels``, and for a binary task ``label`` = class index); at most
+    :data:`SHARD_SIZE` samples per shard. Fold k: the shards ``k-*.tar``."""
     sample_set, loaded, samples = _plan(job, task, split)
     by_fold: dict[str, list[Sample]] = defaultdict(list)
     for sample in samples:
@@ -145,7 +186,7 @@ def write_webdataset(
             with tarfile.open(
                 path / f"{fold}-{shard:06d}.tar", "w", format=tarfile.USTAR_FORMAT
             ) as tar:
-                for sample in members[start : start + SHARD_SIZE]:
+                for sample in bar(members[start : start + SHARD_SIZE], f"export {fold}"):
                     data, extension = _image(sample_set, sample)
                     key = _key(sample)
                     _add(tar, f"{key}.{extension}", data)
@@ -155,47 +196,51 @@ def write_webdataset(
     return len(samples)
 
 
-def _hf_folder(fold: str, split: Split | None) -> str:
-    if split is None:
-        return "train"
-    if split.scheme == "holdout":
-        return HF_SPLIT_NAMES.get(fold, fold)
-    return "train"  # k-fold/source/region: one split, the fold is a column
+def _hf_folder(fold: str) -> str:
+    """The folder of a fold: its name, with path separators replaced."""
+    return fold.replace("/", "_").replace("\\", "_") or "_"
 
 
 def write_hf(
     job: ExportJob, path: Path, *, task: str | None = None, split: str | None = None
 ) -> int:
-    """A Hugging Face ``imagefolder`` dataset: ``<split>/<KEY>.<ext>`` plus
-    ``<split>/metadata.jsonl`` (``file_name``, labels, fold, patient, metadata).
+    """A Hugging Face ``imagefolder`` dataset: ``<fold>/<KEY>.<ext>`` plus
+    ``<fold>/metadata.jsonl`` (``file_name``, ``labels``, ``label`` for a binary task,
+    fold, patient, metadata), and a ``README.md`` whose configs give the features.
 
-    Holdout splits become train/validation/test folders; other schemes write one
-    ``train`` folder with a ``fold`` column. Load with
-    ``datasets.load_dataset("imagefolder", data_dir=PATH)``.
+    Load with ``datasets.load_dataset(PATH)``: a binary task's ``label`` is a
+    ``ClassLabel`` (``not_X`` = 0, ``X`` = 1). Holdout splits give the splits train,
+    validation and test; without a split, one ``train``; k-fold, source and region
+    splits give a default config with every sample in ``train`` and one config per
+    fold (``load_dataset(PATH, "fold-K")``: train = the other folds, test = fold K).
     """
     sample_set, loaded, samples = _plan(job, task, split)
-    lines: dict[str, list[str]] = defaultdict(list)
-    for sample in samples:
+    lines: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for sample in bar(samples, "export hf"):
         fold = _fold(sample, loaded)
-        folder = path / _hf_folder(fold, loaded)
+        folder = path / _hf_folder("train" if loaded is None else fold)
         folder.mkdir(exist_ok=True)
         data, extension = _image(sample_set, sample)
         name = f"{_key(sample)}.{extension}"
         (folder / name).write_bytes(data)
         meta = _sample_json(sample, sample_set, fold)
-        row = {
-            "file_name": name,
-            **{k: v for k, v in meta.items() if k != "metadata"},
-            **{
-                f"label_{_safe(n)}": v
-                for n, v in zip(sample_set.label_names, meta["labels"], strict=True)
-            },
-            **meta["metadata"],
-        }
-        lines[folder.name].append(json.dumps(row, sort_keys=True))
+        lines[folder.name].append(
+            {
+                "file_name": name,
+                **{k: v for k, v in meta.items() if k not in ("metadata", "class_names")},
+                **{
+                    f"label_{_safe(n)}": v
+                    for n, v in zip(sample_set.label_names, meta["labels"], strict=True)
+                },
+                **meta["metadata"],
+            }
+        )
     for folder_name, rows in lines.items():
-        (path / folder_name / "metadata.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
-    _manifest(path, "hf", sample_set, loaded, samples)
+        text = "\n".join(json.dumps(row, sort_keys=True) for row in rows) + "\n"
+        (path / folder_name / "metadata.jsonl").write_text(text, encoding="utf-8")
+    rows = [row for folder_rows in lines.values() for row in folder_rows]
+    yaml = hf_card_yaml(sorted(lines), loaded, rows, class_names(sample_set.task))
+    _manifest(path, "hf", sample_set, loaded, samples, hf_yaml=yaml)
     return len(samples)
 
 
@@ -208,8 +253,9 @@ def write_imagefolder(
 ) -> int:
     """torchvision ``ImageFolder`` layout: ``<fold>/<class>/<KEY>.<ext>``.
 
-    Needs a single-label (binary) task: the classes are the label name and
-    ``not_<label>``. Multi-label and regression tasks are refused (use hf or
+    Needs a single-label (binary) task: the class folders are ``0_not_X`` and ``1_X``,
+    so that ``torchvision.datasets.ImageFolder`` (which sorts them) gives class index =
+    the task's label. Multi-label and regression tasks are refused (use hf or
     webdataset, which carry label vectors).
     """
     sample_set, loaded, samples = _plan(job, task, split)
@@ -219,10 +265,13 @@ def write_imagefolder(
             f"{sample_set.task.name!r} is {sample_set.task.kind}: use --format hf or "
             "webdataset, or --task covid-vs-other-pneumonia / viral-vs-bacterial"
         )
-    positive = _safe(sample_set.label_names[0].split("/")[-1])
-    for sample in samples:
-        label = positive if sample.labels[0] >= 0.5 else f"not_{positive}"
-        folder = path / _fold(sample, loaded) / label
+    names = class_names(sample_set.task)
+    assert names is not None
+    for sample in bar(samples, "export imagefolder"):
+        index = class_index(sample)
+        if index is None:  # pragma: no cover - binary tasks leave unknown labels out
+            continue
+        folder = path / _hf_folder(_fold(sample, loaded)) / f"{index}_{names[index]}"
         folder.mkdir(parents=True, exist_ok=True)
         data, extension = _image(sample_set, sample)
         (folder / f"{_key(sample)}.{extension}").write_bytes(data)

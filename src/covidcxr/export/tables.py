@@ -18,6 +18,7 @@ from covidcxr.schema.columns import BY_NAME, BY_UPSTREAM, COLUMNS, JUNE_2020_UPS
 from covidcxr.schema.findings import FindingStatus, ParsedFinding, all_nodes, format_finding
 from covidcxr.schema.values import escape_formula, format_number
 from covidcxr.serialise import to_dict
+from covidcxr.store.blobs import blob_path
 from covidcxr.store.queries import LIST_COLUMNS, annotations_for, image_details
 
 # Upstream headers per layout, in upstream order.
@@ -98,10 +99,15 @@ def write_upstream_csv(
 ) -> int:
     """Write the records in the upstream ``metadata.csv`` layout.
 
-    Ingesting the file gives back the same values for every row that was ingested
-    without warnings or errors. Values that the ingest left blank (``?``, out of
-    range) are written blank; columns outside the layout (a source's extra columns)
-    are not written.
+    It writes the stored, normalised values, so ingesting the file gives back the
+    same values for every row that was ingested without warnings or errors. It is not
+    the original text: values the ingest left blank (unknown markers such as ``?``,
+    ``Not visible``, ``Would have been stated``; out-of-range values such as a
+    temperature of 95) are written blank, whitespace is trimmed, and columns outside
+    the layout (a source's extra columns, the text past the last named column) are
+    not written; those are in Parquet's ``extra`` column. The store does not keep the
+    original cell text: for corrections sent upstream, read the source's own metadata
+    file at the record's ``line``.
 
     Args:
         job: the rows to write.
@@ -167,6 +173,8 @@ PARQUET_EXTRA_COLUMNS: Mapping[str, str] = {
     "opacity_mean": "severity: degree of opacity, 0-6 (mean of raters)",
     "has_lung_mask": "a lung mask of the image is stored",
     "has_lung_box": "lung bounding boxes of the image are stored",
+    "image_path": "the stored image file, relative to the data directory "
+    "(blobs/<sha256[:2]>/<sha256>; null when the image is not stored)",
 }
 PARQUET_COLUMNS: tuple[str, ...] = (*LIST_COLUMNS, *PARQUET_EXTRA_COLUMNS)
 
@@ -240,6 +248,7 @@ def parquet_rows(job: ExportJob) -> list[dict[str, Any]]:
                 "opacity_mean": _mean(a["opacity_mean"] for a in severity),
                 "has_lung_mask": any(a["kind"] == "lung_mask" for a in notes),
                 "has_lung_box": any(a["kind"] == "lung_box" for a in notes),
+                "image_path": blob_path(Path("blobs"), sha).as_posix() if image else None,
             }
         )
     return result

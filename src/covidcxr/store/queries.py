@@ -7,6 +7,7 @@ CSV and JSON output), so the CLI, the exports and the ML layers share them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,15 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from covidcxr.errors import MetadataError
 from covidcxr.schema.findings import resolve_node
-from covidcxr.schema.values import FRONTAL_VIEWS, parse_flag, parse_modality, parse_sex, parse_view
+from covidcxr.schema.values import (
+    FRONTAL_VIEWS,
+    MODALITIES,
+    VIEWS,
+    parse_flag,
+    parse_modality,
+    parse_sex,
+    parse_view,
+)
 from covidcxr.store.tables import (
     Annotation,
     Finding,
@@ -81,15 +90,40 @@ class RecordFilter:
     flags: Sequence[str] = ()
 
 
-def _normalised(values: Iterable[str], parser: Any, what: str) -> list[str]:
+RECORD_FLAGS = ("pediatric", "shared_image", "has_warnings")
+IMAGE_STATUSES = ("stored", "missing", "rejected")
+
+
+def _normalised(values: Iterable[str], parser: Any, what: str, accepted: str) -> list[str]:
     result = []
     for value in values:
-        parsed, problem = parser(value)
+        parsed, _ = parser(value)
         if parsed is None:
-            detail = problem.message if problem else "blank"
-            raise MetadataError(f"filter: {what} {value!r}: {detail}")
+            raise MetadataError(f"unknown {what} {value!r}; accepted: {accepted}")
         result.append(parsed)
     return result
+
+
+def check_choices(values: Iterable[str], accepted: Sequence[str], what: str) -> list[str]:
+    """``values`` if each is one of ``accepted``.
+
+    Raises:
+        MetadataError: a value is not accepted; the message lists the accepted values
+            and the closest one.
+    """
+    result = list(values)
+    for value in result:
+        if value not in accepted:
+            close = difflib.get_close_matches(value, accepted, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            known = ", ".join(accepted) or "none"
+            raise MetadataError(f"unknown {what} {value!r}{hint}; accepted: {known}")
+    return result
+
+
+def source_names(conn: Connection) -> list[str]:
+    """The names of the sources in the store."""
+    return sorted(conn.execute(select(Source.name)).scalars())
 
 
 def _annotation_exists(kind: str) -> ColumnElement[bool]:
@@ -161,14 +195,16 @@ def where_clauses(
             if view.strip().lower() == "frontal":
                 views |= FRONTAL_VIEWS
             else:
-                views.update(_normalised([view], parse_view, "view"))
+                accepted = ", ".join(VIEWS) + " or frontal"
+                views.update(_normalised([view], parse_view, "view", accepted))
         clauses.append(Record.view.in_(sorted(views)))
     if selection.modalities:
-        clauses.append(
-            Record.modality.in_(_normalised(selection.modalities, parse_modality, "modality"))
+        modalities = _normalised(
+            selection.modalities, parse_modality, "modality", ", ".join(MODALITIES)
         )
+        clauses.append(Record.modality.in_(modalities))
     if selection.sexes:
-        clauses.append(Observation.sex.in_(_normalised(selection.sexes, parse_sex, "sex")))
+        clauses.append(Observation.sex.in_(_normalised(selection.sexes, parse_sex, "sex", "M, F")))
     if selection.age_min is not None:
         clauses.append(Observation.age_years >= selection.age_min)
     if selection.age_max is not None:
@@ -178,7 +214,8 @@ def where_clauses(
     if selection.patients:
         clauses.append(Patient.patient_id.in_(list(selection.patients)))
     if selection.image_status:
-        clauses.append(Record.image_status.in_(list(selection.image_status)))
+        statuses = check_choices(selection.image_status, IMAGE_STATUSES, "image status")
+        clauses.append(Record.image_status.in_(statuses))
     for kind, wanted in (
         ("severity", selection.has_severity),
         ("lung_mask", selection.has_mask),
@@ -190,11 +227,11 @@ def where_clauses(
     for name, value in selection.outcomes.items():
         if name not in OUTCOME_FIELDS:
             raise MetadataError(
-                f"filter: {name!r} is not an outcome field; use one of {', '.join(OUTCOME_FIELDS)}"
+                f"{name!r} is not an outcome field; use one of {', '.join(OUTCOME_FIELDS)}"
             )
         column = Observation.__table__.c[name]
         clauses.append(column.is_(None) if value is None else column == value)
-    for flag in selection.flags:
+    for flag in check_choices(selection.flags, RECORD_FLAGS, "flag"):
         padded = literal(",") + Record.flags + literal(",")
         clauses.append(padded.contains(f",{flag},", autoescape=True))
     return clauses
@@ -206,7 +243,7 @@ def parse_outcome(text: str) -> bool | None:
         return None
     value, _ = parse_flag(text)
     if value is None:
-        raise MetadataError(f"filter: outcome value {text!r}: use Y, N or unknown")
+        raise MetadataError(f"unknown outcome value {text!r}; accepted: Y, N or unknown")
     return value
 
 
@@ -575,3 +612,37 @@ def stats(conn: Connection, selection: RecordFilter | None = None) -> dict[str, 
         },
         "flags": dict(Counter(f for row in rows for f in row["flags"]).most_common()),
     }
+
+
+BLOB_REFERENCE_COLUMNS = ("sha256", "kind", "record_id", "source", "patient_id", "file")
+
+
+def blob_references(conn: Connection) -> list[dict[str, Any]]:
+    """Every stored blob with what refers to it: images by record, masks by annotation.
+
+    Returns:
+        rows with :data:`BLOB_REFERENCE_COLUMNS`: ``kind`` ``image`` (``record_id``
+        and ``file`` the record's) or ``mask`` (the mask's annotation file, no record).
+    """
+    images = conn.execute(
+        select(
+            Record.image_sha256.label("sha256"),
+            Record.id.label("record_id"),
+            Source.name.label("source"),
+            Patient.patient_id,
+            Record.filename.label("file"),
+        )
+        .join(Source, Source.id == Record.source_id)
+        .join(Patient, Patient.id == Record.patient_pk)
+        .where(Record.image_sha256.is_not(None))
+        .order_by(Record.id)
+    ).mappings()
+    rows: list[dict[str, Any]] = [{"kind": "image", **row} for row in images]
+    masks = conn.execute(
+        select(Annotation.mask_sha256.label("sha256"), Source.name.label("source"), Annotation.file)
+        .join(Source, Source.id == Annotation.source_id)
+        .where(Annotation.mask_sha256.is_not(None))
+        .order_by(Annotation.id)
+    ).mappings()
+    rows += [{"kind": "mask", "record_id": None, "patient_id": None, **row} for row in masks]
+    return rows
