@@ -26,10 +26,10 @@ from covidcxr.store.db import Store, open_store
 
 torch = pytest.importorskip("torch")
 
-from torch.utils.data import DataLoader  # noqa: E402
+from torch.utils.data import DataLoader
 
-from covidcxr.dataset import torch_dataset  # noqa: E402
-from covidcxr.dataset.torch_dataset import CollectionDataset  # noqa: E402
+from covidcxr.dataset import torch_dataset
+from covidcxr.dataset.torch_dataset import CollectionDataset
 
 SIZE = 32
 EVERY_ROW = Selection(views=("any",), modalities=("any",), one_per_image=False)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+pytest.importorskip("pydicom")
 from PIL import Image
 from pydicom import dcmread
 from pydicom.dataset import Dataset

@@ -11,6 +11,8 @@ from typing import Any
 import imagecodecs
 import numpy as np
 import pytest
+
+pytest.importorskip("pydicom")
 from numpy.typing import NDArray
 from PIL import Image
 from pydicom import dcmread, uid

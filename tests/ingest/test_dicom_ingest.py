@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("pydicom")
 from pydicom import dcmread
 
 from covidcxr.errors import MappingError

@@ -18,9 +18,9 @@ from covidcxr.models.card import data_membership_sha256, render_card
 
 torch = pytest.importorskip("torch")
 
-from covidcxr.models.config import TrainConfig  # noqa: E402
-from covidcxr.models.train import canonical_command  # noqa: E402
-from covidcxr.models.trained import TrainedModel, build_network  # noqa: E402
+from covidcxr.models.config import TrainConfig
+from covidcxr.models.train import canonical_command
+from covidcxr.models.trained import TrainedModel, build_network
 
 CONFIG = TrainConfig(size=32, width=8, epochs=1)
 LABELS = (

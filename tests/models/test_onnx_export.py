@@ -12,8 +12,8 @@ from covidcxr.errors import MetadataError
 torch = pytest.importorskip("torch")
 ort = pytest.importorskip("onnxruntime")
 
-from covidcxr.models.network import CXRModel, build_backbone  # noqa: E402
-from covidcxr.models.onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx  # noqa: E402
+from covidcxr.models.network import CXRModel, build_backbone
+from covidcxr.models.onnx_export import INPUT_NAME, OUTPUT_NAMES, export_onnx
 
 
 def _model(spec: str = "small") -> CXRModel:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from numpy.typing import NDArray
 from PIL import Image
 

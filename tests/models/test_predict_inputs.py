@@ -19,7 +19,7 @@ from covidcxr.models.engines import quality_note
 
 torch = pytest.importorskip("torch")
 
-from covidcxr.models.predict import Predictor, random_bundle  # noqa: E402
+from covidcxr.models.predict import Predictor, random_bundle
 
 FRONTAL = (8.0, 0.0, 0.0, 0.0, 0.0)
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 from numpy.typing import NDArray
 from PIL import Image
 

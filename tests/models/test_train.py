@@ -20,19 +20,19 @@ from covidcxr.store.db import Store, open_store
 
 torch = pytest.importorskip("torch")
 
-from covidcxr.models import train  # noqa: E402
-from covidcxr.models.bundle import GATE_CLASSES, load_bundle  # noqa: E402
-from covidcxr.models.calibration import (  # noqa: E402
+from covidcxr.models import train
+from covidcxr.models.bundle import GATE_CLASSES, load_bundle
+from covidcxr.models.calibration import (
     binary_nll,
     fit_temperature,
     youden_threshold,
 )
-from covidcxr.models.config import TrainConfig  # noqa: E402
-from covidcxr.models.loop import masked_bce  # noqa: E402
-from covidcxr.models.pools import load_pixels  # noqa: E402
-from covidcxr.models.sample_sets import findings_samples  # noqa: E402
-from covidcxr.models.train import fit_on_indices, train_model  # noqa: E402
-from covidcxr.models.trained import TrainedModel  # noqa: E402
+from covidcxr.models.config import TrainConfig
+from covidcxr.models.loop import masked_bce
+from covidcxr.models.pools import load_pixels
+from covidcxr.models.sample_sets import findings_samples
+from covidcxr.models.train import fit_on_indices, train_model
+from covidcxr.models.trained import TrainedModel
 
 TINY = TrainConfig(size=32, width=8, epochs=2, batch_size=8, severity_splits=3)
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
 from covidcxr.cli import build_parser
 
 

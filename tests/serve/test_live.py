@@ -3,6 +3,11 @@
 # ruff: noqa: F811  (pytest fixtures imported from serve_helpers are parameters here)
 from __future__ import annotations
 
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
 import socket
 
 import httpx

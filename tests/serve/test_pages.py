@@ -8,6 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
 from fastapi.testclient import TestClient
 from serve_helpers import (  # noqa: F401  (fixtures)
     add_user,

@@ -14,30 +14,36 @@ same map; ``tests/models/test_predict.py`` checks this against captum's
 
 Maps live on the network's input, the centre square of the image (torchxrayvision's
 ``XRayCenterCrop``); :func:`upsample_to_image` puts them back on the whole image (zero
-outside the square, which the network never saw). Overlays are written as PNG with a
-colour map built here, so no plotting library is needed.
+outside the square, which the network never saw). Overlays show the whole image with a
+colour map built here (no plotting library), a legend, a dashed line around the square
+the network saw, and the lung outline when the lung segmenter can run (torch).
 
 Only :func:`grad_cam` needs torch (and captum); it imports them when called.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from covidcxr.atomic import atomic_output
 from covidcxr.dataset.loading import center_crop_box
-from covidcxr.errors import MissingExtraError
+from covidcxr.errors import MetadataError, MissingExtraError
 
 if TYPE_CHECKING:
     import torch
 
+    from covidcxr.models.lungs import LungSegmenter
     from covidcxr.models.network import CXRModel
+
+log = logging.getLogger(__name__)
 
 #: Anchor colours of the overlay's colour map (dark blue, blue, cyan, yellow, red at
 #: 0, 0.25, 0.5, 0.75, 1): a "jet"-like scale whose hot end stands out on grey.
@@ -59,6 +65,9 @@ COLOUR_MAP: Final[NDArray[np.uint8]] = _colour_map()
 
 #: Opacity of the colour at full heat; cold regions show the radiograph untouched.
 OVERLAY_ALPHA: Final = 0.5
+#: Colour of the lung outline and of the dashed border of the square the network saw.
+LUNG_COLOUR: Final = (0, 255, 0)
+SEEN_COLOUR: Final = (255, 255, 255)
 
 
 def class_activation_maps(
@@ -147,11 +156,119 @@ def overlay(gray: NDArray[np.uint8], heat: NDArray[np.floating]) -> NDArray[np.u
     return result
 
 
+def _outline(mask: NDArray[np.bool_], thickness: int) -> NDArray[np.bool_]:
+    """The pixels of ``mask`` within ``thickness`` of its border."""
+    inner = mask.copy()
+    for _ in range(thickness):
+        shrunk = inner.copy()
+        shrunk[1:, :] &= inner[:-1, :]
+        shrunk[:-1, :] &= inner[1:, :]
+        shrunk[:, 1:] &= inner[:, :-1]
+        shrunk[:, :-1] &= inner[:, 1:]
+        inner = shrunk
+    return mask & ~inner
+
+
+def _dashed_box(height: int, width: int, thickness: int) -> NDArray[np.bool_]:
+    """A dashed border around the centre square (empty when the image is square)."""
+    box = np.zeros((height, width), dtype=bool)
+    if width == height:
+        return box
+    left, top, right, bottom = center_crop_box(width, height)
+    square = np.zeros_like(box)
+    square[top:bottom, left:right] = True
+    dash = max(4, 4 * thickness)
+    rows, columns = np.indices((height, width))
+    dashed: NDArray[np.bool_] = _outline(square, thickness) & (((rows + columns) // dash) % 2 == 0)
+    return dashed
+
+
+def _draw_legend(rgb: NDArray[np.uint8], *, lungs: bool, seen_box: bool) -> None:
+    """Draw the colour bar (and what the lines mean) into the bottom-left corner."""
+    height, width = rgb.shape[:2]
+    bar_width, bar_height = max(24, width // 3), max(4, height // 60)
+    margin = max(2, height // 100)
+    labels = ["heat: low -> high"]
+    labels += ["green: lungs (segmented)"] if lungs else []
+    labels += ["dashed: what the model saw"] if seen_box else []
+    canvas = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(canvas)
+    text_height = max(11, height // 50)
+    font = ImageFont.load_default(size=text_height - 1)
+    box_height = bar_height + text_height * len(labels) + 3 * margin
+    top = height - box_height - margin
+    draw.rectangle((margin, top, margin + bar_width + 2 * margin, height - margin), fill=(0, 0, 0))
+    colours = COLOUR_MAP[np.linspace(0, 255, bar_width).astype(np.intp)]
+    rgb_bar = np.repeat(colours[None], bar_height, axis=0)
+    canvas.paste(Image.fromarray(rgb_bar), (2 * margin, top + margin))
+    for i, text in enumerate(labels):
+        draw.text(
+            (2 * margin, top + 2 * margin + bar_height + i * text_height),
+            text,
+            fill="white",
+            font=font,
+        )
+    rgb[...] = np.asarray(canvas)
+
+
+def annotated_overlay(
+    gray: NDArray[np.uint8],
+    heat: NDArray[np.floating],
+    lungs: NDArray[np.integer] | NDArray[np.bool_] | None = None,
+) -> NDArray[np.uint8]:
+    """:func:`overlay` with the lung outline (when ``lungs`` is given), a dashed border
+    around the centre square the network saw (when the image is not square), and a
+    legend in the bottom-left corner. Same size as the image.
+
+    Raises:
+        ValueError: the image, the map and the mask differ in shape.
+    """
+    rgb = overlay(gray, heat)
+    height, width = gray.shape
+    thickness = max(1, min(height, width) // 250)
+    if lungs is not None:
+        if lungs.shape != gray.shape:
+            raise ValueError(
+                f"annotated_overlay: image {gray.shape} and lungs {lungs.shape} differ"
+            )
+        rgb[_outline(np.asarray(lungs) != 0, thickness)] = LUNG_COLOUR
+    border = _dashed_box(height, width, thickness)
+    rgb[border] = SEEN_COLOUR
+    if min(height, width) >= 64:  # no room for a legend on a thumbnail
+        _draw_legend(rgb, lungs=lungs is not None, seen_box=bool(border.any()))
+    return rgb
+
+
+@functools.cache
+def _shipped_segmenter() -> LungSegmenter | None:
+    try:
+        from covidcxr.models.lungs import LungSegmenter
+
+        return LungSegmenter.load()
+    except (MissingExtraError, MetadataError) as exc:
+        log.info("heatmap overlays without the lung outline: %s", exc)
+        return None
+
+
 def write_overlay(
-    path: str | os.PathLike[str], gray: NDArray[np.uint8], heat: NDArray[np.floating]
+    path: str | os.PathLike[str],
+    gray: NDArray[np.uint8],
+    heat: NDArray[np.floating],
+    lungs: NDArray[np.integer] | NDArray[np.bool_] | Literal["auto"] | None = "auto",
 ) -> None:
-    """Write :func:`overlay` as an RGB PNG (atomically: never half a file)."""
-    image = Image.fromarray(overlay(gray, heat))
+    """Write :func:`annotated_overlay` as an RGB PNG (atomically: never half a file).
+
+    Args:
+        path: the PNG to write.
+        gray: ``(H, W)`` uint8 image.
+        heat: ``(H, W)`` map in [0, 1].
+        lungs: a lung mask; ``"auto"`` segments ``gray`` with the shipped lung model
+            when torch and its weights are there (no outline otherwise); None: none.
+    """
+    if isinstance(lungs, str):
+        segmenter = _shipped_segmenter()
+        lungs = segmenter.segment(gray) if segmenter is not None else None
+    image = Image.fromarray(annotated_overlay(gray, heat, lungs))
     with atomic_output(path) as temporary:
         image.save(temporary, format="PNG")
 

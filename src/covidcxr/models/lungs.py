@@ -1,0 +1,637 @@
+"""Lung segmentation: a compact U-Net trained here on the collection's lung masks.
+
+The network sees the whole image letterboxed to ``INPUT_SIZE`` px (``crop="pad"`` of
+:mod:`covidcxr.dataset.loading`), so its mask maps back onto every pixel of the image.
+:class:`LungSegmenter` loads the shipped weights (``weights/lungs-unet-v1``);
+:func:`train_lungs` makes them again (``covidcxr train-lungs``). :func:`dice` and
+:func:`mass_in_lungs` are plain numpy. Torch is imported where it is used.
+
+Why it is built this way: ``docs/decisions/0070-lung-segmentation.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, cast
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image
+
+from covidcxr.atomic import atomic_output
+from covidcxr.dataset.loading import _padded_size, grey_levels, load_image, preprocess_image
+from covidcxr.dataset.samples import Sample, SampleSet, Selection, build_samples
+from covidcxr.dataset.splits import Split, make_split
+from covidcxr.dataset.tasks import get_task
+from covidcxr.errors import MetadataError, MissingExtraError
+
+if TYPE_CHECKING:
+    import torch
+
+    from covidcxr.store.db import Store
+
+log = logging.getLogger(__name__)
+
+MODEL_ID: Final = "lungs-unet-v1"
+WEIGHTS_DIR: Final = Path(__file__).parent / "weights" / MODEL_ID
+INPUT_SIZE: Final = 128
+#: Target value of pixels the loss and Dice skip (V7 Labs' grey 127, "ignore").
+IGNORE: Final = 2
+#: A reference mask with less lung than this share of the image is an empty mask
+#: (V7 Labs ships empty masks for CT and lateral images).
+MIN_LUNG_FRACTION: Final = 0.02
+
+
+# --- measures ----------------------------------------------------------------------
+
+
+def dice(
+    predicted: NDArray[np.integer] | NDArray[np.bool_],
+    reference: NDArray[np.integer] | NDArray[np.bool_],
+    ignore: NDArray[np.bool_] | None = None,
+) -> float:
+    """Dice overlap ``2 |P & R| / (|P| + |R|)`` of two binary masks.
+
+    Args:
+        predicted: mask, non-zero = lung.
+        reference: mask of the same shape, non-zero = lung.
+        ignore: pixels left out of both (e.g. V7 Labs' "ignore" grey), or None.
+
+    Returns:
+        Dice in [0, 1]; 1.0 when both masks are empty.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    if predicted.shape != reference.shape or (
+        ignore is not None and ignore.shape != predicted.shape
+    ):
+        raise ValueError(
+            f"dice: shapes differ: predicted {predicted.shape}, reference {reference.shape}"
+            + (f", ignore {ignore.shape}" if ignore is not None else "")
+        )
+    keep = np.ones(predicted.shape, dtype=bool) if ignore is None else ~ignore
+    p = (np.asarray(predicted) != 0) & keep
+    r = (np.asarray(reference) != 0) & keep
+    total = int(p.sum()) + int(r.sum())
+    return 1.0 if total == 0 else 2.0 * int((p & r).sum()) / total
+
+
+def mass_in_lungs(
+    heat: NDArray[np.floating], lungs: NDArray[np.integer] | NDArray[np.bool_]
+) -> float:
+    """The share of a heat map's mass that lies on the lungs.
+
+    A uniform map scores the lung area fraction: that is the baseline a map must beat
+    to say it looks at the lungs more than anywhere else.
+
+    Args:
+        heat: non-negative map (e.g. a [0, 1] heatmap), ``(H, W)``.
+        lungs: lung mask of the same shape, non-zero = lung.
+
+    Returns:
+        ``sum(heat on lungs) / sum(heat)``; NaN for an all-zero map.
+
+    Raises:
+        ValueError: the shapes differ or the map has negative values.
+    """
+    values = np.asarray(heat, dtype=np.float64)
+    if values.shape != lungs.shape:
+        raise ValueError(f"mass_in_lungs: heat map {values.shape} and mask {lungs.shape} differ")
+    if values.size and float(values.min()) < 0.0:
+        raise ValueError("mass_in_lungs: the heat map has negative values; apply ReLU first")
+    total = float(values.sum())
+    if total == 0.0:
+        return math.nan
+    return float(values[np.asarray(lungs) != 0].sum()) / total
+
+
+# --- geometry: letterbox and back ---------------------------------------------------
+
+
+def _letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """(left, top, width, height) of the image inside the ``size`` square (as
+    :func:`covidcxr.dataset.loading.load_image` with ``crop="pad"`` pastes it)."""
+    out_width, out_height = _padded_size(width, height, size)
+    return (size - out_width) // 2, (size - out_height) // 2, out_width, out_height
+
+
+def letterbox_target(mask: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
+    """A reference mask's grey levels as a ``size x size`` training target.
+
+    Args:
+        mask: ``(H, W)`` grey levels: 0 background, 127 ignore (V7 Labs), 255 lung.
+        size: the side of the letterboxed square.
+
+    Returns:
+        ``uint8`` 0 background (and padding), 1 lung, :data:`IGNORE` ignore.
+    """
+    height, width = mask.shape
+    left, top, out_width, out_height = _letterbox_box(width, height, size)
+    small = np.asarray(
+        Image.fromarray(mask).resize((out_width, out_height), Image.Resampling.NEAREST)
+    )
+    target = np.zeros((size, size), dtype=np.uint8)
+    region = np.where(small >= 192, 1, np.where(small >= 64, IGNORE, 0)).astype(np.uint8)
+    target[top : top + out_height, left : left + out_width] = region
+    return target
+
+
+def unletterbox(probability: NDArray[np.floating], width: int, height: int) -> NDArray[np.float32]:
+    """A ``size x size`` map of the letterboxed input back at ``width x height``."""
+    size = probability.shape[0]
+    left, top, out_width, out_height = _letterbox_box(width, height, size)
+    inner = np.ascontiguousarray(
+        probability[top : top + out_height, left : left + out_width], dtype=np.float32
+    )
+    resized = Image.fromarray(inner).resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)
+
+
+# --- the network -------------------------------------------------------------------
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:
+        raise MissingExtraError("torch", "ml") from exc
+    return torch
+
+
+def build_unet(base_channels: int = 8, levels: int = 4) -> torch.nn.Module:
+    """A compact U-Net: ``levels`` resolutions, channels doubling from ``base_channels``.
+
+    Input ``(B, 1, S, S)`` grey levels, each image standardised to zero mean and unit
+    standard deviation, ``S`` a multiple of ``2 ** (levels - 1)``; output
+    ``(B, 1, S, S)`` lung logits.
+
+    Raises:
+        MissingExtraError: torch is not installed.
+        ValueError: fewer than 2 levels or no channels.
+    """
+    functions = _torch()
+    nn = functions.nn
+    if levels < 2 or base_channels < 1:
+        raise ValueError(f"build_unet: levels={levels}, base_channels={base_channels}")
+
+    def block(cin: int, cout: int) -> Any:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    widths = [base_channels * 2**i for i in range(levels)]
+
+    class UNet(nn.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.down = nn.ModuleList(
+                [block(1, widths[0])] + [block(widths[i - 1], widths[i]) for i in range(1, levels)]
+            )
+            self.up = nn.ModuleList(
+                [
+                    nn.ConvTranspose2d(widths[i], widths[i - 1], 2, stride=2)
+                    for i in range(1, levels)
+                ]
+            )
+            self.merge = nn.ModuleList(
+                [block(2 * widths[i - 1], widths[i - 1]) for i in range(1, levels)]
+            )
+            self.head = nn.Conv2d(widths[0], 1, 1)
+
+        def forward(self, x: Any) -> Any:
+            skips = []
+            for i, stage in enumerate(self.down):
+                x = stage(x if i == 0 else functions.nn.functional.max_pool2d(x, 2))
+                skips.append(x)
+            for i in reversed(range(levels - 1)):
+                x = self.merge[i](functions.cat([skips[i], self.up[i](x)], dim=1))
+            return self.head(x)
+
+    return cast("torch.nn.Module", UNet())
+
+
+# --- data --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LungData:
+    """Letterboxed images and targets of one split, ready to train on.
+
+    Attributes:
+        images: ``(N, S, S)`` uint8 grey levels.
+        targets: ``(N, S, S)`` uint8, 0 / 1 lung / :data:`IGNORE`.
+        folds: ``(N,)`` fold of each image (``train``, ``val``, ``test``).
+        patients: ``(N,)`` patient of each image.
+        image_sha256: ``(N,)`` the image blobs.
+        split_sha256: the split's ``membership_sha256``.
+    """
+
+    images: NDArray[np.uint8]
+    targets: NDArray[np.uint8]
+    folds: NDArray[np.str_]
+    patients: NDArray[np.str_]
+    image_sha256: NDArray[np.str_]
+    split_sha256: str
+
+    def subset(self, fold: str) -> tuple[NDArray[np.uint8], NDArray[np.uint8]]:
+        """Images and targets of one fold."""
+        chosen = self.folds == fold
+        return self.images[chosen], self.targets[chosen]
+
+    def save(self, path: str | Path) -> None:
+        """Write the arrays as one ``.npz`` (atomically)."""
+        with atomic_output(path) as temporary, temporary.open("wb") as handle:
+            np.savez_compressed(handle, **{k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @classmethod
+    def load(cls, path: str | Path) -> LungData:
+        """Read what :meth:`save` wrote."""
+        with np.load(path) as data:
+            values = {k: data[k] for k in cls.__dataclass_fields__}
+        values["split_sha256"] = str(values["split_sha256"])
+        return cls(**values)
+
+
+def _read_grey(path: Path) -> NDArray[np.uint8]:
+    with Image.open(path) as image:
+        return grey_levels(image)
+
+
+def masked_samples(store: Store) -> tuple[SampleSet, Split]:
+    """The frontal X-rays with a non-empty lung mask, split by patient (holdout 70/15/15,
+    seed 0; duplicate-linked patients kept together by :func:`make_split`)."""
+    sample_set = build_samples(store, get_task("findings"), Selection(views=("frontal",)))
+    kept: list[Sample] = []
+    for sample in sample_set.samples:
+        mask = sample_set.mask_path(sample)
+        if mask is not None and (_read_grey(mask) >= 192).mean() >= MIN_LUNG_FRACTION:
+            kept.append(sample)
+    sample_set.excluded["no lung mask (or an empty one)"] += len(sample_set.samples) - len(kept)
+    sample_set.samples = kept
+    with store.read() as conn:
+        split = make_split(sample_set, conn, scheme="holdout", seed=0)
+    return sample_set, split
+
+
+def prepare_lung_data(store: Store, size: int = INPUT_SIZE) -> LungData:
+    """Load every masked image of :func:`masked_samples` letterboxed to ``size``.
+
+    Raises:
+        MetadataError: the store has no image with a lung mask.
+        ImageError: an image cannot be read.
+    """
+    sample_set, split = masked_samples(store)
+    if not sample_set.samples:
+        raise MetadataError(
+            "prepare_lung_data: no frontal X-ray in the store has a lung mask; ingest the "
+            "collection with its annotations/ folder"
+        )
+    images, targets = [], []
+    for sample in sample_set.samples:
+        images.append(load_image(sample_set.image_path(sample), size, crop="pad"))
+        mask_path = sample_set.mask_path(sample)
+        assert mask_path is not None  # masked_samples kept only samples with masks
+        targets.append(letterbox_target(_read_grey(mask_path), size))
+    return LungData(
+        images=np.stack(images),
+        targets=np.stack(targets),
+        folds=np.array([split.fold_of(s.patient) for s in sample_set.samples]),
+        patients=np.array([s.patient for s in sample_set.samples]),
+        image_sha256=np.array([s.image_sha256 for s in sample_set.samples]),
+        split_sha256=split.membership_sha256,
+    )
+
+
+# --- training ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`train_lungs` trains.
+
+    Attributes:
+        base_channels: U-Net width at full resolution.
+        levels: U-Net resolutions.
+        minutes: wall-clock budget; training stops at the first epoch end past it.
+        max_epochs: at most this many epochs.
+        batch_size: images per step.
+        learning_rate: AdamW's initial rate (cosine decay over ``max_epochs``).
+        seed: seeds the weights, the order and the augmentation.
+        threads: torch CPU threads.
+    """
+
+    base_channels: int = 8
+    levels: int = 4
+    minutes: float = 25.0
+    max_epochs: int = 20
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+    seed: int = 0
+    threads: int = 2
+
+
+def _augment(torch: Any, images: Any, targets: Any, generator: Any) -> tuple[Any, Any]:
+    """Small random flips, rotation/scale/shift and contrast, the same on image and
+    target (nearest for the target, so it keeps its three values)."""
+    batch = images.shape[0]
+
+    def rand(*shape: int) -> Any:
+        return torch.rand(*shape, generator=generator)
+
+    angle = (rand(batch) - 0.5) * (2 * math.radians(10))
+    scale = 1.0 + (rand(batch) - 0.5) * 0.2
+    shift = (rand(batch, 2) - 0.5) * 0.16
+    flip = torch.where(rand(batch) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [
+            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
+            torch.stack([sin * flip, cos, shift[:, 1]], 1),
+        ],
+        1,
+    )
+    functional = torch.nn.functional
+    grid = functional.affine_grid(theta, list(images.shape), align_corners=False)
+    images = functional.grid_sample(images, grid, mode="bilinear", align_corners=False)
+    targets = functional.grid_sample(targets, grid, mode="nearest", align_corners=False)
+    gamma = torch.exp((rand(batch, 1, 1, 1) - 0.5) * 0.8)
+    images = images.clamp(0, 1) ** gamma
+    return images, targets
+
+
+def _loss(torch: Any, logits: Any, targets: Any) -> Any:
+    """Binary cross-entropy plus soft Dice, both over the pixels that are not ignored."""
+    keep = (targets != IGNORE).float()
+    lung = (targets == 1).float()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, lung, weight=keep)
+    probability = torch.sigmoid(logits) * keep
+    overlap = (probability * lung).sum(dim=(1, 2, 3))
+    soft_dice = (2 * overlap + 1) / (probability.sum(dim=(1, 2, 3)) + lung.sum(dim=(1, 2, 3)) + 1)
+    return bce + (1 - soft_dice).mean()
+
+
+def _tensors(torch: Any, images: NDArray[np.uint8], targets: NDArray[np.uint8]) -> tuple[Any, Any]:
+    return (
+        torch.from_numpy(images.astype(np.float32) / 255.0)[:, None],
+        torch.from_numpy(targets.astype(np.float32))[:, None],
+    )
+
+
+def _standardise_tensor(torch: Any, images: Any) -> Any:
+    """Per-image zero mean, unit standard deviation: exposure and source matter less."""
+    mean = images.mean(dim=(2, 3), keepdim=True)
+    std = images.std(dim=(2, 3), keepdim=True, unbiased=False)
+    return (images - mean) / std.clamp_min(1.0 / 255.0)
+
+
+def train_steps(
+    model: torch.nn.Module,
+    images: NDArray[np.uint8],
+    targets: NDArray[np.uint8],
+    *,
+    steps: int,
+    settings: TrainSettings,
+    generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+) -> list[float]:
+    """Run ``steps`` optimiser steps on random augmented batches; returns the losses.
+
+    Raises:
+        MissingExtraError: torch is not installed.
+    """
+    torch = _torch()
+    generator = generator or torch.Generator().manual_seed(settings.seed)
+    optimizer = optimizer or torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
+    x_all, y_all = _tensors(torch, images, targets)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        chosen = torch.randint(0, len(images), (settings.batch_size,), generator=generator)
+        x, y = _augment(torch, x_all[chosen], y_all[chosen], generator)
+        loss = _loss(torch, model(_standardise_tensor(torch, x)), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def predict_probability(
+    model: torch.nn.Module, images: NDArray[np.uint8], batch_size: int = 32
+) -> NDArray[np.float32]:
+    """Lung probability of letterboxed ``(N, S, S)`` images, ``(N, S, S)`` float32."""
+    torch = _torch()
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 255.0)[
+                :, None
+            ]
+            out.append(torch.sigmoid(model(_standardise_tensor(torch, x)))[:, 0].numpy())
+    return (
+        np.concatenate(out).astype(np.float32)
+        if out
+        else np.zeros((0, *images.shape[1:]), np.float32)
+    )
+
+
+def mean_dice(probability: NDArray[np.floating], targets: NDArray[np.uint8]) -> float:
+    """Mean per-image :func:`dice` of ``probability >= 0.5`` against targets (ignore skipped)."""
+    scores = [
+        dice(p >= 0.5, t == 1, t == IGNORE) for p, t in zip(probability, targets, strict=True)
+    ]
+    return float(np.mean(scores)) if scores else math.nan
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What :func:`train_lungs` made and measured.
+
+    Attributes:
+        epochs: epochs run.
+        seconds: training time.
+        val_dice: mean Dice on the validation patients at the input size, per epoch.
+        best_epoch: the epoch whose weights were kept (best ``val_dice``).
+    """
+
+    epochs: int
+    seconds: float
+    val_dice: tuple[float, ...]
+    best_epoch: int
+
+
+def train_lungs(
+    data: LungData, settings: TrainSettings = TrainSettings()
+) -> tuple[torch.nn.Module, TrainResult]:
+    """Train the U-Net on the ``train`` fold; keep the weights of the best ``val`` epoch.
+
+    Raises:
+        MissingExtraError: torch is not installed.
+        MetadataError: a fold is empty.
+    """
+    torch = _torch()
+    torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    train_images, train_targets = data.subset("train")
+    val_images, val_targets = data.subset("val")
+    if not len(train_images) or not len(val_images):
+        raise MetadataError("train_lungs: the train or val fold has no image; ingest more masks")
+    model = build_unet(settings.base_channels, settings.levels)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
+    steps = max(1, len(train_images) // settings.batch_size)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, settings.max_epochs * steps)
+    generator = torch.Generator().manual_seed(settings.seed)
+    started = time.monotonic()
+    scores: list[float] = []
+    best: dict[str, Any] = {}
+    for epoch in range(settings.max_epochs):
+        train_steps(
+            model,
+            train_images,
+            train_targets,
+            steps=steps,
+            settings=settings,
+            generator=generator,
+            optimizer=optimizer,
+            scheduler=schedule,
+        )
+        scores.append(mean_dice(predict_probability(model, val_images), val_targets))
+        log.info(
+            "train_lungs: epoch %d val Dice %.4f (%.0f s)",
+            epoch + 1,
+            scores[-1],
+            time.monotonic() - started,
+        )
+        if scores[-1] >= max(scores):
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if time.monotonic() - started > settings.minutes * 60:
+            break
+    model.load_state_dict(best)
+    result = TrainResult(
+        len(scores), time.monotonic() - started, tuple(scores), int(np.argmax(scores)) + 1
+    )
+    return model, result
+
+
+# --- shipping and loading -----------------------------------------------------------
+
+
+def save_weights(model: torch.nn.Module, out_dir: str | Path, card: Mapping[str, Any]) -> Path:
+    """Write ``weights.pt`` (float32 state dict) and ``model.json`` (``card`` plus the
+    weights' sha256) into ``out_dir``; returns the folder."""
+    torch = _torch()
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_output(folder / "weights.pt") as temporary:
+        torch.save(model.state_dict(), temporary)
+    digest = hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest()
+    text = json.dumps({**card, "weights_sha256": digest}, indent=2, sort_keys=True) + "\n"
+    with atomic_output(folder / "model.json") as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return folder
+
+
+class LungSegmenter:
+    """A lung U-Net for whole images of any size (:meth:`load` reads the shipped one).
+
+    Args:
+        model: a network from :func:`build_unet`.
+        input_size: the letterboxed square it was trained on.
+        card: what ``model.json`` says about it (empty for a model not saved yet).
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, input_size: int, card: Mapping[str, Any] | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.input_size = input_size
+        self.card: dict[str, Any] = dict(card or {})
+
+    @classmethod
+    def load(cls, weights_dir: str | Path | None = None) -> LungSegmenter:
+        """Load ``weights.pt`` and ``model.json`` (default: the shipped ``lungs-unet-v1``).
+
+        Raises:
+            MissingExtraError: torch is not installed.
+            MetadataError: a file is missing, or the weights' sha256 is not the one
+                ``model.json`` records.
+        """
+        torch = _torch()
+        folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        card_path, weights_path = folder / "model.json", folder / "weights.pt"
+        for path in (card_path, weights_path):
+            if not path.is_file():
+                raise MetadataError(
+                    f"LungSegmenter.load: {str(path)!r} is missing; "
+                    "train one with covidcxr train-lungs --out DIR"
+                )
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
+        if digest != card.get("weights_sha256"):
+            raise MetadataError(
+                f"LungSegmenter.load: {str(weights_path)!r} has sha256 {digest[:12]}..., "
+                f"but model.json records {str(card.get('weights_sha256'))[:12]}...; "
+                "restore the weights or retrain them (covidcxr train-lungs)"
+            )
+        model = build_unet(int(card["base_channels"]), int(card["levels"]))
+        model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+        return cls(model, int(card["input_size"]), card)
+
+    def probability(self, image: Image.Image | NDArray[np.uint8]) -> NDArray[np.float32]:
+        """Lung probability at the image's size, ``(H, W)`` float32 in [0, 1]."""
+        picture = (
+            image
+            if isinstance(image, Image.Image)
+            else Image.fromarray(np.asarray(image, dtype=np.uint8))
+        )
+        small = preprocess_image(picture, self.input_size, crop="pad")
+        probability = predict_probability(self.model, small[None])[0]
+        return unletterbox(probability, picture.width, picture.height)
+
+    def segment(self, image: Image.Image | NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """The lung mask at the image's size: ``(H, W)`` uint8, 1 lung, 0 elsewhere.
+
+        Args:
+            image: a decoded image (any Pillow mode) or ``(H, W)`` uint8 grey levels.
+        """
+        return (self.probability(image) >= 0.5).astype(np.uint8)
+
+
+def full_size_dice(
+    segmenter: LungSegmenter, sample_set: SampleSet, samples: Sequence[Sample]
+) -> list[float]:
+    """Per-image :func:`dice` of the segmenter's mask against each sample's reference
+    mask at the image's own size (V7 Labs' "ignore" pixels skipped)."""
+    scores = []
+    for sample in samples:
+        mask_path = sample_set.mask_path(sample)
+        if mask_path is None:
+            continue
+        reference = _read_grey(mask_path)
+        with Image.open(sample_set.image_path(sample)) as image:
+            predicted = segmenter.segment(image)
+        if predicted.shape != reference.shape:
+            raise MetadataError(
+                f"full_size_dice: image {sample.image_sha256[:12]} is {predicted.shape[::-1]} px "
+                f"but its lung mask is {reference.shape[::-1]} px; re-ingest the annotations"
+            )
+        ignore = (reference >= 64) & (reference < 192)
+        scores.append(dice(predicted, reference >= 192, ignore))
+    return scores

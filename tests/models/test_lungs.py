@@ -1,0 +1,236 @@
+"""Lung segmentation: the U-Net, Dice, training, the shipped weights, heat in the lungs,
+and the patient split of the masked images."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from conftest import encode, upstream_row, write_metadata, xray_like
+from covidcxr.ingest.pipeline import ingest_source
+from covidcxr.models import lungs
+from covidcxr.store.db import Store, open_store
+
+torch = pytest.importorskip("torch")
+
+
+def chest_like(height: int = 300, width: int = 260) -> np.ndarray:
+    """A bright body on black with two dark, lung-shaped ellipses and a spine between."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    body = ((y - height * 0.55) / (height * 0.5)) ** 2 + ((x - width / 2) / (width * 0.47)) ** 2
+    picture = np.where(body < 1, 170.0, 10.0)
+    for centre in (0.3, 0.7):
+        lung = ((y - height * 0.5) / (height * 0.3)) ** 2 + (
+            (x - width * centre) / (width * 0.15)
+        ) ** 2
+        picture = np.where(lung < 1, 60.0 + 20 * (y / height), picture)
+    picture += np.random.default_rng(0).normal(0, 4, picture.shape)
+    return np.clip(picture, 0, 255).astype(np.uint8)
+
+
+# -- measures -----------------------------------------------------------------------------
+
+
+def test_dice_matches_a_hand_computation() -> None:
+    predicted = np.zeros((4, 4), dtype=np.uint8)
+    reference = np.zeros((4, 4), dtype=np.uint8)
+    predicted[0, 0:3] = 1  # 3 pixels
+    reference[0, 1:4] = 1  # 3 pixels, 2 shared
+    assert lungs.dice(predicted, reference) == pytest.approx(2 * 2 / (3 + 3))
+    ignore = np.zeros((4, 4), dtype=bool)
+    ignore[0, 3] = True  # the reference's unshared pixel is skipped: 2 * 2 / (3 + 2)
+    assert lungs.dice(predicted, reference, ignore) == pytest.approx(4 / 5)
+    assert lungs.dice(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        lungs.dice(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_mass_in_lungs_matches_a_hand_computation() -> None:
+    heat = np.array([[1.0, 0.5], [0.25, 0.25]])
+    mask = np.array([[1, 0], [1, 0]], dtype=np.uint8)
+    assert lungs.mass_in_lungs(heat, mask) == pytest.approx((1.0 + 0.25) / 2.0)
+    # A uniform map scores the lung area fraction (the baseline).
+    assert lungs.mass_in_lungs(np.ones((2, 2)), mask) == pytest.approx(0.5)
+    assert math.isnan(lungs.mass_in_lungs(np.zeros((2, 2)), mask))
+    with pytest.raises(ValueError, match="negative"):
+        lungs.mass_in_lungs(-heat, mask)
+    with pytest.raises(ValueError, match="differ"):
+        lungs.mass_in_lungs(heat, np.ones((3, 2)))
+
+
+def test_letterbox_target_and_back_keep_the_geometry() -> None:
+    mask = np.zeros((100, 50), dtype=np.uint8)
+    mask[10:60, 5:20] = 255
+    mask[70:80, 30:40] = 127
+    target = lungs.letterbox_target(mask, 20)
+    # 100x50 becomes 20x10, pasted at x 5..15: columns outside are padding (0).
+    assert set(np.unique(target)) == {0, 1, lungs.IGNORE}
+    assert not target[:, :5].any() and not target[:, 15:].any()
+    back = lungs.unletterbox((target == 1).astype(np.float32), 50, 100)
+    assert back.shape == (100, 50)
+    assert lungs.dice(back >= 0.5, mask == 255) > 0.8
+
+
+# -- the network and training -------------------------------------------------------------
+
+
+def test_unet_keeps_the_input_size() -> None:
+    model = lungs.build_unet(base_channels=4, levels=4)
+    out = model(torch.zeros(2, 1, 32, 32))
+    assert tuple(out.shape) == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="levels"):
+        lungs.build_unet(levels=1)
+
+
+def test_two_training_steps_lower_the_loss() -> None:
+    torch.manual_seed(0)
+    images = np.stack([xray_like(seed, (32, 32)) for seed in range(4)])
+    targets = np.zeros_like(images)
+    targets[:, 8:24, 4:14] = 1
+    targets[:, 8:24, 18:28] = 1
+    settings = lungs.TrainSettings(batch_size=4, learning_rate=1e-2, seed=0)
+    model = lungs.build_unet(base_channels=4, levels=3)
+    before = _loss_of(model, images, targets)
+    lungs.train_steps(model, images, targets, steps=2, settings=settings)
+    assert _loss_of(model, images, targets) < before
+
+
+def _loss_of(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray) -> float:
+    model.eval()
+    with torch.no_grad():
+        x = lungs._standardise_tensor(torch, torch.from_numpy(images / 255.0).float()[:, None])
+        y = torch.from_numpy(targets.astype(np.float32))[:, None]
+        return float(lungs._loss(torch, model(x), y))
+
+
+# -- the shipped weights ------------------------------------------------------------------
+
+
+def test_shipped_weights_segment_a_chest_like_image_into_two_lungs() -> None:
+    segmenter = lungs.LungSegmenter.load()
+    picture = chest_like()
+    mask = segmenter.segment(picture)
+    assert mask.shape == picture.shape and mask.dtype == np.uint8
+    labelled, count = ndimage.label(mask)
+    sizes = np.bincount(labelled.ravel())[1:]
+    largest = np.argsort(sizes)[::-1][:2] + 1
+    assert count >= 2 and sizes[largest[1] - 1] > 0.03 * mask.size  # two large blobs
+    centres = sorted(ndimage.center_of_mass(mask, labelled, largest), key=lambda c: c[1])
+    assert centres[0][1] < picture.shape[1] / 2 < centres[1][1]  # one each side
+    card = segmenter.card
+    assert card["test_dice_full_size"]["n"] > 0 and card["split_membership_sha256"]
+
+
+def test_changed_weights_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "lungs"
+    lungs.save_weights(lungs.build_unet(4, 2), folder, {"input_size": 16, "base_channels": 4})
+    (folder / "weights.pt").write_bytes(b"changed")
+    with pytest.raises(lungs.MetadataError, match="sha256"):
+        lungs.LungSegmenter.load(folder)
+    with pytest.raises(lungs.MetadataError, match="missing"):
+        lungs.LungSegmenter.load(tmp_path / "nothing")
+
+
+# -- the split ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def masked_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store (``s.sqlite``, ``data``) of ten patients with lung masks (patients 8 and 9:
+    one picture, saved twice), one of them empty."""
+    root = tmp_path_factory.mktemp("lungs")
+    source = root / "tiny"
+    (source / "images").mkdir(parents=True)
+    (source / "annotations" / "lungVAE-masks").mkdir(parents=True)
+    rows = []
+    mask = np.zeros((96, 80), dtype=np.uint8)
+    mask[20:70, 10:35] = 255
+    for patient in range(10):
+        name = f"p{patient}.png"
+        rows.append(upstream_row(patientid=str(patient), filename=name))
+        picture = xray_like(min(patient, 8))
+        (source / "images" / name).write_bytes(encode(picture, compress_level=patient % 9))
+        lung = mask if patient != 3 else np.zeros_like(mask)
+        (source / "annotations" / "lungVAE-masks" / f"p{patient}_mask.png").write_bytes(
+            encode(lung)
+        )
+    write_metadata(source / "metadata.csv", rows)
+    with open_store(f"sqlite:///{root / 's.sqlite'}", root / "data", create=True) as store:
+        ingest_source(source, store)
+    return root
+
+
+@pytest.fixture
+def masked_store(masked_root: Path) -> Iterator[Store]:
+    with open_store(f"sqlite:///{masked_root / 's.sqlite'}", masked_root / "data") as store:
+        yield store
+
+
+def test_split_of_masked_images_keeps_patients_and_duplicates_on_one_side(
+    masked_store: Store,
+) -> None:
+    sample_set, split = lungs.masked_samples(masked_store)
+    patients = {s.patient for s in sample_set.samples}
+    assert "tiny:3" not in patients  # its mask is empty
+    by_fold = {fold: set(split.patients_in(fold)) for fold in split.folds}
+    assert not by_fold["train"] & by_fold["test"]
+    assert not by_fold["train"] & by_fold["val"] and not by_fold["val"] & by_fold["test"]
+    assert split.fold_of("tiny:8") == split.fold_of("tiny:9")  # one picture, one fold
+    assert sample_set.excluded["no lung mask (or an empty one)"] >= 1
+
+
+def test_train_lungs_command_writes_loadable_weights(
+    masked_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from covidcxr.cli import main
+
+    store_options = ["--db", f"sqlite:///{masked_root / 's.sqlite'}"]
+    store_options += ["--data-dir", str(masked_root / "data")]
+    out = tmp_path / "lungs-tiny"
+    options = ["--size", "32", "--base-channels", "4", "--epochs", "1", "--threads", "1"]
+    assert main(["train-lungs", *store_options, "--out", str(out), *options]) == 0
+    assert "held-out patients" in capsys.readouterr().out
+    segmenter = lungs.LungSegmenter.load(out)
+    assert segmenter.input_size == 32
+    assert segmenter.card["split_membership_sha256"]
+    assert segmenter.segment(xray_like(1)).shape == (96, 80)
+
+
+# -- overlays -----------------------------------------------------------------------------
+
+
+def test_annotated_overlay_draws_the_lungs_the_seen_square_and_a_legend() -> None:
+    from covidcxr.models import saliency
+
+    gray = np.full((100, 160), 100, dtype=np.uint8)
+    heat = np.zeros((100, 160), dtype=np.float32)
+    mask = np.zeros((100, 160), dtype=np.uint8)
+    mask[20:60, 40:70] = 1
+    rgb = saliency.annotated_overlay(gray, heat, mask)
+    assert rgb.shape == (100, 160, 3)
+    assert tuple(rgb[20, 50]) == saliency.LUNG_COLOUR  # the outline's top edge
+    assert tuple(rgb[40, 55]) == (100, 100, 100)  # inside the lung: untouched
+    assert (rgb[:, 30] == saliency.SEEN_COLOUR).all(axis=1).any()  # the square's left side
+    assert (rgb[90:, :40] == 0).all(axis=2).any()  # the legend's black box
+    assert (rgb[50, 135:] == 100).all()  # away from lines and legend: untouched
+    with pytest.raises(ValueError, match="differ"):
+        saliency.annotated_overlay(gray, heat, mask[:10])
+
+
+def test_write_overlay_keeps_the_image_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from covidcxr.models import saliency
+
+    gray = chest_like(120, 100)
+    heat = np.linspace(0, 1, gray.size, dtype=np.float32).reshape(gray.shape)
+    saliency.write_overlay(tmp_path / "auto.png", gray, heat)  # segments when it can
+    saliency.write_overlay(tmp_path / "none.png", gray, heat, lungs=None)
+    with Image.open(tmp_path / "auto.png") as auto, Image.open(tmp_path / "none.png") as plain:
+        assert auto.size == plain.size == (100, 120)
+        assert np.asarray(auto).tolist() != np.asarray(plain).tolist()  # the outline
