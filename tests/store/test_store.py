@@ -413,3 +413,11 @@ def test_store_at_the_first_migration_is_upgraded_with_its_data(
         assert {
             r["filename"] for r in queries.list_records(conn, queries.RecordFilter(patients=["3"]))
         } == {"p2.png"}
+
+
+@pytest.mark.parametrize("field_name", ["findings", "views", "sources", "patients"])
+def test_a_filter_value_with_a_nul_byte_is_refused(field_name: str) -> None:
+    from covidcxr.store.queries import RecordFilter
+
+    with pytest.raises(MetadataError, match="contains a NUL byte"):
+        RecordFilter(**{field_name: ["x\x00y"]})

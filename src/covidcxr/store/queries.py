@@ -89,6 +89,13 @@ class RecordFilter:
     outcomes: dict[str, bool | None] = field(default_factory=dict)
     flags: Sequence[str] = ()
 
+    def __post_init__(self) -> None:
+        # No stored text holds a NUL byte, and PostgreSQL refuses one in a parameter.
+        for name in ("findings", "views", "modalities", "sexes", "sources", "patients"):
+            for value in getattr(self, name):
+                if "\x00" in value:
+                    raise MetadataError(f"filter {name}: {value!r} contains a NUL byte")
+
 
 RECORD_FLAGS = ("pediatric", "shared_image", "has_warnings")
 IMAGE_STATUSES = ("stored", "missing", "rejected")
