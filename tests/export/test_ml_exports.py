@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,6 +241,31 @@ def test_error_mid_export_leaves_the_old_output(
         export_records(store, out, "webdataset", split=str(holdout))
     assert sorted(p.name for p in out.iterdir()) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+@pytest.mark.parametrize("fmt", ["webdataset", "hf", "imagefolder"])
+def test_a_damaged_blob_refuses_the_export_naming_the_record(
+    synthetic: Synthetic, holdout: Path, tmp_path: Path, damage: str, fmt: str
+) -> None:
+    # A private copy of the blobs too: the module's store shares them.
+    shutil.copytree(synthetic.data_dir, tmp_path / "private")
+    shutil.copyfile(synthetic.database, tmp_path / "private.sqlite")
+    with open_store(f"sqlite:///{tmp_path / 'private.sqlite'}", tmp_path / "private") as store:
+        samples = build_samples(store, get_task("covid-vs-other-pneumonia"))
+        victim = samples.samples[0]
+        blob = samples.image_path(victim)
+        if damage == "truncated":
+            blob.write_bytes(blob.read_bytes()[:100])
+        else:
+            blob.unlink()
+        out = tmp_path / "export"
+        expected = "damaged in the store" if damage == "truncated" else "missing from the store"
+        with pytest.raises(ExportError, match=expected) as info:
+            export_records(store, out, fmt, split=str(holdout), task="covid-vs-other-pneumonia")
+    assert f"record {victim.record_id}" in str(info.value)
+    assert "covidcxr verify" in str(info.value)
+    assert not out.exists()
 
 
 def test_task_must_match_the_split(store: Store, holdout: Path, tmp_path: Path) -> None:

@@ -229,6 +229,29 @@ def test_upstream_csv_round_trips(
         assert [row["RT_PCR_positive"] for row in exported[:4]] == ["Y", "N", "Unclear", ""]
 
 
+def test_reingesting_our_own_export_gives_back_the_values_that_went_in(
+    ingested: tuple[Store, IngestOutcome], tmp_path: Path
+) -> None:
+    store, outcome = ingested
+    exported = tmp_path / "again"
+    (exported / "images").mkdir(parents=True)
+    export_records(store, exported / "metadata.csv", "upstream-csv")
+    assert "'@home" in (exported / "metadata.csv").read_text(encoding="utf-8")
+    with open_store(None, tmp_path / "data2", create=True) as again:
+        ingest_source(exported, again, name="again")
+        with again.read() as conn:
+            notes = {r["patient_id"]: r for r in queries.list_records(conn)}
+    assert notes["2"]["location"] == "@home"
+    assert notes["4"]["other_notes"] == "-not a formula either"
+
+
+def test_unescape_formula_inverts_escape_formula() -> None:
+    from covidcxr.schema.values import unescape_formula
+
+    for text in ("=1+1", "+31 6", "-2", "@home", "plain", "'quoted", ""):
+        assert unescape_formula(escape_formula(text)) == text
+
+
 def test_allow_formulas_writes_text_as_given(
     ingested: tuple[Store, IngestOutcome], tmp_path: Path
 ) -> None:

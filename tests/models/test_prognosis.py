@@ -336,6 +336,7 @@ def _risk_numbers(text: str) -> tuple[str, str, str]:
 def test_risk_with_an_image_that_fails_the_input_check(
     model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    pytest.importorskip("onnxruntime")  # the image is scored by the shipped model
     image = tmp_path / "red.png"
     Image.new("RGB", (256, 256), (220, 30, 30)).save(image)
     argv = ["prognosis", "risk", "--model", str(model_file), "--age", "70", "--image", str(image)]
@@ -404,6 +405,7 @@ def test_image_inputs_are_cached(tmp_path: Path) -> None:
 def test_real_collection_survival(covid_dir: Path, tmp_path: Path) -> None:
     """Patients with a known survival (newest metadata), ingested with their images,
     evaluated end to end with the shipped image model (one repeat, few resamples)."""
+    pytest.importorskip("onnxruntime")
     source = tmp_path / "covid-chestxray"
     (source / "images").mkdir(parents=True)
     with (covid_dir / "metadata-latest.csv").open(newline="", encoding="utf-8") as handle:

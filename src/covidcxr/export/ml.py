@@ -13,6 +13,7 @@ hash, counts, exclusions) and a ``README.md`` dataset card.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -119,7 +120,23 @@ def _sample_json(sample: Sample, sample_set: SampleSet, fold: str) -> dict[str, 
 
 
 def _image(sample_set: SampleSet, sample: Sample) -> tuple[bytes, str]:
-    data = sample_set.image_path(sample).read_bytes()
+    """The stored image's bytes and extension; a missing or damaged blob refuses the
+    export (nothing is written) rather than shipping bytes that are not the image."""
+    path = sample_set.image_path(sample)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ExportError(
+            f"export: the image of record {sample.record_id} ({sample.source}:"
+            f"{sample.patient}) is missing from the store at {path} ({exc.strerror}); "
+            "run covidcxr verify, then re-ingest its source to restore it"
+        ) from exc
+    if hashlib.sha256(data).hexdigest() != sample.image_sha256:
+        raise ExportError(
+            f"export: the image of record {sample.record_id} ({sample.source}:"
+            f"{sample.patient}) is damaged in the store ({path} no longer hashes to "
+            f"{sample.image_sha256[:12]}…); run covidcxr verify, then re-ingest its source"
+        )
     fmt = sniff_format(data)
     if fmt not in _EXTENSIONS:  # pragma: no cover - the store only holds PNG/JPEG
         raise ExportError(f"export: image {sample.image_sha256} holds {fmt}, not PNG/JPEG")

@@ -96,7 +96,7 @@ class RowParse:
 
 
 def _clean_text(raw: str) -> str | None:
-    text = raw.strip()
+    text = v.unescape_formula(raw.strip())
     return text or None
 
 

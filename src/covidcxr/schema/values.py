@@ -363,6 +363,16 @@ def escape_formula(text: str) -> str:
     return "'" + text if looks_like_formula(text) else text
 
 
+def unescape_formula(text: str) -> str:
+    """The inverse of :func:`escape_formula`: ``'=1+1`` reads back as ``=1+1``.
+
+    Ingest applies it to every text cell, so that a table covidcxr exported reads back
+    with the values that went in. A cell that really starts with a quote followed by
+    ``=``, ``+``, ``-`` or ``@`` therefore loses that quote (documented in the README).
+    """
+    return text[1:] if text.startswith("'") and looks_like_formula(text[1:]) else text
+
+
 def format_number(value: float) -> str:
     """The shortest plain text that reads back as ``value``.
 
