@@ -329,9 +329,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     from covidcxr.ingest.pipeline import check_source
 
     mapping = mapping_from(args)
-    scan = check_source(
-        args.path, metadata=args.metadata, mapping=mapping, name=args.name, workers=args.workers
-    )
+    with _progress_bar() as progress:
+        scan = check_source(
+            args.path,
+            metadata=args.metadata,
+            mapping=mapping,
+            name=args.name,
+            workers=args.workers,
+            progress=progress,
+        )
     report = scan.report
     if args.format == "json":
         write_mapping(report.as_dict(), "json")

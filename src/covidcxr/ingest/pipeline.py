@@ -42,13 +42,15 @@ def check_source(
     name: str | None = None,
     workers: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: Progress | None = None,
 ) -> ScanResult:
     """Validate a source without writing anything (the collection's own CI).
 
-    See :func:`covidcxr.ingest.scan.resolve_source` for the arguments.
+    See :func:`covidcxr.ingest.scan.resolve_source` for the arguments; ``progress`` is
+    called with (phase, done, total) as in :func:`ingest_source`.
     """
     spec = resolve_source(path, metadata=metadata, mapping=mapping, name=name)
-    return scan_source(spec, workers=workers, max_pixels=max_pixels)
+    return scan_source(spec, workers=workers, max_pixels=max_pixels, progress=progress)
 
 
 def copy_to_blobs(scan: ScanResult, blobs: BlobStore, progress: Progress | None = None) -> int:
