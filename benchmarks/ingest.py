@@ -120,7 +120,7 @@ def timed_ingest(
     empty database); returns the outcome and the wall time."""
     workdir.mkdir(parents=True)
     started = time.perf_counter()
-    with open_store(url or sqlite_url(workdir), workdir / "data") as store:
+    with open_store(url or sqlite_url(workdir), workdir / "data", create=True) as store:
         outcome = ingest_source(root, store, workers=workers, report_dir=workdir / "reports")
     return outcome, time.perf_counter() - started
 
@@ -207,7 +207,7 @@ def synthetic_store(url: str, data_dir: Path, rows: int, seed: int = 0) -> None:
     patients, findings, views, sexes and outcomes per row), written straight into the
     tables: no image files, every record ``missing``."""
     rng = np.random.default_rng(seed)
-    with open_store(url, data_dir) as store:
+    with open_store(url, data_dir, create=True) as store:
         with store.transaction() as conn:
             conn.execute(
                 insert(Source),
@@ -311,7 +311,7 @@ def query_rows(url: str, data_dir: Path) -> list[dict[str, Any]]:
     }
     rows = []
     with (
-        open_store(url, data_dir) as store,
+        open_store(url, data_dir, create=True) as store,
         store.read() as conn,
     ):
         for name, selection in filters.items():

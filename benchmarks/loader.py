@@ -168,9 +168,9 @@ def _warm_page_cache(paths: Iterable[Path]) -> None:
 
 def _store_with_source(args: argparse.Namespace, workdir: Path, covid: Path) -> Store:
     if args.db or args.data_dir:
-        store = open_store(args.db, args.data_dir)  # the usual defaults for the other one
+        store = open_store(args.db, args.data_dir, create=True)  # the usual defaults otherwise
     else:
-        store = open_store(f"sqlite:///{workdir / 'store.sqlite'}", workdir / "data")
+        store = open_store(f"sqlite:///{workdir / 'store.sqlite'}", workdir / "data", create=True)
     with store.read() as conn:
         present = queries.count_records(conn, queries.RecordFilter(sources=[SOURCE]))
     if not present:
@@ -508,7 +508,9 @@ def memory_child(store_dir: Path, workers: int) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     result: dict[str, Any] = {"rss_after_imports": _rss_bytes()}
-    with open_store(f"sqlite:///{store_dir / 'store.sqlite'}", store_dir / "data") as store:
+    with open_store(
+        f"sqlite:///{store_dir / 'store.sqlite'}", store_dir / "data", create=True
+    ) as store:
         samples = build_samples(
             store, get_task("findings"), Selection(views=VIEWS, one_per_image=False)
         )
@@ -538,7 +540,9 @@ def memory(sizes: Sequence[int], workdir: Path, workers: int) -> list[dict[str, 
         folder = workdir / f"synthetic-{rows}"
         _log(f"synthetic collection of {rows} rows ...")
         source = _synthetic_source(folder / "source", rows)
-        with open_store(f"sqlite:///{folder / 'store.sqlite'}", folder / "data") as store:
+        with open_store(
+            f"sqlite:///{folder / 'store.sqlite'}", folder / "data", create=True
+        ) as store:
             ingest_source(source, store, name="synthetic", report_dir=folder / "reports")
         done = subprocess.run(
             [sys.executable, __file__, "--memory-child", str(folder), "--workers", str(workers)],
