@@ -11,6 +11,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+# Our model's predictions run on onnxruntime (the runtime extra).
+pytest.importorskip("onnxruntime")
 from report_browser import open_in_chromium
 from report_site import SITE_COLUMNS, Site, build_site
 from sklearn.metrics import brier_score_loss, confusion_matrix, roc_auc_score
