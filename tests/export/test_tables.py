@@ -232,7 +232,7 @@ def test_upstream_csv_round_trips(
 def test_reingesting_our_own_export_gives_back_the_values_that_went_in(
     ingested: tuple[Store, IngestOutcome], tmp_path: Path
 ) -> None:
-    store, outcome = ingested
+    store, _ = ingested
     exported = tmp_path / "again"
     (exported / "images").mkdir(parents=True)
     export_records(store, exported / "metadata.csv", "upstream-csv")
