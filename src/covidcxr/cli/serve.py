@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from covidcxr.cli.collection import add_store_options
 from covidcxr.cli.output import positive_int
 from covidcxr.errors import MetadataError, MissingExtraError
 from covidcxr.store import accounts
@@ -28,8 +29,7 @@ def register(subparsers: Any) -> None:
     )
     serve.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    serve.add_argument("--db", metavar="URL", help="database URL (default: the data dir's SQLite)")
-    serve.add_argument("--data-dir", metavar="DIR", help="the store's data directory")
+    add_store_options(serve)
     serve.add_argument("--model", metavar="ID|PATH", help="model (default: the shipped one)")
     serve.add_argument(
         "--workers", type=positive_int, default=1, metavar="N", help="uvicorn worker processes"
@@ -73,13 +73,11 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="also set a password for the web pages (asked for, or read from stdin)",
     )
-    add.add_argument("--db", metavar="URL")
-    add.add_argument("--data-dir", metavar="DIR")
+    add_store_options(add)
     add.set_defaults(handler=cmd_users_add)
     remove = actions.add_parser("delete", help="delete a user and their tokens")
     remove.add_argument("name")
-    remove.add_argument("--db", metavar="URL")
-    remove.add_argument("--data-dir", metavar="DIR")
+    add_store_options(remove)
     remove.set_defaults(handler=cmd_users_delete)
 
 
