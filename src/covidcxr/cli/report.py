@@ -10,6 +10,7 @@ from typing import Any
 
 from covidcxr.atomic import atomic_output
 from covidcxr.errors import MetadataError
+from covidcxr.models.engines import ENGINES
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -69,9 +70,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model-card", metavar="FILE", help="with --predictions: its model card")
     parser.add_argument("--masks", metavar="DIR", help="lung masks for the image shortcut audit")
-    parser.add_argument(
-        "--engine", choices=("auto", "torch", "onnx"), default="auto", help="our model's engine"
-    )
+    parser.add_argument("--engine", choices=ENGINES, default="auto", help="our model's engine")
     parser.add_argument(
         "--resamples", type=int, default=1000, metavar="N", help="bootstrap resamples (1000)"
     )
