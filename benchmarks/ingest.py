@@ -46,7 +46,7 @@ from PIL import Image
 from sqlalchemy import insert
 
 from covidcxr.ingest.pipeline import IngestOutcome, ingest_source
-from covidcxr.ingest.scan import resolve_source
+from covidcxr.ingest.source import resolve_source
 from covidcxr.ingest.table import read_table
 from covidcxr.schema.findings import parse_finding
 from covidcxr.store import queries

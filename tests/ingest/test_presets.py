@@ -11,7 +11,7 @@ from conftest import encode, xray_like
 from covidcxr.errors import MappingError
 from covidcxr.ingest.mapping import UNCERTAIN_EXTRA, load_preset, preset_names
 from covidcxr.ingest.pipeline import check_source
-from covidcxr.ingest.scan import ScannedRecord
+from covidcxr.ingest.scanned import ScannedRecord
 
 CHEXPERT_LABELS = (
     "No Finding,Enlarged Cardiomediastinum,Cardiomegaly,Lung Opacity,Lung Lesion,Edema,"

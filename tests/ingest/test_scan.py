@@ -14,7 +14,7 @@ from conftest import MakeCollection, encode, upstream_row, xray_like
 from covidcxr.errors import MetadataError
 from covidcxr.ingest.pipeline import check_source
 from covidcxr.ingest.report import Issue
-from covidcxr.ingest.scan import resolve_source
+from covidcxr.ingest.source import resolve_source
 from covidcxr.schema.values import Action, Severity
 
 

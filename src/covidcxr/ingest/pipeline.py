@@ -14,7 +14,9 @@ from covidcxr.errors import IngestRefusedError, MetadataError
 from covidcxr.imaging.decode import DEFAULT_MAX_PIXELS
 from covidcxr.ingest.files import dicom_png
 from covidcxr.ingest.mapping import SourceMapping
-from covidcxr.ingest.scan import ScannedImage, ScanResult, resolve_source, scan_source
+from covidcxr.ingest.scan import scan_source
+from covidcxr.ingest.scanned import ScannedImage, ScanResult
+from covidcxr.ingest.source import resolve_source
 from covidcxr.ingest.writer import IngestSummary, Progress, RemovalPolicy, write_scan
 from covidcxr.store.blobs import BlobStore, sha256_hex
 from covidcxr.store.db import Store
@@ -46,7 +48,7 @@ def check_source(
 ) -> ScanResult:
     """Validate a source without writing anything (the collection's own CI).
 
-    See :func:`covidcxr.ingest.scan.resolve_source` for the arguments; ``progress`` is
+    See :func:`covidcxr.ingest.source.resolve_source` for the arguments; ``progress`` is
     called with (phase, done, total) as in :func:`ingest_source`.
     """
     spec = resolve_source(path, metadata=metadata, mapping=mapping, name=name)

@@ -18,10 +18,14 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from covidcxr.errors import MetadataError
 from covidcxr.ingest.report import Action, Issue
 from covidcxr.schema.values import Severity
+
+if TYPE_CHECKING:
+    from _csv import Reader as _CsvReader
 
 FALLBACK_ENCODINGS = ("cp1252", "latin-1")
 #: What an undecodable byte reads as (its row is reported and skipped).
@@ -164,6 +168,27 @@ def read_table(
     """
     path = Path(path)
     name = display_name or str(path)
+    text, used, issues = _load_text(path, name, encoding)
+    comments, start, lines = _skip_comments(text, comment_prefix, name)
+    reader = csv.reader(
+        io.StringIO("".join(lines[start:]), newline=""), delimiter=delimiter, strict=True
+    )
+    csv.field_size_limit(MAX_FIELD_CHARS)
+    headers = _read_headers(reader, name, start, issues)
+    table = Table(path, used, headers, issues=issues, comments=comments)
+    _read_rows(reader, table, name, start, encoding)
+    if not table.rows:
+        errors = [i for i in table.issues if i.severity is Severity.ERROR]
+        why = f"; first problem: {errors[0]}" if errors else ""
+        raise MetadataError(
+            f"read_table: {name} has a header but no data row that could be read "
+            f"({len(errors)} unreadable){why}; a table with no rows would drop every record"
+        )
+    return table
+
+
+def _load_text(path: Path, name: str, encoding: str | None) -> tuple[str, str, list[Issue]]:
+    """The file's text, the encoding used and the decoding issues (named ``name``)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -173,7 +198,12 @@ def read_table(
     issues = [dataclasses.replace(issue, file=name) for issue in issues]
     if not text.strip():
         raise MetadataError(f"read_table: {name} is empty: expected a header line and rows")
+    return text, used, issues
 
+
+def _skip_comments(text: str, comment_prefix: str, name: str) -> tuple[list[str], int, list[str]]:
+    """``(comments, index of the header line, lines)``: comment and blank lines above
+    the header are skipped."""
     lines = text.splitlines(keepends=True)
     comments: list[str] = []
     start = 0
@@ -185,11 +215,11 @@ def read_table(
         start += 1
     if start == len(lines):
         raise MetadataError(f"read_table: {name} has only comments, no header line")
+    return comments, start, lines
 
-    reader = csv.reader(
-        io.StringIO("".join(lines[start:]), newline=""), delimiter=delimiter, strict=True
-    )
-    csv.field_size_limit(MAX_FIELD_CHARS)
+
+def _read_headers(reader: _CsvReader, name: str, start: int, issues: list[Issue]) -> list[str]:
+    """The header row, re-joined, trimmed of trailing unnamed columns and named."""
     try:
         raw_headers = next(reader)
     except csv.Error as exc:
@@ -226,6 +256,12 @@ def read_table(
             f"read_table: {name}: the header on line {start + 1} names no column; "
             "expected column names such as patientid,filename,..."
         )
+    _name_headers(headers, name, start, issues)
+    return headers
+
+
+def _name_headers(headers: list[str], name: str, start: int, issues: list[Issue]) -> None:
+    """Name unnamed columns and tell repeated headers apart, in place."""
     seen: dict[str, int] = {}
     for index, header in enumerate(headers):
         if header == "":
@@ -254,10 +290,15 @@ def read_table(
                 )
             )
         seen[header] = seen.get(header, 0) + 1
-    table = Table(path, used, headers, issues=issues, comments=comments)
 
-    width = len(headers)
-    line_offset = start  # physical lines before the header
+
+def _read_rows(
+    reader: _CsvReader, table: Table, name: str, line_offset: int, encoding: str | None
+) -> None:
+    """Append the readable data rows to ``table``, reporting the others.
+
+    ``line_offset``: physical lines before the header.
+    """
     previous_end = 1
     while True:
         try:
@@ -282,59 +323,63 @@ def read_table(
             continue
         line = line_offset + previous_end + 1
         previous_end = reader.line_num
-        if not cells or all(not c.strip() for c in cells):
-            continue
-        if encoding is not None and any(UNDECODABLE in c for c in cells):
-            continue  # reported with its byte when decoding
-        if any("\x00" in c for c in cells):
-            table.issues.append(
-                Issue(
-                    Severity.ERROR,
-                    "nul_byte",
-                    "row contains a NUL byte (a corrupt or binary file?)",
-                    name,
-                    line,
-                    action=Action.ROW_SKIPPED,
-                )
+        row = _row(cells, line, table, name, encoding)
+        if row is not None:
+            table.rows.append(row)
+
+
+def _row(
+    cells: list[str], line: int, table: Table, name: str, encoding: str | None
+) -> TableRow | None:
+    """One data row aligned with the headers, or None when it is skipped (reported
+    in ``table.issues`` unless blank or already reported when decoding)."""
+    headers = table.headers
+    width = len(headers)
+    if not cells or all(not c.strip() for c in cells):
+        return None
+    if encoding is not None and any(UNDECODABLE in c for c in cells):
+        return None  # reported with its byte when decoding
+    if any("\x00" in c for c in cells):
+        table.issues.append(
+            Issue(
+                Severity.ERROR,
+                "nul_byte",
+                "row contains a NUL byte (a corrupt or binary file?)",
+                name,
+                line,
+                action=Action.ROW_SKIPPED,
             )
-            continue
-        if len(cells) < width:
-            table.issues.append(
-                Issue(
-                    Severity.ERROR,
-                    "short_row",
-                    f"row has {len(cells)} fields, the header has {width}: "
-                    "a line break inside an unquoted value, or missing commas?",
-                    name,
-                    line,
-                    action=Action.ROW_SKIPPED,
-                )
-            )
-            continue
-        overflow = tuple(c for c in cells[width:])
-        if any(c.strip() for c in overflow):
-            spill = [c for c in overflow if c.strip()]
-            table.issues.append(
-                Issue(
-                    Severity.WARNING,
-                    "overflow_values",
-                    f"{len(spill)} value(s) beyond the last named column "
-                    f"({headers[-1]!r}): probably an unquoted comma; "
-                    "kept in the record's extra values",
-                    name,
-                    line,
-                    column=headers[-1],
-                    value=spill[0],
-                )
-            )
-        else:
-            overflow = ()
-        table.rows.append(TableRow(line, tuple(cells[:width]), overflow))
-    if not table.rows:
-        errors = [i for i in table.issues if i.severity is Severity.ERROR]
-        why = f"; first problem: {errors[0]}" if errors else ""
-        raise MetadataError(
-            f"read_table: {name} has a header but no data row that could be read "
-            f"({len(errors)} unreadable){why}; a table with no rows would drop every record"
         )
-    return table
+        return None
+    if len(cells) < width:
+        table.issues.append(
+            Issue(
+                Severity.ERROR,
+                "short_row",
+                f"row has {len(cells)} fields, the header has {width}: "
+                "a line break inside an unquoted value, or missing commas?",
+                name,
+                line,
+                action=Action.ROW_SKIPPED,
+            )
+        )
+        return None
+    overflow = tuple(c for c in cells[width:])
+    if any(c.strip() for c in overflow):
+        spill = [c for c in overflow if c.strip()]
+        table.issues.append(
+            Issue(
+                Severity.WARNING,
+                "overflow_values",
+                f"{len(spill)} value(s) beyond the last named column "
+                f"({headers[-1]!r}): probably an unquoted comma; "
+                "kept in the record's extra values",
+                name,
+                line,
+                column=headers[-1],
+                value=spill[0],
+            )
+        )
+    else:
+        overflow = ()
+    return TableRow(line, tuple(cells[:width]), overflow)

@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 
 from covidcxr import __version__
 from covidcxr.errors import IngestRefusedError
-from covidcxr.ingest.scan import ScannedAnnotation, ScannedRecord, ScanResult
+from covidcxr.ingest.scanned import ScannedAnnotation, ScannedRecord, ScanResult
 from covidcxr.schema.columns import COLUMNS
 from covidcxr.store.db import Store
 from covidcxr.store.tables import (
