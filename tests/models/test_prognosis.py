@@ -19,11 +19,11 @@ from sklearn.metrics import roc_auc_score
 
 from covidcxr.cli import main
 from covidcxr.errors import MetadataError
-from covidcxr.models import prognosis
+from covidcxr.models import prognosis, prognosis_cohort, prognosis_stats
 from covidcxr.models.bundle import load_bundle
 from covidcxr.serialise import to_dict
 
-SURVIVAL = prognosis.OUTCOMES["survival"]
+SURVIVAL = prognosis_cohort.OUTCOMES["survival"]
 FINDINGS = ("COVID-19", "No finding")
 
 
@@ -81,8 +81,8 @@ def _scorer(shas: Sequence[str]) -> Mapping[str, Mapping[str, float]]:
     return out
 
 
-def _cohort(n: int = 90, seen: frozenset[str] = frozenset()) -> prognosis.Cohort:
-    return prognosis.build_cohort(_records(n), SURVIVAL, _scorer, seen)
+def _cohort(n: int = 90, seen: frozenset[str] = frozenset()) -> prognosis_cohort.Cohort:
+    return prognosis_cohort.build_cohort(_records(n), SURVIVAL, _scorer, seen)
 
 
 # ---------------------------------------------------------------- one row per patient
@@ -95,7 +95,7 @@ def test_patient_rows_one_per_patient_with_stated_aggregation() -> None:
         | {"modality": "X-ray", "image_status": "stored", "image_sha256": "f" * 64}
         | {"survival": False}
     )
-    rows, excluded = prognosis.patient_rows(records, SURVIVAL)
+    rows, excluded = prognosis_cohort.patient_rows(records, SURVIVAL)
     assert [r["patient"] for r in rows] == [f"synthetic:{i}" for i in range(4)]
     assert excluded == {"no stored frontal X-ray": 1}
     by_day: dict[tuple[str, int], dict[str, Any]] = {
@@ -112,14 +112,14 @@ def test_patient_rows_one_per_patient_with_stated_aggregation() -> None:
 
 def test_outcome_event_is_death_for_survival() -> None:
     records = _records(30)
-    cohort = prognosis.build_cohort(records, SURVIVAL, _scorer)
+    cohort = prognosis_cohort.build_cohort(records, SURVIVAL, _scorer)
     died = {f"synthetic:{r['patient_id']}" for r in records if r["survival"] is False}
     assert {p for p, e in zip(cohort.patients, cohort.events, strict=True) if e} == died
 
 
 def test_no_cohort_is_an_error_naming_the_fix() -> None:
     with pytest.raises(MetadataError, match=r"went_icu.*ingest a source with outcomes"):
-        prognosis.build_cohort(_records(5), prognosis.OUTCOMES["icu"], _scorer)
+        prognosis_cohort.build_cohort(_records(5), prognosis_cohort.OUTCOMES["icu"], _scorer)
 
 
 # ---------------------------------------------------------------- folds and leaks
@@ -140,7 +140,7 @@ def test_patients_sharing_an_image_stay_on_one_side() -> None:
     records = _records(60)
     shared = records[0]["image_sha256"]
     records[2]["image_sha256"] = shared  # patient 1's first image is patient 0's file
-    cohort = prognosis.build_cohort(records, SURVIVAL, _scorer)
+    cohort = prognosis_cohort.build_cohort(records, SURVIVAL, _scorer)
     assert cohort.groups[:3] == ("synthetic:0", "synthetic:0", "synthetic:2")
     for _, train, test in prognosis.grouped_folds(
         cohort.events, cohort.groups, folds=5, repeats=4, seed=1
@@ -219,11 +219,11 @@ def _predictions(n: int = 400, seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
 def test_auroc_matches_sklearn_and_weights_act_as_resampling() -> None:
     y, p = _predictions()
     one = np.ones((1, len(y)))
-    assert prognosis.auroc(y, p, one)[0] == pytest.approx(roc_auc_score(y, p))
+    assert prognosis_stats.auroc(y, p, one)[0] == pytest.approx(roc_auc_score(y, p))
     pick = np.random.default_rng(0).integers(0, len(y), len(y))
     counts = np.bincount(pick, minlength=len(y))[None, :].astype(float)
-    assert prognosis.auroc(y, p, counts)[0] == pytest.approx(roc_auc_score(y[pick], p[pick]))
-    assert math.isnan(prognosis.auroc(np.zeros(5), np.arange(5.0), np.ones((1, 5)))[0])
+    assert prognosis_stats.auroc(y, p, counts)[0] == pytest.approx(roc_auc_score(y[pick], p[pick]))
+    assert math.isnan(prognosis_stats.auroc(np.zeros(5), np.arange(5.0), np.ones((1, 5)))[0])
 
 
 def test_calibration_slope_and_intercept() -> None:
@@ -231,17 +231,17 @@ def test_calibration_slope_and_intercept() -> None:
     one = np.ones((1, len(y)))
     logit = np.log(p / (1 - p))[:, None]
     reference = LogisticRegression(C=np.inf, max_iter=1000).fit(logit, y)
-    slope = prognosis.calibration_slope(y, p, one)[0]
+    slope = prognosis_stats.calibration_slope(y, p, one)[0]
     assert slope == pytest.approx(reference.coef_[0, 0], rel=1e-3)
     # Calibrated predictions of a large sample: slope near 1, intercept near 0.
     rng = np.random.default_rng(1)
     q = rng.uniform(0.05, 0.95, 20_000)
     outcome = (rng.uniform(size=q.size) < q).astype(float)
     ones = np.ones((1, q.size))
-    assert prognosis.calibration_slope(outcome, q, ones)[0] == pytest.approx(1.0, abs=0.1)
-    assert prognosis.calibration_intercept(outcome, q, ones)[0] == pytest.approx(0.0, abs=0.1)
+    assert prognosis_stats.calibration_slope(outcome, q, ones)[0] == pytest.approx(1.0, abs=0.1)
+    assert prognosis_stats.calibration_intercept(outcome, q, ones)[0] == pytest.approx(0.0, abs=0.1)
     # Separated data: no maximum-likelihood slope.
-    separated = prognosis.calibration_slope(
+    separated = prognosis_stats.calibration_slope(
         np.array([0.0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), np.ones((1, 4))
     )
     assert math.isnan(separated[0])
@@ -252,18 +252,18 @@ def test_net_benefit() -> None:
     p = np.array([0.9, 0.3, 0.6, 0.1, 0.05])
     # At 0.5: treat patients 0 and 2: TP 1, FP 1 -> 1/5 - 1/5 * 0.5/0.5.
     # At 0.2: treat 0, 1, 2: TP 2, FP 1 -> 2/5 - 1/5 * 0.25.
-    np.testing.assert_allclose(prognosis.net_benefit(y, p, (0.5, 0.2)), [0.0, 0.35])
+    np.testing.assert_allclose(prognosis_stats.net_benefit(y, p, (0.5, 0.2)), [0.0, 0.35])
 
 
 def test_bootstrap_interval_brackets_the_point() -> None:
     y, p = _predictions(200)
-    intervals = prognosis.bootstrap_metrics(y, np.vstack([p, p]), resamples=300, seed=0)
-    assert set(intervals) == set(prognosis.METRICS)
+    intervals = prognosis_stats.bootstrap_metrics(y, np.vstack([p, p]), resamples=300, seed=0)
+    assert set(intervals) == set(prognosis_stats.METRICS)
     for interval in intervals.values():
         assert interval.low <= interval.value <= interval.high
-    assert prognosis.bootstrap_metrics(y, p[None, :], resamples=0, seed=0)["auroc"].text() == (
-        f"{roc_auc_score(y, p):.2f}"
-    )
+    assert prognosis_stats.bootstrap_metrics(y, p[None, :], resamples=0, seed=0)[
+        "auroc"
+    ].text() == (f"{roc_auc_score(y, p):.2f}")
 
 
 # ---------------------------------------------------------------- the comparison table
@@ -271,8 +271,8 @@ def test_bootstrap_interval_brackets_the_point() -> None:
 
 def test_evaluation_has_every_baseline_and_finds_the_signal() -> None:
     seen = frozenset(f"synthetic:{i}" for i in range(0, 120, 2))
-    cohort = prognosis.build_cohort(_records(120), SURVIVAL, _scorer, seen)
-    sets = prognosis.input_sets(FINDINGS)
+    cohort = prognosis_cohort.build_cohort(_records(120), SURVIVAL, _scorer, seen)
+    sets = prognosis_cohort.input_sets(FINDINGS)
     evaluation = prognosis.evaluate(cohort, sets, folds=3, repeats=2, resamples=200)
     assert [r.inputs for r in evaluation.results] == ["age", "severity", "clinical", "image", "all"]
     assert sets["image"] == ("geographic_extent", "opacity", "p_covid_19", "p_no_finding")
@@ -295,7 +295,7 @@ def test_evaluation_has_every_baseline_and_finds_the_signal() -> None:
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cohort = _cohort(120)
-    sets = prognosis.input_sets(FINDINGS)
+    sets = prognosis_cohort.input_sets(FINDINGS)
     shipped = load_bundle().model_id
     evaluation = prognosis.evaluate(
         cohort, {"all": sets["all"]}, folds=3, repeats=1, resamples=100, image_model=shipped
@@ -388,7 +388,9 @@ def test_image_inputs_are_cached(tmp_path: Path) -> None:
         calls.append(list(paths))
         return {p: {"opacity": 1.5, "p_covid_19": math.nan} for p in paths}
 
-    scorer = prognosis.cached_scorer(score, tmp_path / "c" / "inputs.csv", lambda s: tmp_path / s)
+    scorer = prognosis_cohort.cached_scorer(
+        score, tmp_path / "c" / "inputs.csv", lambda s: tmp_path / s
+    )
     first = scorer(["a" * 64, "b" * 64])
     again = scorer(["b" * 64, "c" * 64])
     assert calls == [

@@ -21,7 +21,7 @@ from covidcxr.atomic import atomic_output
 from covidcxr.cli.collection import add_store_options, store_from
 from covidcxr.cli.output import positive_int
 from covidcxr.errors import MetadataError
-from covidcxr.models import prognosis
+from covidcxr.models import prognosis, prognosis_cohort
 from covidcxr.models.bundle import ModelBundle, load_bundle
 from covidcxr.schema.columns import BY_NAME, column_for_header
 from covidcxr.schema.values import parse_sex
@@ -56,13 +56,13 @@ def register(subparsers: Any) -> None:
     evaluate = commands.add_parser("evaluate", help="print the comparison table")
     _add_data_options(evaluate)
     evaluate.add_argument(
-        "--outcome", choices=(*prognosis.OUTCOMES, "all"), default="all", help="default: all"
+        "--outcome", choices=(*prognosis_cohort.OUTCOMES, "all"), default="all", help="default: all"
     )
     evaluate.add_argument("--out", metavar="DIR", help="write prognosis-OUTCOME.json and .md here")
     evaluate.set_defaults(handler=run_evaluate)
     fit = commands.add_parser("fit", help="fit the all-inputs model and save it")
     _add_data_options(fit)
-    fit.add_argument("--outcome", choices=tuple(prognosis.OUTCOMES), default="survival")
+    fit.add_argument("--outcome", choices=tuple(prognosis_cohort.OUTCOMES), default="survival")
     fit.add_argument("--out", metavar="MODEL.json", required=True, help="the model file")
     fit.add_argument(
         "--refits", type=positive_int, default=200, help="bootstrap refits (default 200)"
@@ -157,22 +157,22 @@ def _seen_patients(
     return frozenset(seen)
 
 
-def _image_scorer(store: Store, bundle: ModelBundle) -> prognosis.ImageScorer:
+def _image_scorer(store: Store, bundle: ModelBundle) -> prognosis_cohort.ImageScorer:
     from covidcxr.models.engines import make_engine
 
     engine = make_engine(bundle, "onnx")
 
     def score(paths: Sequence[str]) -> dict[str, dict[str, float]]:
-        return {row.file: prognosis.image_inputs(row) for row in engine.predict_files(paths)}
+        return {row.file: prognosis_cohort.image_inputs(row) for row in engine.predict_files(paths)}
 
     weights = bundle.files.get("model.onnx", "unhashed")[:12]
     cache = store.data_dir / "prognosis" / f"image-inputs-{bundle.model_id}-{weights}.csv"
-    return prognosis.cached_scorer(score, cache, store.blobs.path)
+    return prognosis_cohort.cached_scorer(score, cache, store.blobs.path)
 
 
 def _cohorts(
     args: argparse.Namespace, outcomes: Sequence[str]
-) -> tuple[dict[str, prognosis.Cohort], ModelBundle]:
+) -> tuple[dict[str, prognosis_cohort.Cohort], ModelBundle]:
     bundle = load_bundle(args.image_model)
     with store_from(args) as store:
         with store.read() as conn:
@@ -180,16 +180,21 @@ def _cohorts(
         seen = _seen_patients(store, bundle, records)
         scorer = _image_scorer(store, bundle)
         cohorts = {
-            name: prognosis.build_cohort(records, prognosis.OUTCOMES[name], scorer, seen)
+            name: prognosis_cohort.build_cohort(
+                records, prognosis_cohort.OUTCOMES[name], scorer, seen
+            )
             for name in outcomes
         }
     return cohorts, bundle
 
 
 def _evaluate(
-    args: argparse.Namespace, cohort: prognosis.Cohort, bundle: ModelBundle, only: str | None = None
+    args: argparse.Namespace,
+    cohort: prognosis_cohort.Cohort,
+    bundle: ModelBundle,
+    only: str | None = None,
 ) -> prognosis.PrognosisEvaluation:
-    sets = prognosis.input_sets(bundle.findings)
+    sets = prognosis_cohort.input_sets(bundle.findings)
     if only is not None:
         sets = {only: sets[only]}
     return prognosis.evaluate(
@@ -207,7 +212,7 @@ def _evaluate(
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``prognosis evaluate``: print (and write) the comparison table per outcome."""
-    names = tuple(prognosis.OUTCOMES) if args.outcome == "all" else (args.outcome,)
+    names = tuple(prognosis_cohort.OUTCOMES) if args.outcome == "all" else (args.outcome,)
     cohorts, bundle = _cohorts(args, names)
     evaluations = [_evaluate(args, cohort, bundle) for cohort in cohorts.values()]
     section = prognosis.markdown_section(evaluations)
@@ -229,7 +234,7 @@ def run_fit(args: argparse.Namespace) -> int:
     evaluation = _evaluate(args, cohort, bundle, only="all")
     model = prognosis.fit_model(
         cohort,
-        prognosis.input_sets(bundle.findings)["all"],
+        prognosis_cohort.input_sets(bundle.findings)["all"],
         evaluation,
         refits=args.refits,
         seed=args.seed,
@@ -350,7 +355,7 @@ def _add_image_inputs(model: prognosis.PrognosisModel, patients: list[dict[str, 
                     f"({row.reason}); its inputs are replaced by the training median",
                     file=sys.stderr,
                 )
-            patient.update(prognosis.image_inputs(row))
+            patient.update(prognosis_cohort.image_inputs(row))
 
 
 def run_risk(args: argparse.Namespace) -> int:
