@@ -499,8 +499,7 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """Add the collection commands."""
+def _add_ingest_parser(subparsers: Any) -> None:
     ingest = subparsers.add_parser(
         "ingest",
         help="import a source (metadata, images, annotations) into the store",
@@ -536,6 +535,8 @@ def register(subparsers: Any) -> None:
     )
     ingest.set_defaults(handler=cmd_ingest)
 
+
+def _add_check_parser(subparsers: Any) -> None:
     check = subparsers.add_parser(
         "check",
         help="validate a source without writing anything (exit 1 on failure)",
@@ -562,6 +563,8 @@ def register(subparsers: Any) -> None:
     )
     check.set_defaults(handler=cmd_check)
 
+
+def _add_list_parser(subparsers: Any) -> None:
     listing = subparsers.add_parser(
         "list",
         help="list records (one per metadata row)",
@@ -585,6 +588,8 @@ def register(subparsers: Any) -> None:
     )
     listing.set_defaults(handler=cmd_list)
 
+
+def _add_show_parser(subparsers: Any) -> None:
     show = subparsers.add_parser(
         "show",
         help="everything about one image or patient",
@@ -606,12 +611,16 @@ def register(subparsers: Any) -> None:
     )
     show.set_defaults(handler=cmd_show)
 
+
+def _add_stats_parser(subparsers: Any) -> None:
     stats = subparsers.add_parser("stats", help="counts by source, view, finding, outcome")
     add_filter_options(stats)
     add_store_options(stats)
     stats.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     stats.set_defaults(handler=cmd_stats)
 
+
+def _add_duplicates_parser(subparsers: Any) -> None:
     duplicates = subparsers.add_parser(
         "duplicates",
         help="exact and near-duplicate images across patients and sources",
@@ -635,3 +644,13 @@ def register(subparsers: Any) -> None:
         "--format", choices=FORMATS, default="table", help="output format (default: table)"
     )
     duplicates.set_defaults(handler=cmd_duplicates)
+
+
+def register(subparsers: Any) -> None:
+    """Add the collection commands."""
+    _add_ingest_parser(subparsers)
+    _add_check_parser(subparsers)
+    _add_list_parser(subparsers)
+    _add_show_parser(subparsers)
+    _add_stats_parser(subparsers)
+    _add_duplicates_parser(subparsers)

@@ -258,18 +258,8 @@ def _no_call_line(bundle: ModelBundle) -> str:
     )
 
 
-def render_card(bundle: ModelBundle) -> str:
-    """MODEL_CARD.md for a bundle (Markdown)."""
-    training = bundle.training
-    data = training.get("data", {})
-    split = training.get("split", {})
-    validation = training.get("validation", {})
-    holdout = training.get("holdout_test", {})
-    calibration = training.get("calibration", {})
-    sev = training.get("severity", {})
-    config = training.get("config", {})
-    command = training.get("command", "n/a")
-    lines: list[str] = [
+def _header_lines(bundle: ModelBundle) -> list[str]:
+    return [
         f"# Model card: {bundle.model_id}",
         "",
         f"**{RESEARCH_USE_ONLY.capitalize()}.** Not a medical device; not for clinical decisions.",
@@ -300,6 +290,13 @@ def render_card(bundle: ModelBundle) -> str:
         "- files: weights.pt (torch), model.onnx (onnxruntime), model.json (everything "
         "below, machine-readable)",
         "",
+    ]
+
+
+def _data_lines(training: Mapping[str, Any]) -> list[str]:
+    data = training.get("data", {})
+    config = training.get("config", {})
+    lines: list[str] = [
         "## Data",
         "",
         f"- data version (sha256 over the training and validation images and their "
@@ -333,7 +330,17 @@ def render_card(bundle: ModelBundle) -> str:
             "- gate training images: "
             + ", ".join(f"{k} {v}" for k, v in data["gate_train"].items())
         )
-    lines += [
+    return lines
+
+
+def _split_training_lines(bundle: ModelBundle) -> list[str]:
+    training = bundle.training
+    data = training.get("data", {})
+    split = training.get("split", {})
+    calibration = training.get("calibration", {})
+    config = training.get("config", {})
+    command = training.get("command", "n/a")
+    return [
         "",
         "## Split",
         "",
@@ -372,6 +379,13 @@ def render_card(bundle: ModelBundle) -> str:
         f"- {bundle.operating_point}",
         f"- {_no_call_line(bundle)}",
         "",
+    ]
+
+
+def _metrics_lines(bundle: ModelBundle) -> list[str]:
+    validation = bundle.training.get("validation", {})
+    holdout = bundle.training.get("holdout_test", {})
+    lines: list[str] = [
         "## Metrics",
         "",
         "### Evaluation",
@@ -395,7 +409,12 @@ def render_card(bundle: ModelBundle) -> str:
         ]
     else:
         lines.append("Not measured.")
-    lines += ["", "## Severity", ""]
+    return lines
+
+
+def _severity_lines(bundle: ModelBundle) -> list[str]:
+    sev = bundle.training.get("severity", {})
+    lines: list[str] = ["", "## Severity", ""]
     interval = bundle.severity_interval
     if interval.get("half_width") is not None:
         lines += [
@@ -432,8 +451,12 @@ def render_card(bundle: ModelBundle) -> str:
             lines.append(f"- reference protocol: {protocol}")
     else:
         lines.append("Not fitted: severity outputs are not meaningful.")
-    gate = validation.get("gate", {})
-    lines += [
+    return lines
+
+
+def _gate_lines(bundle: ModelBundle) -> list[str]:
+    gate = bundle.training.get("validation", {}).get("gate", {})
+    lines: list[str] = [
         "",
         "## Input gate",
         "",
@@ -449,7 +472,13 @@ def render_card(bundle: ModelBundle) -> str:
         )
     lines += ["", "## Known failure modes", ""]
     lines += [f"- {mode}" for mode in FAILURE_MODES]
-    lines += [
+    return lines
+
+
+def _reproduce_lines(bundle: ModelBundle) -> list[str]:
+    split = bundle.training.get("split", {})
+    command = bundle.training.get("command", "n/a")
+    return [
         "",
         "## How to reproduce",
         "",
@@ -467,5 +496,18 @@ def render_card(bundle: ModelBundle) -> str:
         "and test numbers then fall within the intervals stated here (the same seed, "
         "data and thread count give the same weights).",
         "",
+    ]
+
+
+def render_card(bundle: ModelBundle) -> str:
+    """MODEL_CARD.md for a bundle (Markdown)."""
+    lines = [
+        *_header_lines(bundle),
+        *_data_lines(bundle.training),
+        *_split_training_lines(bundle),
+        *_metrics_lines(bundle),
+        *_severity_lines(bundle),
+        *_gate_lines(bundle),
+        *_reproduce_lines(bundle),
     ]
     return "\n".join(lines)
