@@ -28,7 +28,7 @@ from covidcxr.errors import MetadataError
 from covidcxr.models import saliency
 from covidcxr.models.bundle import ModelBundle, load_bundle
 from covidcxr.models.predict import Predictor, random_bundle
-from covidcxr.models.runtime import (
+from covidcxr.models.rows import (
     NetworkOutputs,
     calibrated_probabilities,
     record_columns,
@@ -447,13 +447,13 @@ def test_gradcam_and_cam_engines_give_the_same_heatmaps(
 
 def load_image_array(pixels: NDArray[np.uint8]) -> NDArray[np.uint8]:
     """The centre square resized to 224 px (the network's input pixels)."""
-    from covidcxr.models.runtime import preprocess
+    from covidcxr.models.inputs import preprocess
 
     return preprocess(Image.fromarray(pixels), 224)
 
 
 def test_preprocess_of_decoded_images_matches_load_image(tmp_path: Path) -> None:
-    from covidcxr.models.runtime import preprocess
+    from covidcxr.models.inputs import preprocess
 
     cases = {
         "l.png": Image.fromarray(xray(333, 517, 1)),

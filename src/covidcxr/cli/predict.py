@@ -20,12 +20,9 @@ from covidcxr.cli.output import FORMATS, escape_text, positive_int, write_rows
 from covidcxr.errors import MetadataError
 from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
 from covidcxr.models.engines import ENGINES, make_engine, quality_note, restate
-from covidcxr.models.runtime import (
-    DEFAULT_BATCH_SIZE,
-    PredictionRow,
-    expand_inputs,
-    record_columns,
-)
+from covidcxr.models.inputs import expand_inputs
+from covidcxr.models.rows import PredictionRow, record_columns
+from covidcxr.models.runtime import DEFAULT_BATCH_SIZE
 from covidcxr.progress import counter
 from covidcxr.report.recalibration import load_recalibration, recalibrate
 

@@ -16,13 +16,8 @@ from typing import Final
 
 from covidcxr.errors import MetadataError, MissingExtraError
 from covidcxr.models.bundle import ModelBundle, load_bundle
-from covidcxr.models.runtime import (
-    DEFAULT_BATCH_SIZE,
-    InferenceEngine,
-    OnnxPredictor,
-    PredictionRow,
-    summarise_row,
-)
+from covidcxr.models.rows import PredictionRow, summarise_row
+from covidcxr.models.runtime import DEFAULT_BATCH_SIZE, InferenceEngine, OnnxPredictor
 
 ENGINES: Final = ("auto", "torch", "onnx")
 

@@ -31,7 +31,8 @@ from covidcxr.models.bundle import (
 )
 from covidcxr.models.network import CXRModel, build_backbone
 from covidcxr.models.onnx_export import export_onnx
-from covidcxr.models.runtime import InferenceEngine, NetworkOutputs
+from covidcxr.models.rows import NetworkOutputs
+from covidcxr.models.runtime import InferenceEngine
 
 SaliencyMethod = Literal["gradcam", "cam"]
 SALIENCY_METHODS: Final[tuple[str, ...]] = ("gradcam", "cam")

@@ -41,7 +41,8 @@ wrapper exports it), with the ``onnx`` package, on the first heatmap,
 so the file stays the single source of the network and nothing else has to be shipped.
 
 Nothing in this module's import chain imports torch (a test runs it with torch
-blocked).
+blocked). Steps 1 and 3 live in :mod:`covidcxr.models.inputs`, the row types and
+step 5's arithmetic in :mod:`covidcxr.models.rows`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,6 @@ import hashlib
 import logging
 import os
 import re
-import stat
-import statistics
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -62,12 +61,29 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
-from covidcxr import RESEARCH_USE_ONLY
 from covidcxr.dataset import loading
 from covidcxr.errors import ImageError, MetadataError, MissingExtraError
 from covidcxr.imaging.decode import read_image_file, sniff_format
 from covidcxr.models import coherence, gate, saliency
 from covidcxr.models.bundle import ModelBundle
+from covidcxr.models.inputs import (
+    as_image,
+    expand_inputs,
+    grey_levels,
+    not_a_regular_file,
+    preprocess,
+)
+from covidcxr.models.rows import (
+    NetworkOutputs,
+    SeverityScore,
+    calibrated_probabilities,
+    check_bundle,
+    severity_scores,
+    summarise_row,
+)
+from covidcxr.models.rows import (
+    PredictionRow as PredictionRow,  # re-exported: imported from here in several places
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,331 +95,8 @@ DEFAULT_BATCH_SIZE: Final = 16
 FINDINGS_WEIGHT: Final = "heads.findings.weight"
 
 _DECODABLE: Final = frozenset({"PNG", "JPEG", "DICOM"})
-#: The coherent summary's columns in a record, and the Summary attribute of each.
-SUMMARY_COLUMNS: Final = {
-    "p_pneumonia": "pneumonia",
-    "p_viral_pneumonia": "viral",
-    "p_COVID-19_if_pneumonia": "covid_if_pneumonia",
-    "p_COVID-19_overall": "covid",
-    "covid_19_prevalence": "prevalence",
-}
 _UNSAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _FORWARD_OUTPUTS: Final = ("features", "pooled", "findings", "severity", "gate")
-
-
-@dataclass(frozen=True)
-class SeverityScore:
-    """A severity score with its interval.
-
-    Attributes:
-        mean: the predicted score, clipped to the output's range.
-        low: lower end of the interval (clipped to the range).
-        high: upper end of the interval (clipped to the range).
-        level: the interval's nominal coverage (0.9 for a 90% interval).
-    """
-
-    mean: float
-    low: float
-    high: float
-    level: float
-
-
-@dataclass(frozen=True)
-class PredictionRow:
-    """One image's second opinion, with its provenance.
-
-    Attributes:
-        file: the file (or the name given to an in-memory image).
-        image_sha256: sha256 of the file's bytes (``None`` for in-memory images or
-            unreadable files).
-        gate: the input gate's verdict.
-        probabilities: calibrated probability per finding label; ``None`` values when
-            the image failed the gate.
-        positive: finding labels at or above their operating point (``None`` when the
-            image failed the gate); only labels the model can call.
-        no_call: labels reported as a probability only, because their operating point
-            rests on too few validation images (:attr:`ModelBundle.uncalled_findings`).
-        severity: per severity output, the score and interval (``None`` values when the
-            image failed the gate).
-        model_id: the bundle's id.
-        weights_sha256: sha256 of the bundle's ``weights.pt`` (the network's identity;
-            the ONNX file is the same network, hashed in ``model.json`` too).
-        engine: ``torch`` or ``onnx``.
-        heatmap_files: overlay PNGs (and raw ``.npy`` maps) written for this image.
-        heatmaps: per explained finding, the [0, 1] map on the whole image (only when
-            asked for with ``heatmaps=True``).
-        summary: the coherent answer (:mod:`covidcxr.models.coherence`): pneumonia at
-            all, COVID-19 given pneumonia, COVID-19 at the stated prevalence; ``None``
-            when the image failed the gate or the model lacks the labels.
-        note: "research use only, not a diagnosis".
-    """
-
-    file: str
-    image_sha256: str | None
-    gate: gate.GateVerdict
-    probabilities: Mapping[str, float | None]
-    positive: tuple[str, ...] | None
-    severity: Mapping[str, SeverityScore | None]
-    model_id: str
-    weights_sha256: str
-    engine: str
-    heatmap_files: tuple[str, ...] = ()
-    heatmaps: Mapping[str, NDArray[np.float32]] = field(default_factory=dict)
-    no_call: tuple[str, ...] = ()
-    summary: coherence.Summary | None = None
-    note: str = RESEARCH_USE_ONLY
-
-    @property
-    def input_check(self) -> str:
-        """``pass`` or ``fail``."""
-        return self.gate.verdict
-
-    @property
-    def reason(self) -> str:
-        """The gate's reason."""
-        return self.gate.reason
-
-    def record(self) -> dict[str, Any]:
-        """The row as a flat dict (the CSV/JSON columns, see :func:`record_columns`)."""
-        out: dict[str, Any] = {
-            "file": self.file,
-            "image_sha256": self.image_sha256,
-            "input_check": self.gate.verdict,
-            "reason": self.gate.reason,
-            "checks_passed": list(self.gate.checks_passed),
-            "checks_failed": list(self.gate.checks_failed),
-            "gate_p_frontal": _rounded(self.gate.frontal_probability),
-        }
-        for label, probability in self.probabilities.items():
-            out[f"p_{label}"] = _rounded(probability)
-        out["positive_findings"] = None if self.positive is None else list(self.positive)
-        out["no_call_findings"] = list(self.no_call)
-        summary = self.summary
-        for column, attribute in SUMMARY_COLUMNS.items():
-            out[column] = None if summary is None else _rounded(getattr(summary, attribute))
-        level: float | None = None
-        for name, score in self.severity.items():
-            out[name] = None if score is None else _rounded(score.mean, 3)
-            out[f"{name}_low"] = None if score is None else _rounded(score.low, 3)
-            out[f"{name}_high"] = None if score is None else _rounded(score.high, 3)
-            if score is not None:
-                level = score.level
-        out["severity_interval_level"] = level
-        out["model_id"] = self.model_id
-        out["weights_sha256"] = self.weights_sha256
-        out["engine"] = self.engine
-        out["heatmaps"] = list(self.heatmap_files)
-        out["note"] = self.note
-        return out
-
-
-def _rounded(value: float | None, digits: int = 6) -> float | None:
-    return None if value is None else round(float(value), digits)
-
-
-def summarise_row(
-    probabilities: Mapping[str, float | None], bundle: ModelBundle, prevalence: float | None = None
-) -> coherence.Summary | None:
-    """The coherent summary of one row's probabilities (``None`` when the bundle does
-    not record its training prevalence or lacks the second-opinion labels)."""
-    model_prevalence = coherence.training_prevalence(bundle.training)
-    if model_prevalence is None:
-        return None
-    return coherence.summarise(probabilities, model_prevalence, prevalence)
-
-
-def record_columns(bundle: ModelBundle) -> list[str]:
-    """The columns of :meth:`PredictionRow.record` for a bundle, in order."""
-    columns = [
-        "file",
-        "image_sha256",
-        "input_check",
-        "reason",
-        "checks_passed",
-        "checks_failed",
-        "gate_p_frontal",
-    ]
-    columns += [f"p_{label}" for label in bundle.findings]
-    columns += ["positive_findings", "no_call_findings", *SUMMARY_COLUMNS]
-    for name in bundle.severity:
-        columns += [name, f"{name}_low", f"{name}_high"]
-    columns += ["severity_interval_level", "model_id", "weights_sha256", "engine"]
-    columns += ["heatmaps", "note"]
-    return columns
-
-
-@dataclass(frozen=True)
-class NetworkOutputs:
-    """One batch's raw network outputs, as numpy arrays.
-
-    Attributes:
-        findings: ``(B, K)`` finding logits.
-        severity: ``(B, 2 S)`` severity means then log-variances.
-        gate: ``(B, G)`` gate logits.
-        features: ``(B, C, h, w)`` feature maps (for CAM).
-    """
-
-    findings: NDArray[np.float32]
-    severity: NDArray[np.float32]
-    gate: NDArray[np.float32]
-    features: NDArray[np.float32]
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Files to predict on: files as given, directories walked (sorted, recursive).
-
-    Hidden files and folders (names starting with ``.``) inside a directory are skipped;
-    every other file is kept, image or not: the prediction decides by content and
-    reports what is not a PNG or JPEG.
-
-    Raises:
-        MetadataError: a path does not exist.
-    """
-    found: list[Path] = []
-    for entry in paths:
-        path = Path(entry).expanduser()
-        if path.is_dir():
-            for root, dirs, files in os.walk(path):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found.extend(Path(root) / name for name in sorted(files) if name[0] != ".")
-        elif path.exists():
-            found.append(path)
-        else:
-            raise MetadataError(f"predict: {str(path)!r} does not exist; check the path")
-    return found
-
-
-def not_a_regular_file(path: Path) -> str | None:
-    """Why ``path`` must not be opened as an image file, or ``None`` when it may be.
-
-    A FIFO would block the reader, a device never ends; a dangling link or a link loop
-    cannot be read. Links to regular files are fine.
-    """
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        if path.is_symlink():
-            return f"is a broken or looping symbolic link ({exc.strerror or exc})"
-        return f"cannot be read ({exc.strerror or exc})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
-    what = next((name for test, name in kinds if test(mode)), "a device or special file")
-    return f"is {what}, not a regular image file; skipped"
-
-
-def as_image(image: Image.Image | NDArray[Any]) -> Image.Image:
-    """An in-memory image as a Pillow image.
-
-    Accepts Pillow images and arrays: ``(H, W)`` uint8, uint16 (16-bit) or float in
-    [0, 1]; ``(H, W, 3)`` or ``(H, W, 4)`` uint8 (RGB, RGBA).
-
-    Raises:
-        ValueError: any other array.
-    """
-    if isinstance(image, Image.Image):
-        return image
-    array = np.asarray(image)
-    # Pillow infers the mode from the dtype and shape: L, I;16, F, RGB, RGBA.
-    grey = array.ndim == 2 and (
-        array.dtype in (np.uint8, np.uint16) or np.issubdtype(array.dtype, np.floating)
-    )
-    if grey and np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-    colour = array.ndim == 3 and array.dtype == np.uint8 and array.shape[2] in (3, 4)
-    if grey or colour:
-        return Image.fromarray(np.ascontiguousarray(array))
-    raise ValueError(
-        f"as_image: expected (H, W) uint8/uint16/float or (H, W, 3|4) uint8, got "
-        f"{array.dtype} {array.shape}"
-    )
-
-
-def preprocess(image: Image.Image, size: int) -> NDArray[np.uint8]:
-    """The network's input pixels from a decoded image, as training made them
-    (:func:`covidcxr.dataset.loading.preprocess_image`)."""
-    return loading.preprocess_image(image, size)
-
-
-def grey_levels(image: Image.Image) -> NDArray[np.uint8]:
-    """The whole image as uint8 grey levels (the heatmap overlay's background)."""
-    return loading.grey_levels(image)
-
-
-# --------------------------------------------------------------------------- outputs
-
-
-def sigmoid(values: NDArray[np.floating]) -> NDArray[np.float64]:
-    """The logistic function, stable for large negative and positive values."""
-    x = np.asarray(values, dtype=np.float64)
-    result: NDArray[np.float64] = np.empty_like(x)
-    positive = x >= 0
-    result[positive] = 1.0 / (1.0 + np.exp(-x[positive]))
-    exp_x = np.exp(x[~positive])
-    result[~positive] = exp_x / (1.0 + exp_x)
-    return result
-
-
-def calibrated_probabilities(
-    logits: NDArray[np.floating], temperatures: Sequence[float]
-) -> NDArray[np.float64]:
-    """``sigmoid(logit / T)`` per finding (the last axis)."""
-    return sigmoid(np.asarray(logits, dtype=np.float64) / np.asarray(temperatures))
-
-
-def severity_scores(raw: NDArray[np.floating], bundle: ModelBundle) -> dict[str, SeverityScore]:
-    """Severity scores and intervals from one image's severity head output.
-
-    Args:
-        raw: ``(2 S,)``: S means, then S log-variances.
-        bundle: gives the names, ranges and interval (``severity_interval``).
-    """
-    n = len(bundle.severity)
-    means = np.asarray(raw[:n], dtype=np.float64)
-    spec = bundle.severity_interval
-    level = float(spec.get("level", 0.9))
-    half_width = spec.get("half_width")
-    if half_width is None:
-        z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
-        logvar = np.clip(np.asarray(raw[n : 2 * n], dtype=np.float64), -30.0, 30.0)
-        halves = z * np.exp(0.5 * logvar)
-    else:
-        halves = np.broadcast_to(np.asarray(half_width, dtype=np.float64), (n,))
-    scores: dict[str, SeverityScore] = {}
-    for i, name in enumerate(bundle.severity):
-        low, high = bundle.severity_ranges[i]
-        mean = float(np.clip(means[i], low, high))
-        scores[name] = SeverityScore(
-            mean=mean,
-            low=float(np.clip(mean - halves[i], low, high)),
-            high=float(np.clip(mean + halves[i], low, high)),
-            level=level,
-        )
-    return scores
-
-
-def check_bundle(bundle: ModelBundle) -> None:
-    """Refuse a bundle whose description cannot drive a prediction.
-
-    Raises:
-        MetadataError: naming what is inconsistent.
-    """
-    where = f"{bundle.model_id} ({bundle.path})"
-    if gate.FRONTAL_CLASS not in bundle.gate_classes:
-        raise MetadataError(
-            f"predict: model {where} has gate classes {list(bundle.gate_classes)} without "
-            f"{gate.FRONTAL_CLASS!r}"
-        )
-    if len(bundle.severity_ranges) != len(bundle.severity):
-        raise MetadataError(
-            f"predict: model {where} has {len(bundle.severity)} severity outputs but "
-            f"{len(bundle.severity_ranges)} ranges"
-        )
-    if any(t <= 0 for t in bundle.temperatures):
-        raise MetadataError(f"predict: model {where} has a temperature <= 0")
 
 
 def _safe_stem(name: str) -> str:

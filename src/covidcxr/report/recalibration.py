@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from covidcxr.errors import MetadataError
 from covidcxr.models.bundle import ModelBundle
-from covidcxr.models.runtime import PredictionRow
+from covidcxr.models.rows import PredictionRow
 
 FORMAT: Final = "covidcxr-recalibration/1"
 

@@ -398,7 +398,7 @@ def _image_audit(
         return {"status": "not run", "reason": why}
     from covidcxr.dataset.loading import load_image, load_mask
     from covidcxr.models.audit import shortcut_audit
-    from covidcxr.models.runtime import calibrated_probabilities
+    from covidcxr.models.rows import calibrated_probabilities
     from covidcxr.serialise import to_dict
 
     bundle = engine.bundle

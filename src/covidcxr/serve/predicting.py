@@ -28,7 +28,7 @@ from PIL import Image
 from covidcxr.cli.output import write_rows
 from covidcxr.imaging.decode import sniff_format
 from covidcxr.models import saliency
-from covidcxr.models.runtime import PredictionRow, record_columns
+from covidcxr.models.rows import PredictionRow, record_columns
 from covidcxr.serve.deps import ServiceState
 
 log = logging.getLogger(__name__)
