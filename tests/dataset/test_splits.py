@@ -13,15 +13,15 @@ import pytest
 
 from conftest import upstream_row, write_metadata
 from covidcxr.dataset import splits
+from covidcxr.dataset.regions import region_of
 from covidcxr.dataset.samples import Selection, build_samples
+from covidcxr.dataset.split_file import SplitMismatchWarning
 from covidcxr.dataset.splits import (
     SPANS_SOURCES,
     Split,
-    SplitMismatchWarning,
     linked_patients,
     load_split,
     make_split,
-    region_of,
     verify_split,
 )
 from covidcxr.dataset.tasks import findings_task, get_task

@@ -9,9 +9,9 @@ from typing import Any
 from covidcxr.cli.collection import add_store_options, store_from
 from covidcxr.cli.output import write_rows
 from covidcxr.dataset.samples import SampleSet, Selection, build_samples
+from covidcxr.dataset.split_file import SCHEMES
 from covidcxr.dataset.splits import (
     DEFAULT_FRACTIONS,
-    SCHEMES,
     Split,
     load_split,
     make_split,

@@ -37,8 +37,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from covidcxr.dataset.loading import DEFAULT_CACHE_DIR, CacheDir
+from covidcxr.dataset.regions import UNKNOWN_REGION
 from covidcxr.dataset.samples import SampleSet, Selection, build_samples
-from covidcxr.dataset.splits import UNKNOWN_REGION, Split, make_split
+from covidcxr.dataset.splits import Split, make_split
 from covidcxr.dataset.tasks import Task, get_task
 from covidcxr.errors import MetadataError
 from covidcxr.models import audit as audit_module
