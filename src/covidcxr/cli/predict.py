@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from covidcxr import RESEARCH_USE_ONLY
+from covidcxr.cli import predict_outcomes
 from covidcxr.cli.output import FORMATS, escape_text, positive_int, write_rows
 from covidcxr.errors import MetadataError
 from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
@@ -98,6 +99,7 @@ def register(subparsers: Any) -> None:
         "re-stated for it by Bayes' rule (default: the training prevalence, about 0.78, "
         "far above any clinic's)",
     )
+    predict_outcomes.add_outcome_options(parser)
     parser.set_defaults(handler=cmd_predict)
 
 
@@ -152,6 +154,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"predict: no files in {', '.join(map(repr, args.inputs))}; give PNG or JPEG "
             "files or folders that hold them"
         )
+    clinical = predict_outcomes.clinical_inputs(args, files)
     bundle = load_bundle(args.model)
     fits = load_recalibration(args.recalibration, bundle) if args.recalibration else None
     engine = make_engine(bundle, args.engine, saliency_method=args.saliency, threads=args.threads)
@@ -163,6 +166,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             progress=advance,
         )
+    risks = (
+        None if clinical is None else predict_outcomes.outcome_risks(args, clinical, rows, bundle)
+    )
     if fits is not None:
         rows = recalibrate(rows, fits)
     if fits is not None or args.prevalence is not None:
@@ -170,8 +176,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = sys.stdout
     if args.format == "table":
         _write_table(rows, bundle, engine.engine, args.heatmaps, out)
+        if risks is not None:
+            predict_outcomes.write_risk_table(risks, out)
     else:
-        write_rows([row.record() for row in rows], record_columns(bundle), args.format, out=out)
+        records, columns = [row.record() for row in rows], record_columns(bundle)
+        if risks is not None:
+            records, columns = predict_outcomes.with_risk_columns(records, columns, risks)
+        write_rows(records, columns, args.format, out=out)
     if rows and all("decodable" in row.gate.checks_failed for row in rows):
         print(
             f"covidcxr predict: none of the {len(rows)} input file(s) is a PNG or JPEG image "

@@ -21,23 +21,15 @@ from covidcxr.atomic import atomic_output
 from covidcxr.cli.collection import add_store_options, store_from
 from covidcxr.cli.output import positive_int
 from covidcxr.errors import MetadataError
-from covidcxr.models import prognosis, prognosis_cohort
+from covidcxr.models import prognosis, prognosis_cohort, prognosis_risk, prognosis_values
 from covidcxr.models.bundle import ModelBundle, load_bundle
-from covidcxr.schema.columns import BY_NAME, column_for_header
-from covidcxr.schema.values import parse_sex
-from covidcxr.serialise import from_dict, to_dict
+from covidcxr.serialise import to_dict
 from covidcxr.store.db import Store
 from covidcxr.store.queries import annotations_for, list_records
 
 #: ``risk`` options: option -> input name (the store's column names).
-CLINICAL_OPTIONS: Final = {
-    "age": "age_years",
-    "temperature": "temperature_c",
-    "spo2": "po2_saturation_pct",
-    "wbc": "leukocyte_count_k_per_ul",
-    "neutrophils": "neutrophil_count_k_per_ul",
-    "lymphocytes": "lymphocyte_count_k_per_ul",
-}
+CLINICAL_OPTIONS: Final = prognosis_values.CLINICAL_OPTIONS
+COMMAND: Final = "prognosis risk"
 SEEN_FOLDS: Final = frozenset({"train", "val"})
 
 
@@ -67,6 +59,7 @@ def register(subparsers: Any) -> None:
     fit.add_argument(
         "--refits", type=positive_int, default=200, help="bootstrap refits (default 200)"
     )
+    fit.add_argument("--model-id", metavar="ID", help="the model's id (default: the file name)")
     fit.set_defaults(handler=run_fit)
     risk = commands.add_parser("risk", help="one patient's risk with its interval")
     _add_risk_options(risk)
@@ -103,16 +96,14 @@ def _positive_float(text: str) -> float:
 
 
 def _add_risk_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", metavar="MODEL.json", required=True, help="from `fit`")
-    for option, name in CLINICAL_OPTIONS.items():
-        column = BY_NAME[name]
-        parser.add_argument(
-            f"--{option}",
-            type=float,
-            metavar="X",
-            help=f"{column.description} ({column.unit})".replace("%", "%%"),
-        )
-    parser.add_argument("--sex", help="M or F")
+    parser.add_argument(
+        "--model",
+        metavar="MODEL.json",
+        action="append",
+        help="a model from `fit` (repeatable; default: the shipped death, ICU and "
+        "intubation models)",
+    )
+    prognosis_values.add_value_options(parser)
     parser.add_argument("--image", metavar="FILE", help="the patient's frontal chest X-ray")
     parser.add_argument(
         "--csv",
@@ -133,6 +124,8 @@ def _command(args: argparse.Namespace, outcome: str) -> str:
         parts.append(f"--image-model {args.image_model}")
     if args.prognosis_command == "fit":
         parts.append(f"--refits {args.refits} --out {Path(args.out).name}")
+        if args.model_id:
+            parts.append(f"--model-id {args.model_id}")
     return " ".join(parts)
 
 
@@ -239,6 +232,7 @@ def run_fit(args: argparse.Namespace) -> int:
         refits=args.refits,
         seed=args.seed,
         command=_command(args, args.outcome),
+        model_id=args.model_id or Path(args.out).name,
     )
     _write_json(Path(args.out), to_dict(model))
     print(
@@ -262,52 +256,11 @@ def load_model(path: str) -> prognosis.PrognosisModel:
     Raises:
         MetadataError: the file cannot be read or is not a prognosis model.
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MetadataError(f"prognosis risk: cannot read model {path!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != prognosis.MODEL_FORMAT:
-        raise MetadataError(
-            f"prognosis risk: {path!r} is not a {prognosis.MODEL_FORMAT} file; "
-            "make one with `covidcxr prognosis fit --out MODEL.json`"
-        )
-    return from_dict(prognosis.PrognosisModel, data)
-
-
-def _checked(name: str, value: float | None, where: str) -> float | None:
-    column = BY_NAME[name]
-    if value is None:
-        return None
-    low, high = column.minimum, column.maximum
-    if (
-        not math.isfinite(value)
-        or (low is not None and value < low)
-        or (high is not None and value > high)
-    ):
-        raise MetadataError(
-            f"prognosis risk: {where} {name} {value:g} is outside {low:g}..{high:g} "
-            f"{column.unit or ''}; give {column.description}"
-        )
-    return value
-
-
-def _sex_male(text: str | None, where: str) -> float | None:
-    if text is None or not text.strip():
-        return None
-    sex, _ = parse_sex(text)
-    if sex is None:
-        raise MetadataError(f"prognosis risk: {where} sex {text!r}: give M or F")
-    return float(sex == "M")
+    return prognosis_risk.load_model(path, COMMAND)
 
 
 def _patient_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    values: dict[str, Any] = {
-        name: _checked(name, getattr(args, option), f"--{option}")
-        for option, name in CLINICAL_OPTIONS.items()
-    }
-    values["sex_male"] = _sex_male(args.sex, "--sex")
-    values["image"] = args.image
-    return values
+    return {"values": prognosis_values.values_from_args(args, COMMAND), "image": args.image}
 
 
 def _patients_from_csv(path: str) -> list[dict[str, Any]]:
@@ -315,24 +268,12 @@ def _patients_from_csv(path: str) -> list[dict[str, Any]]:
         with Path(path).open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise MetadataError(f"prognosis risk: cannot read {path!r}: {exc}") from None
+        raise MetadataError(f"{COMMAND}: cannot read {path!r}: {exc}") from None
     patients = []
     for line, row in enumerate(rows, start=2):
-        values: dict[str, Any] = {"image": (row.pop("image", "") or "").strip() or None}
-        for header, text in row.items():
-            column = column_for_header(header or "")
-            where = f"{path}:{line}"
-            if column is not None and column.name == "sex":
-                values["sex_male"] = _sex_male(text, where)
-            elif column is not None and column.name in CLINICAL_OPTIONS.values() and text.strip():
-                try:
-                    number = float(text)
-                except ValueError:
-                    raise MetadataError(
-                        f"prognosis risk: {where} {column.name} {text!r} is not a number"
-                    ) from None
-                values[column.name] = _checked(column.name, number, where)
-        patients.append(values)
+        image = (row.pop("image", "") or "").strip() or None
+        values = prognosis_values.row_values(row, f"{path}:{line}", COMMAND)
+        patients.append({"values": values, "image": image})
     return patients
 
 
@@ -341,7 +282,7 @@ def _add_image_inputs(model: prognosis.PrognosisModel, patients: list[dict[str, 
     if not files:
         return
     if not model.image_model:
-        raise MetadataError("prognosis risk: this model has no image inputs; leave out --image")
+        raise MetadataError(f"{COMMAND}: this model has no image inputs; leave out --image")
     from covidcxr.models.engines import predict
 
     rows = predict(files, model=model.image_model, engine="onnx")
@@ -351,34 +292,41 @@ def _add_image_inputs(model: prognosis.PrognosisModel, patients: list[dict[str, 
             row = by_file[patient["image"]]
             if row.input_check != "pass":
                 print(
-                    f"prognosis risk: {patient['image']}: the image failed the input check "
+                    f"{COMMAND}: {patient['image']}: the image failed the input check "
                     f"({row.reason}); its inputs are replaced by the training median",
                     file=sys.stderr,
                 )
-            patient.update(prognosis_cohort.image_inputs(row))
+            patient["image_features"] = prognosis_cohort.image_inputs(row)
 
 
 def run_risk(args: argparse.Namespace) -> int:
     """``prognosis risk``: each patient's risk with its interval, as a research estimate."""
-    model = load_model(args.model)
+    models = [load_model(path) for path in args.model] if args.model else None
+    if models is None:
+        models = prognosis_risk.shipped_models()
     patients = _patients_from_csv(args.csv) if args.csv else [_patient_from_args(args)]
-    _add_image_inputs(model, patients)
+    for model in models:
+        _add_image_inputs(model, patients)
     for number, patient in enumerate(patients, start=1):
         if len(patients) > 1:
             print(f"patient {number}:")
-        estimate = prognosis.risk(model, patient)
-        print(_risk_text(model, estimate))
+        found = prognosis_risk.outcome_risks(
+            patient["values"], patient.get("image_features"), models=models
+        )
+        for model, estimate in zip(models, found, strict=True):
+            print(_risk_text(model, estimate))
     return 0
 
 
-def _risk_text(model: prognosis.PrognosisModel, estimate: prognosis.Risk) -> str:
-    lines = [
-        f"risk ({model.event}): {estimate.value:.2f} [{estimate.low:.2f}, {estimate.high:.2f}] "
-        f"(95% interval over {len(model.bootstrap)} bootstrap refits on "
-        f"{model.patients} training patients)",
-        f"model AUROC {model.auroc.text()} ({model.auroc_how})",
-    ]
-    if estimate.missing:
+def _risk_text(model: prognosis.PrognosisModel, estimate: prognosis_risk.OutcomeRisk) -> str:
+    lines = [f"risk ({model.event}): {estimate.text()}"]
+    if estimate.value is not None:
+        lines[0] += (
+            f" (95% interval over {len(model.bootstrap)} bootstrap refits on "
+            f"{model.patients} training patients)"
+        )
+    lines.append(f"model AUROC {model.auroc.text()} ({model.auroc_how}; {model.model_id})")
+    if estimate.value is not None and estimate.missing:
         lines.append("not given, replaced by the training median: " + ", ".join(estimate.missing))
     lines.append(f"{prognosis.RESEARCH_ESTIMATE}.")
     return "\n".join(lines)

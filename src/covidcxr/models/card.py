@@ -222,6 +222,7 @@ def _evaluation_section(evaluation: Mapping[str, Any]) -> list[str]:
 
 
 def _metrics_section(metrics: Mapping[str, Any]) -> list[str]:
+    metrics = {k: v for k, v in metrics.items() if k != "prognosis"}  # its own section
     if not metrics:
         return [
             "Not evaluated. `covidcxr evaluate --update-card` adds cross-validated metrics "
@@ -499,14 +500,85 @@ def _reproduce_lines(bundle: ModelBundle) -> list[str]:
     ]
 
 
-def render_card(bundle: ModelBundle) -> str:
-    """MODEL_CARD.md for a bundle (Markdown)."""
+OUTCOME_MEANING = (
+    "What the numbers mean: each row is a penalised logistic regression on the named "
+    "inputs, cross-validated with every patient on one side of each fold. AUROC is the "
+    "chance that a patient with the event gets a higher risk than one without (0.5 = "
+    "chance); Brier is the mean squared error of the risk (lower is better); a "
+    "calibration slope below 1 means risks too extreme, an intercept above 0 risks too "
+    "low; NB@t is the net benefit of treating patients whose risk reaches t, to compare "
+    "with treating everyone. The outcomes come from published case reports, not a "
+    "consecutive series: these are research estimates, not a diagnosis, and say nothing "
+    "yet about patients at another hospital (`covidcxr validate-model` with outcome "
+    "columns measures that)."
+)
+
+
+SHIPPED_OUTCOMES = (
+    "The shipped prognosis models (`prognosis-v1`: death, ICU admission, intubation; "
+    "their card is `models/weights/prognosis-v1/README.md`) are the `all` rows below, "
+    "fitted on every patient. Data: a store of the collection with its newest metadata "
+    "(`covidcxr ingest ../shared/datasets/covid-chestxray --metadata metadata-latest.csv`)."
+)
+
+
+def _outcome_lines(evaluations: Sequence[Mapping[str, Any]], shipped: bool = False) -> list[str]:
+    """The "Outcomes (prognosis)" section from prognosis evaluations (``to_dict`` of
+    :class:`covidcxr.models.prognosis.PrognosisEvaluation`); ``shipped``: they are
+    those of the shipped prognosis models."""
+    lines = ["", "## Outcomes (prognosis)", ""]
+    if not evaluations:
+        return [
+            *lines,
+            "Not evaluated. `covidcxr prognosis evaluate --image-model ID --out DIR` "
+            "measures how well this model's outputs, with the clinical values, predict "
+            "death, ICU admission and intubation.",
+        ]
+    from covidcxr.models.prognosis import PrognosisEvaluation, markdown_section
+    from covidcxr.serialise import from_dict
+
+    parsed = [from_dict(PrognosisEvaluation, e) for e in evaluations]
+    body = markdown_section(parsed).splitlines()[1:]  # its own heading replaced
+    return [
+        *lines,
+        f"**{RESEARCH_USE_ONLY.capitalize()}.** Risks of death, ICU admission and "
+        "intubation from the clinical values and this model's outputs "
+        "(`covidcxr predict --age ...`); not for triage decisions.",
+        "",
+        OUTCOME_MEANING,
+        *(["", SHIPPED_OUTCOMES] if shipped else []),
+        *body,
+    ]
+
+
+def prognosis_evaluations(bundle: ModelBundle) -> list[dict[str, Any]]:
+    """The bundle's prognosis evaluations: ``metrics["prognosis"]``, else the shipped
+    prognosis models' evaluations of this image model (none: empty)."""
+    given = bundle.metrics.get("prognosis")
+    if isinstance(given, list):
+        return [dict(e) for e in given]
+    from covidcxr.models.prognosis_risk import shipped_evaluations
+
+    return shipped_evaluations(bundle.model_id)
+
+
+def render_card(bundle: ModelBundle, prognosis: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """MODEL_CARD.md for a bundle (Markdown).
+
+    Args:
+        bundle: the bundle.
+        prognosis: prognosis evaluations for the outcome section (default:
+            :func:`prognosis_evaluations`).
+    """
+    evaluations = prognosis_evaluations(bundle) if prognosis is None else prognosis
+    shipped = prognosis is None and "prognosis" not in bundle.metrics
     lines = [
         *_header_lines(bundle),
         *_data_lines(bundle.training),
         *_split_training_lines(bundle),
         *_metrics_lines(bundle),
         *_severity_lines(bundle),
+        *_outcome_lines(evaluations, shipped),
         *_gate_lines(bundle),
         *_reproduce_lines(bundle),
     ]

@@ -414,6 +414,8 @@ class PrognosisModel:
         created: UTC time of creation (ISO 8601).
         format: the file format.
         note: "research estimate, not a diagnosis".
+        model_id: the model's id (a shipped model's ``prognosis-v1/survival``; a
+            model file's name when blank).
     """
 
     outcome: str
@@ -429,6 +431,7 @@ class PrognosisModel:
     created: str = ""
     format: str = MODEL_FORMAT
     note: str = RESEARCH_ESTIMATE
+    model_id: str = ""
 
 
 def fit_model(
@@ -440,6 +443,7 @@ def fit_model(
     refits: int = 200,
     seed: int = 0,
     command: str = "",
+    model_id: str = "",
 ) -> PrognosisModel:
     """Fit :func:`make_pipeline` (with the evaluation's penalty) on every patient, and
     ``refits`` times on patients resampled with replacement (for :func:`risk`'s
@@ -453,6 +457,7 @@ def fit_model(
         refits: bootstrap refits.
         seed: seeds the resampling.
         command: the command, for provenance.
+        model_id: the model's id.
     """
     x, y = cohort.matrix(features), cohort.events
     rng = np.random.default_rng(seed)
@@ -482,6 +487,7 @@ def fit_model(
         image_model=evaluation.image_model if set(features) - set(CLINICAL_FEATURES) else "",
         command=command,
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        model_id=model_id,
     )
 
 

@@ -111,6 +111,7 @@ def render_validation(report: Mapping[str, Any], recalibration_file: str | None 
             ("discrimination", "Discrimination"),
             ("calibration", "Calibration"),
             ("severity", "Severity"),
+            ("outcomes", "Outcomes"),
             ("subgroups", "Subgroups"),
             ("shortcuts", "Shortcuts"),
             ("gallery", "Errors"),

@@ -497,10 +497,32 @@ def validate(request: ValidationRequest, progress: Progress | None = None) -> di
         add_heatmaps(report["labels"][primary]["gallery"], engine, request.out_dir / "heatmaps")
     report["not_evaluable"] = [label for label in labels if label not in report["labels"]]
     report["severity"] = sections.severity_section(scored.cases, scored.severity)
+    report["outcomes"] = _outcomes(request, scored, model["model_id"])
+    say("computed the outcome section")
     report["shortcut_audit"] = _image_audit(request, scored, labels, engine)
     report["cases"] = _case_rows(scored)
     report["evidence"] = evidence_items(report)
     return report
+
+
+def _outcomes(request: ValidationRequest, scored: _Scored, model_id: str) -> dict[str, Any]:
+    """The shipped prognosis models on the site's patients (:mod:`covidcxr.report.outcomes`)."""
+    from covidcxr.report.outcomes import image_inputs_of, outcome_section
+
+    images = [
+        image_inputs_of(probs, {name: values[i] for name, values in scored.severity.items()})
+        for i, probs in enumerate(scored.probabilities)
+    ]
+    return outcome_section(
+        request.labels,
+        {**request.mapping.columns, **request.columns},
+        request.mapping.delimiter,
+        scored.cases,
+        images,
+        model_id,
+        n_resamples=request.n_resamples,
+        seed=request.seed,
+    )
 
 
 def _has_both(scored: _Scored, label: str) -> bool:
