@@ -96,6 +96,12 @@ def _start_server(
     raise SystemExit(f"serve_load: the server did not answer /api/v1/health:\n{tail}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -139,16 +145,20 @@ async def _drive(
 
 
 def _baseline(images: list[Path]) -> float:
-    """Images per second of ``engine.predict_files`` (what ``covidcxr predict`` runs)."""
+    """Images per second of ``engine.predict_files`` (what ``covidcxr predict`` runs),
+    in the faster of two passes."""
     from covidcxr.models.bundle import load_bundle
     from covidcxr.models.engines import make_engine
 
     engine = make_engine(load_bundle(None))
     engine.predict_files(images[:1])  # warm-up
-    started = time.perf_counter()
-    for image in images:  # one image per call, as each upload is one request
-        engine.predict_files([image])
-    return len(images) / (time.perf_counter() - started)
+    best = float("inf")
+    for _ in range(2):  # the better of two passes: other programs share the CPUs
+        started = time.perf_counter()
+        for image in images:  # one image per call, as each upload is one request
+            engine.predict_files([image])
+        best = min(best, time.perf_counter() - started)
+    return len(images) / best
 
 
 def main() -> int:
@@ -176,7 +186,12 @@ def main() -> int:
         try:
             base = f"http://127.0.0.1:{port}"
             clients = (args.list_clients, args.predict_clients)
+            cpu, load = _cpu_seconds(server.pid), os.getloadavg()[0]
+            own = time.process_time()
             results = asyncio.run(_drive(base, args.seconds, *clients, images))
+            results["client_cpu"] = time.process_time() - own
+            results["server_cpu"] = _cpu_seconds(server.pid) - cpu
+            results["load"] = (load, os.getloadavg()[0])
             peak = _peak_rss_mb(server.pid)
         finally:
             server.terminate()
@@ -207,6 +222,14 @@ def _print(results: dict[str, Any], args: argparse.Namespace, baseline: float, p
     )
     median = statistics.median(results["list"]["latency"]) if results["list"]["latency"] else 0
     print(f"list median {median * 1000:.0f} ms; server peak RSS {peak:.0f} MB")
+    requests = sum(len(results[kind]["latency"]) for kind in ("list", "predict"))
+    server, client = results["server_cpu"], results["client_cpu"]
+    print(
+        f"CPU over the run: server {server:.1f} s ({1000 * server / max(requests, 1):.1f} ms a "
+        f"request), these clients {client:.1f} s, of {elapsed * (os.cpu_count() or 1):.0f} s; "
+        f"load average {results['load'][0]:.2f} before, {results['load'][1]:.2f} after "
+        "(other programs share these CPUs)"
+    )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,36 @@ def test_upload_a_collection_image_shows_verdict_and_heatmap(
     assert not heat.is_visible()
 
 
+@pytest.mark.shared_data
+def test_a_dicom_upload_shows_the_answer_and_the_lung_outline(
+    page: Any, covid_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("pydicom")
+    from PIL import Image
+
+    from covidcxr.models.inputs import grey_levels
+    from dicom_files import IDENTITY, make_dataset, to_bytes
+
+    with Image.open(covid_dir / "images" / "000001-3.png") as image:
+        grey = grey_levels(image)
+    study = tmp_path / "study.dcm"
+    study.write_bytes(to_bytes(make_dataset(grey, bits_stored=8)))
+    page.goto("/")
+    page.set_input_files("input[type=file]", str(study))
+    page.fill("input[name=prevalence]", "5%")
+    page.click("button[type=submit]")
+    page.wait_for_selector("section.result")
+    answer = page.inner_text("#result-1 .answer")
+    assert "Abnormal / pneumonia?" in answer and "prevalence of 5% (yours, as given)" in answer
+    assert IDENTITY["PatientName"] not in page.content()
+    outline = page.locator("#result-1 img.lines")
+    assert outline.is_visible()
+    page.screenshot(path=str(SHOTS / "serve-results-dicom.png"), full_page=True)
+    page.locator("#result-1 .lines-toggle").uncheck()
+    assert not outline.is_visible()
+    assert page.locator("#result-1 img.heat").first.is_visible()
+
+
 def test_browse_filter_and_open_a_case(page: Any) -> None:
     page.goto("/browse")
     page.select_option("select[name=sex]", "F")

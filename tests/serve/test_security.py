@@ -137,7 +137,7 @@ def test_not_an_image_named_png_is_415(client: TestClient, data: bytes, what: st
     response = client.post("/api/v1/predict", files=[("file", ("scan.png", data, "image/png"))])
     assert response.status_code == 415
     assert response.json() == {
-        "detail": f"upload 1 ('scan.png') holds {what}, not a PNG or JPEG image: "
+        "detail": f"upload 1 ('scan.png') holds {what}, not a PNG, JPEG or DICOM image: "
         "export it as PNG or JPEG"
     }
 

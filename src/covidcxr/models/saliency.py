@@ -250,6 +250,34 @@ def _shipped_segmenter() -> LungSegmenter | None:
         return None
 
 
+def lung_mask(gray: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
+    """The shipped lung segmenter's mask of a whole ``(H, W)`` grey image (1 lung), or
+    None when it cannot run (no torch, or no weights)."""
+    segmenter = _shipped_segmenter()
+    return None if segmenter is None else segmenter.segment(gray)
+
+
+def line_layer(
+    height: int, width: int, lungs: NDArray[np.integer] | NDArray[np.bool_] | None = None
+) -> NDArray[np.uint8]:
+    """The lines of :func:`annotated_overlay` alone, as an ``(H, W, 4)`` RGBA layer to
+    lay over the image in a viewer: the lung outline (when ``lungs`` is given) and the
+    dashed border of the centre square the network saw (when the image is not square);
+    transparent elsewhere.
+
+    Raises:
+        ValueError: ``lungs`` is not ``(height, width)``.
+    """
+    if lungs is not None and lungs.shape != (height, width):
+        raise ValueError(f"line_layer: lungs {lungs.shape} is not {(height, width)}")
+    layer = np.zeros((height, width, 4), dtype=np.uint8)
+    thickness = max(1, min(height, width) // 250)
+    if lungs is not None:
+        layer[_outline(np.asarray(lungs) != 0, thickness)] = (*LUNG_COLOUR, 255)
+    layer[_dashed_box(height, width, thickness)] = (*SEEN_COLOUR, 255)
+    return layer
+
+
 def write_overlay(
     path: str | os.PathLike[str],
     gray: NDArray[np.uint8],

@@ -34,7 +34,7 @@ def _wants_html(request: Request) -> bool:
 
 
 def _error(request: Request, status: int, detail: Any, headers: Any = None) -> Response:
-    if _wants_html(request) and status in (401, 403, 404, 413, 415, 422, 429):
+    if _wants_html(request) and status in (400, 401, 403, 404, 413, 415, 422, 429):
         if status == 401 and request.method == "GET":
             return Response(status_code=303, headers={"location": "/login"})
         response = render(

@@ -12,12 +12,13 @@ import json
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final
 
 import anyio
+import anyio.to_thread
 from fastapi import Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
@@ -60,7 +61,8 @@ class RateLimiter:
 @dataclass
 class ServiceState:
     """What every request may use: settings, the open store, the model (loaded on first
-    use), the inference pool's limiter, the rate limiter and the signing key."""
+    use), the inference pool's limiter, the rate limiter, the signing key, and answers
+    cached until the store's data changes."""
 
     settings: Settings
     store: Store
@@ -68,6 +70,8 @@ class ServiceState:
     limiter: anyio.CapacityLimiter
     rate: RateLimiter
     answers: AnswerCache = field(default_factory=AnswerCache)
+    #: Duplicate groups by image sha256, with the data generation they were found at.
+    duplicate_index: tuple[int, dict[str, list[dict[str, Any]]]] | None = None
     _engine: InferenceEngine | None = None
     _engine_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -92,6 +96,14 @@ def service(request: Request) -> ServiceState:
     """The app's :class:`ServiceState`."""
     state: ServiceState = request.app.state.service
     return state
+
+
+# The dependencies below are ``async``: FastAPI runs a plain ``def`` dependency in its
+# thread pool, a round trip per dependency per request; only database work goes there.
+
+
+async def _service(request: Request) -> ServiceState:
+    return service(request)
 
 
 # --------------------------------------------------------------------------- sessions
@@ -192,34 +204,37 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def current_user(request: Request) -> dict[str, Any] | None:
+async def current_user(request: Request) -> dict[str, Any] | None:
     """The user of a request: by ``Authorization: Bearer TOKEN`` (API), else by the
     session cookie (pages); None when anonymous.
 
     Raises:
         HTTPException: 401 for a token that is unknown (or whose user was deleted).
     """
-    state = service(request)
     token = _bearer(request)
     session = None if token is not None else request_session(request)
     if token is None and (session is None or not session.user_id):
         return None  # anonymous: no database round trip
+    user_id = 0 if session is None else session.user_id
+    return await anyio.to_thread.run_sync(_look_up_user, service(request), token, user_id)
+
+
+def _look_up_user(state: ServiceState, token: str | None, user_id: int) -> dict[str, Any] | None:
     with state.store.read() as conn:
-        if token is not None:
-            user = accounts.user_for_token(conn, token)
-            if user is None:
-                raise HTTPException(
-                    401, "unknown or revoked API token", headers={"WWW-Authenticate": "Bearer"}
-                )
-            return user
-        assert session is not None
-        return accounts.user_by_id(conn, session.user_id)
+        if token is None:
+            return accounts.user_by_id(conn, user_id)
+        user = accounts.user_for_token(conn, token)
+    if user is None:
+        raise HTTPException(
+            401, "unknown or revoked API token", headers={"WWW-Authenticate": "Bearer"}
+        )
+    return user
 
 
 CurrentUser = Annotated[dict[str, Any] | None, Depends(current_user)]
 
 
-def require_reader(request: Request, user: CurrentUser) -> dict[str, Any] | None:
+async def require_reader(request: Request, user: CurrentUser) -> dict[str, Any] | None:
     """Reading the store: open, or any signed-in role when ``read_open`` is off.
 
     Raises:
@@ -230,10 +245,10 @@ def require_reader(request: Request, user: CurrentUser) -> dict[str, Any] | None
     return user
 
 
-def require_role(role: str) -> Callable[..., dict[str, Any]]:
+def require_role(role: str) -> Callable[..., Awaitable[dict[str, Any]]]:
     """A dependency that lets only users of ``role`` or above through (401 / 403)."""
 
-    def dependency(user: CurrentUser) -> dict[str, Any]:
+    async def dependency(user: CurrentUser) -> dict[str, Any]:
         if user is None:
             raise HTTPException(
                 401,
@@ -247,7 +262,7 @@ def require_role(role: str) -> Callable[..., dict[str, Any]]:
     return dependency
 
 
-def rate_limit(request: Request, user: CurrentUser) -> None:
+async def rate_limit(request: Request, user: CurrentUser) -> None:
     """Count a predict call against its client (user, else address).
 
     Raises:
@@ -297,7 +312,7 @@ def render(
     return response
 
 
-State = Annotated[ServiceState, Depends(service)]
+State = Annotated[ServiceState, Depends(_service)]
 Reader = Annotated[dict[str, Any] | None, Depends(require_reader)]
 
 

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 import anyio.to_thread
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
+from sqlalchemy import Connection
 
 from covidcxr.errors import MetadataError
 from covidcxr.imaging.decode import decode_image
@@ -24,6 +25,7 @@ from covidcxr.serve.deps import (
     require_reader,
 )
 from covidcxr.store import accounts, queries
+from covidcxr.store.duplicates import duplicate_groups
 
 router = APIRouter(dependencies=[Depends(require_reader)])
 
@@ -60,7 +62,7 @@ def _values(values: list[str] | None) -> list[str]:
     return [v for v in (values or []) if v.strip()]
 
 
-def record_filter(
+async def record_filter(
     finding: Annotated[list[str] | None, Query(description="finding at any level")] = None,
     view: Annotated[list[str] | None, Query()] = None,
     modality: Annotated[list[str] | None, Query()] = None,
@@ -156,6 +158,43 @@ async def list_images(
     return json_response(body)
 
 
+def duplicate_index(state: ServiceState, conn: Connection) -> dict[str, list[dict[str, Any]]]:
+    """Every stored image's duplicate groups (as ``covidcxr duplicates`` finds them: kind,
+    largest hash distance, whether it crosses patients, all its records), by sha256;
+    found again only when the store's data has changed."""
+    generation = accounts.data_generation(conn)
+    known = state.duplicate_index
+    if known is not None and known[0] == generation:
+        return known[1]
+    index: dict[str, list[dict[str, Any]]] = {}
+    for group in duplicate_groups(conn):
+        entry = {
+            "kind": group.kind,
+            "max_distance": group.max_distance,
+            "crosses_patients": group.crosses_patients,
+            "records": list(group.records),
+        }
+        for sha in group.images:
+            index.setdefault(sha, []).append(entry)
+    state.duplicate_index = (generation, index)
+    return index
+
+
+def other_copies(groups: list[dict[str, Any]], record_id: Any) -> list[dict[str, Any]]:
+    """The other records in a record's duplicate groups, each once (an exact copy, the
+    same file, before a near one), with the group's ``kind`` and ``max_distance``."""
+    others: dict[Any, dict[str, Any]] = {}
+    for group in sorted(groups, key=lambda g: g["kind"] != "exact"):
+        for record in group["records"]:
+            if record["record_id"] != record_id and record["record_id"] not in others:
+                others[record["record_id"]] = {
+                    **record,
+                    "kind": group["kind"],
+                    "max_distance": group["max_distance"],
+                }
+    return list(others.values())
+
+
 def _image(state: ServiceState, sha256: str) -> dict[str, Any]:
     if not _SHA256.fullmatch(sha256):
         raise HTTPException(422, f"image {sha256!r}: give the 64 lowercase hex digits of a sha256")
@@ -165,12 +204,20 @@ def _image(state: ServiceState, sha256: str) -> dict[str, Any]:
             raise HTTPException(404, f"no image {sha256} in this store")
         records = queries.find_records(conn, sha256)
         annotations = queries.annotations_for(conn, [sha256]).get(sha256, [])
-    return {"image": details, "records": records, "annotations": annotations}
+        duplicates = duplicate_index(state, conn).get(sha256, [])
+    return {
+        "image": details,
+        "records": records,
+        "annotations": annotations,
+        "duplicate_groups": duplicates,
+    }
 
 
 @router.get("/api/v1/images/{sha256}")
 async def image_detail(sha256: str, state: State) -> Response:
-    """One image: its file facts, every record that shows it, its annotations."""
+    """One image: its file facts, every record that shows it, its annotations, and its
+    duplicate groups (``covidcxr duplicates``: exact copies and near duplicates, with
+    every record of each group)."""
     return json_response(await anyio.to_thread.run_sync(_image, state, sha256))
 
 
@@ -225,6 +272,7 @@ def _patient(state: ServiceState, source: str, patient_id: str) -> dict[str, Any
         shas = {row["image_sha256"] for row in rows if row["image_sha256"]}
         annotations = queries.annotations_for(conn, shas)
         images = queries.image_details(conn, shas)
+        index = duplicate_index(state, conn) if rows else {}
     if not rows:
         raise HTTPException(404, f"no patient {patient_id!r} in source {source!r}")
     rows.sort(key=lambda r: (r["offset_days"] is None, r["offset_days"] or 0, r["line"]))
@@ -234,12 +282,14 @@ def _patient(state: ServiceState, source: str, patient_id: str) -> dict[str, Any
         "records": rows,
         "annotations": annotations,
         "images": images,
+        "duplicate_groups": {sha: index[sha] for sha in sorted(shas) if sha in index},
     }
 
 
 @router.get("/api/v1/patients/{source}/{patient_id}")
 async def patient(source: str, patient_id: str, state: State) -> Response:
-    """Every record of a patient, in day-offset order, with annotations and image facts."""
+    """Every record of a patient, in day-offset order, with annotations, image facts and
+    the duplicate groups of its images (by sha256)."""
     return json_response(await anyio.to_thread.run_sync(_patient, state, source, patient_id))
 
 
@@ -285,9 +335,15 @@ async def browse(
 
 @router.get("/patients/{source}/{patient_id}", response_class=HTMLResponse)
 async def case_page(request: Request, source: str, patient_id: str, state: State) -> HTMLResponse:
-    """A patient's images in day-offset order with metadata, provenance and licence."""
+    """A patient's images in day-offset order with metadata, provenance, licence and the
+    other records of each image's duplicate group."""
     case = await anyio.to_thread.run_sync(_patient, state, source, patient_id)
-    return render(request, "case.html", case)
+    groups = case["duplicate_groups"]
+    copies = {
+        r["record_id"]: other_copies(groups.get(r["image_sha256"], []), r["record_id"])
+        for r in case["records"]
+    }
+    return render(request, "case.html", {**case, "copies": copies})
 
 
 @router.get("/stats", response_class=HTMLResponse)
