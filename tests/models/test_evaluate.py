@@ -25,6 +25,7 @@ from covidcxr.dataset.tasks import get_task
 from covidcxr.errors import MetadataError
 from covidcxr.ingest.pipeline import ingest_source
 from covidcxr.models.audit import AuditResult
+from covidcxr.models.audit_masks import LungMasks
 from covidcxr.models.bundle import load_bundle
 from covidcxr.models.eval_pixels import load_pixels
 from covidcxr.models.eval_report import EvaluationReport
@@ -255,13 +256,17 @@ def test_kfold_never_trains_on_a_test_patient_nor_splits_linked_ones(store: Stor
 def test_evaluation_is_deterministic_per_seed_and_round_trips(store: Store, tmp_path: Path) -> None:
     options = {"folds": 2, "repeats": 1, "schemes": ("kfold", "source"), **FAST}
     options["n_resamples"] = 100  # the least that gives intervals
+    options["lung_masks"] = LungMasks(note="no segmenter in this test")  # reference only
     first = run_evaluation(store, FakeFit(), **options)  # type: ignore[arg-type]
     again = run_evaluation(store, FakeFit(), **options)  # type: ignore[arg-type]
     other = run_evaluation(store, FakeFit(), seed=1, **options)  # type: ignore[arg-type]
     assert _without_created(first.as_dict()) == _without_created(again.as_dict())
     assert _without_created(first.as_dict()) != _without_created(other.as_dict())
-    # beta has no lung masks: the audit says what it cannot see.
-    assert any("no lung masks for source(s) beta" in line for line in first.not_computable)
+    # beta has no lung masks and there is no segmenter: the audit says what it cannot see.
+    assert any(
+        "no lung masks for source(s) beta (no segmenter in this test)" in line
+        for line in first.not_computable
+    )
     text = first.to_json()
     assert "NaN" not in text
     back = EvaluationReport.from_dict(json.loads(text))
@@ -363,6 +368,7 @@ def test_audit_covers_the_images_with_masks(store: Store) -> None:
         repeats=1,
         schemes=("kfold",),
         severity=False,
+        lung_masks=LungMasks(),  # reference masks only
         **FAST,
     )
     audit = report.audit

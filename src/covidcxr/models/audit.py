@@ -38,6 +38,9 @@ alone would flag a noisy small-sample AUC that happens to match a poor full-imag
 hence its guard. A model is flagged when any label is. ``lungs_only`` is reported next
 to it: a model whose AUC collapses on lung-only images also relied on the context.
 
+The lung mask of an image is its reference mask where it has one, else the lung
+segmenter's (:mod:`covidcxr.models.audit_masks`); every result says how many of each.
+
 Functions here work on arrays (no torch, no store) so that they can be tested with fake
 models: one that reads a corner marker is flagged, one that reads the lungs is not.
 """
@@ -52,6 +55,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from covidcxr.models.audit_masks import LungMasks, MaskProvenance
 from covidcxr.models.metrics import (
     AUC,
     DEFAULT_RESAMPLES,
@@ -186,6 +190,8 @@ class AuditResult:
         n_images: audited images (those with a lung mask and a known label).
         n_without_mask: evaluated images left out because they have no lung mask.
         method: how the variants were made and the rule (for reports).
+        masks: how many audited images had a reference or a segmented mask, and the
+            segmenter (``None`` in reports written before it was recorded).
     """
 
     labels: tuple[LabelAudit, ...]
@@ -193,10 +199,15 @@ class AuditResult:
     n_images: int
     n_without_mask: int = 0
     method: Mapping[str, Any] = field(default_factory=dict)
+    masks: MaskProvenance | None = None
 
     @property
     def verdict(self) -> str:
-        """One sentence for people."""
+        """One sentence for people, ending with where the lung masks came from."""
+        provenance = "" if self.masks is None else f" ({self.masks.text(self.n_without_mask)})"
+        return self._finding() + provenance
+
+    def _finding(self) -> str:
         if not any(a.auc["full"].defined for a in self.labels):
             return (
                 f"shortcut audit not computable: no label has both classes among the "
@@ -257,6 +268,7 @@ def audit_predictions(
     predictions: Mapping[str, ArrayLike],
     *,
     n_without_mask: int = 0,
+    masks: MaskProvenance | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
 ) -> AuditResult:
@@ -269,6 +281,7 @@ def audit_predictions(
         predictions: variant -> N x L probabilities, or R x N x L over R repeats
             (``NaN`` where an image was not predicted in a repeat).
         n_without_mask: images left out for lack of a mask (reported).
+        masks: where the audited images' lung masks came from (reported).
         n_resamples: bootstrap resamples.
         seed: the bootstrap's seed (the same draws for every variant).
 
@@ -316,6 +329,7 @@ def audit_predictions(
         n_images=int(known.sum()),
         n_without_mask=n_without_mask,
         method=method_description(),
+        masks=masks,
     )
 
 
@@ -327,6 +341,7 @@ def shortcut_audit(
     labels: ArrayLike,
     groups: Sequence[Hashable] | ArrayLike,
     *,
+    lung_masks: LungMasks | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     batch_size: int = 64,
@@ -336,8 +351,10 @@ def shortcut_audit(
     Args:
         predict: N x 1 x H x W float32 in [-1024, 1024] -> N x L probabilities.
         images: N x H x W ``uint8`` grey levels (as loaded for the model).
-        masks: N x H x W lung masks (nonzero = lung); an image whose mask is empty
-            is left out and counted.
+        masks: N x H x W reference lung masks (nonzero = lung; all zero: none).
+        lung_masks: masks for the images without a reference mask (default: none, so
+            they are left out); see :meth:`LungMasks.mask_for`. Images left without a
+            mask are counted.
         label_names: the L label names.
         labels: N x L labels (``NaN`` = unknown).
         groups: N patients.
@@ -349,7 +366,9 @@ def shortcut_audit(
 
     y = np.asarray(labels, dtype=np.float64)
     keys = np.asarray(groups, dtype=object).reshape(-1)
-    has_mask = np.asarray(masks).reshape(len(images), -1).any(axis=1)
+    source = lung_masks if lung_masks is not None else LungMasks()
+    masks, provenance = source.masks_for(images, np.asarray(masks))
+    has_mask = provenance != "none"
     images, masks, y, keys = images[has_mask], masks[has_mask], y[has_mask], keys[has_mask]
     predictions: dict[str, NDArray[np.float64]] = {}
     for variant in VARIANTS:
@@ -365,6 +384,7 @@ def shortcut_audit(
         keys,
         predictions,
         n_without_mask=int((~has_mask).sum()),
+        masks=source.provenance(provenance[has_mask]),
         n_resamples=n_resamples,
         seed=seed,
     )

@@ -18,7 +18,9 @@ wraps the real one) and scores what they predict on patients they never saw:
   are listed as skipped. Results per held-out group, and pooled over them.
 * severity: :func:`covidcxr.models.eval_severity.evaluate_severity`.
 * the shortcut audit (:mod:`covidcxr.models.audit`): each k-fold model also predicts
-  its held-out images with the lungs masked out and with only the lungs kept.
+  its held-out images with the lungs masked out and with only the lungs kept (lung
+  masks: the reference mask, else the lung segmenter's; see
+  :mod:`covidcxr.models.audit_masks`).
 
 Sensitivity and specificity are taken per image at the *stored operating point* of the
 model that predicted it. Baselines: the training prevalence of the fold as a constant
@@ -44,6 +46,7 @@ from covidcxr.dataset.tasks import Task, get_task
 from covidcxr.errors import MetadataError
 from covidcxr.models import audit as audit_module
 from covidcxr.models.audit import AuditResult
+from covidcxr.models.audit_masks import NONE, LungMasks, shipped_lung_masks
 from covidcxr.models.eval_fit import EvaluationModel, FitFunction, Progress
 from covidcxr.models.eval_pixels import Pixels, load_pixels, predict_batches
 from covidcxr.models.eval_report import EvaluationReport, FoldRecord, LabelResult, SchemeResult
@@ -193,16 +196,20 @@ class _Run:
 class _Collector:
     """Out-of-fold predictions over repeats (R x N x L; NaN = not predicted)."""
 
-    def __init__(self, repeats: int, n: int, n_labels: int, variants: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, repeats: int, n: int, n_labels: int, lung_masks: LungMasks | None = None
+    ) -> None:
         shape = (repeats, n, n_labels)
         self.n_labels = n_labels
+        self.lung_masks = lung_masks
+        variants = AUDIT_VARIANTS if lung_masks is not None else ()
         self.variants = variants
         self.probabilities: NDArray[np.float64] = np.full(shape, np.nan)
         self.thresholds: NDArray[np.float64] = np.full(shape, np.nan)
         self.baseline: NDArray[np.float64] = np.full(shape, np.nan)
         self.audit: dict[str, NDArray[np.float64]] = {v: np.full(shape, np.nan) for v in variants}
-        self.audited: NDArray[np.bool_] = np.zeros(n, dtype=bool)
-        self.without_mask: NDArray[np.bool_] = np.zeros(n, dtype=bool)
+        # Per image: "" not predicted yet, else its mask's provenance (audit_masks).
+        self.provenance: NDArray[np.str_] = np.full(n, "", dtype="<U9")
 
 
 def _thresholds(model: EvaluationModel, n_labels: int) -> NDArray[np.float64]:
@@ -275,16 +282,18 @@ def _predict_variants(
     model: EvaluationModel,
     pixels: Pixels,
 ) -> None:
-    """The audit's predictions of the masked test images (``full`` is the plain one)."""
-    masked = np.flatnonzero(pixels.has_mask)
-    collector.without_mask[rows[~pixels.has_mask]] = True
+    """The audit's predictions of the test images with a lung mask, reference or
+    segmented (``full`` is the plain one)."""
+    assert collector.lung_masks is not None
+    masks, provenance = collector.lung_masks.masks_for(pixels.images, pixels.masks)
+    collector.provenance[rows] = provenance
+    masked = np.flatnonzero(provenance != NONE)
     if not masked.size:
         return
-    collector.audited[rows[masked]] = True
     for variant in collector.variants:
         if variant == "full":
             continue
-        changed = audit_module.apply_variant(variant, pixels.images[masked], pixels.masks[masked])
+        changed = audit_module.apply_variant(variant, pixels.images[masked], masks[masked])
         collector.audit[variant][repeat, rows[masked]] = predict_batches(
             model.predict_findings, changed, run.batch_size
         )
@@ -309,16 +318,18 @@ def _undefined_lines(prefix: str, results: Iterable[LabelResult]) -> list[str]:
     return [f"{prefix}, {r.label}: {_joined(r)}" for r in results if r.notes]
 
 
-def _run_kfold(run: _Run, folds: int, repeats: int, audit: bool) -> tuple[SchemeResult, _Collector]:
-    """Every fold of every repeat trained and predicted, then scored."""
+def _run_kfold(
+    run: _Run, folds: int, repeats: int, lung_masks: LungMasks | None
+) -> tuple[SchemeResult, _Collector]:
+    """Every fold of every repeat trained and predicted, then scored (and predicted for
+    the audit when ``lung_masks`` is given)."""
     with run.store.read() as conn:
         splits = [
             make_split(run.samples, conn, scheme="kfold", folds=folds, seed=run.seed + r)
             for r in range(repeats)
         ]
-    variants = AUDIT_VARIANTS if audit else ()
     collector = _Collector(
-        repeats, len(run.samples.samples), len(run.samples.label_names), variants
+        repeats, len(run.samples.samples), len(run.samples.label_names), lung_masks
     )
     records = []
     for r, split in enumerate(splits):
@@ -333,7 +344,7 @@ def _run_kfold(run: _Run, folds: int, repeats: int, audit: bool) -> tuple[Scheme
                 _fit_and_predict(run, collector, r, train, test, scheme="kfold",
                                  test_fold=test_fold, fit_seed=run.seed * 1000 + 100 * r + k)
             )  # fmt: skip
-    if variants:
+    if collector.variants:
         collector.audit["full"] = collector.probabilities.copy()
     run.say("kfold: scoring (patient bootstrap)")
     description = (
@@ -347,16 +358,20 @@ def _run_kfold(run: _Run, folds: int, repeats: int, audit: bool) -> tuple[Scheme
 
 
 def _audit_kfold(run: _Run, collector: _Collector) -> tuple[AuditResult, list[str]]:
-    """The shortcut audit of the k-fold models on the images with lung masks, and what
-    it cannot see."""
-    rows = np.flatnonzero(collector.audited)
-    run.say(f"shortcut audit on {rows.size} images with lung masks")
+    """The shortcut audit of the k-fold models on the images with a lung mask
+    (reference or segmented), and what it cannot see."""
+    assert collector.lung_masks is not None
+    rows = np.flatnonzero((collector.provenance != "") & (collector.provenance != NONE))
+    masks = collector.lung_masks.provenance(collector.provenance[rows])
+    without = int((collector.provenance == NONE).sum())
+    run.say(f"shortcut audit on {rows.size} images ({masks.text(without)})")
     result = audit_module.audit_predictions(
         run.samples.label_names,
         run.labels[rows],
         [run.groups[int(i)] for i in rows],
         {v: collector.audit[v][:, rows] for v in collector.variants},
-        n_without_mask=int((collector.without_mask & ~collector.audited).sum()),
+        n_without_mask=without,
+        masks=masks,
         n_resamples=run.n_resamples,
         seed=run.seed,
     )
@@ -364,9 +379,11 @@ def _audit_kfold(run: _Run, collector: _Collector) -> tuple[AuditResult, list[st
     unmasked = sorted({s.source for s in run.samples.samples} - audited_sources)
     if not unmasked:
         return result, []
+    why = masks.note or f"no reference mask, and {masks.segmenter} found no lung in them"
+    covered = ", ".join(sorted(audited_sources)) or "no source"
     return result, [
-        f"shortcut audit: no lung masks for source(s) {', '.join(unmasked)}, so the audit "
-        "covers only " + (", ".join(sorted(audited_sources)) or "no source") + " and cannot "
+        f"shortcut audit: no lung masks for source(s) {', '.join(unmasked)} ({why}), so "
+        f"the audit covers only {covered} and cannot "
         "see a shortcut that tells the sources apart (compare the k-fold and "
         "leave-one-source-out results for that)"
     ]
@@ -479,6 +496,7 @@ def evaluate(
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     severity: bool = True,
     audit: bool = True,
+    lung_masks: LungMasks | None = None,
     severity_splits: int = SEVERITY_SPLITS,
     severity_selection: Selection | None = None,
     regressor: RegressorFit | None = None,
@@ -504,6 +522,9 @@ def evaluate(
         schemes: any of ``kfold``, ``source``, ``region``.
         severity: run the severity protocol.
         audit: run the shortcut audit on the k-fold models (needs ``kfold``).
+        lung_masks: the audit's masks for images without a reference mask (default:
+            :func:`~covidcxr.models.audit_masks.shipped_lung_masks`, the shipped lung
+            segmenter, or none with the reason when it cannot be loaded).
         severity_splits: random 50/50 splits of the severity protocol.
         severity_selection: the scored images (default: frontal X-rays with scores).
         regressor: the severity regression (default:
@@ -543,7 +564,9 @@ def evaluate(
     results: dict[str, SchemeResult] = {}
     audit_result: AuditResult | None = None
     if "kfold" in schemes:
-        results["kfold"], collector = _run_kfold(run, folds, repeats, audit)
+        if audit and lung_masks is None:
+            lung_masks = shipped_lung_masks()
+        results["kfold"], collector = _run_kfold(run, folds, repeats, lung_masks if audit else None)
         not_computable += _undefined_lines("kfold", results["kfold"].labels)
         if audit:
             audit_result, lines = _audit_kfold(run, collector)

@@ -65,7 +65,8 @@ def evidence_items(report: Mapping[str, Any]) -> list[dict[str, str]]:
          "valid only if none of these patients trained or tuned the model: the site must "
          "confirm it (the model card names the training data)"),
         ("CLAIM", "Robustness and shortcuts", "partly",
-         "metadata shortcut check always; image shortcut audit only with lung masks"),
+         "metadata shortcut check always; image shortcut audit with reference lung masks "
+         "or the lung segmenter's (the report says how many of each)"),
         ("TRIPOD+AI / CLAIM", "Clinical utility, prospective use", "not supported",
          "a retrospective set cannot show benefit to patients or workflow; the re-chosen "
          "operating point is optimistic and needs confirmation on new cases"),

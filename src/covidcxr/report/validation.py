@@ -17,6 +17,7 @@ import numpy as np
 from covidcxr import RESEARCH_USE_ONLY, __version__
 from covidcxr.errors import MetadataError
 from covidcxr.ingest.mapping import SourceMapping
+from covidcxr.models.audit_masks import LungMasks, shipped_lung_masks
 from covidcxr.models.runtime import InferenceEngine
 from covidcxr.report import sections, stats
 from covidcxr.report.evidence import evidence_items, sample_size_text
@@ -45,8 +46,9 @@ class ValidationRequest:
         thresholds: operating points for ``predictions`` (default 0.5).
         model_card: a model card file for ``predictions`` (shown as text).
         engine: our model's engine (``onnx``, ``torch``, ``auto``).
-        masks: a folder of lung masks (``<stem>_mask.png`` or ``<stem>.png``) for the
-            image shortcut audit (our model only).
+        masks: a folder of reference lung masks (``<stem>_mask.png`` or ``<stem>.png``)
+            for the image shortcut audit (our model only); images without one get the
+            lung segmenter's mask.
         mapping: the labels file's mapping (columns, value maps).
         columns: ``--column`` choices, our name -> header.
         n_resamples: bootstrap resamples per interval.
@@ -383,32 +385,42 @@ def _gallery(
     return gallery
 
 
+def _reference_masks(folder: Path | None, paths: Sequence[Path], size: int) -> np.ndarray:
+    """Each image's reference lung mask from ``folder`` (all zero where it has none)."""
+    from covidcxr.dataset.loading import load_mask
+
+    masks = np.zeros((len(paths), size, size), np.uint8)
+    if folder is None:
+        return masks
+    for i, path in enumerate(paths):
+        candidates = [folder / f"{path.stem}_mask.png", folder / f"{path.stem}.png"]
+        mask = next((m for m in candidates if m.is_file()), None)
+        if mask is not None:
+            masks[i] = load_mask(mask, size)
+    return masks
+
+
 def _image_audit(
     request: ValidationRequest,
     scored: _Scored,
     labels: Sequence[str],
     engine: InferenceEngine | None,
+    lung_masks: LungMasks | None,
 ) -> dict[str, Any]:
-    if request.masks is None or engine is None:
-        why = (
-            "no lung masks given (--masks DIR)"
-            if request.masks is None
-            else ("it needs the model's network, which a predictions file does not give")
-        )
+    if engine is None:
+        why = "it needs the model's network, which a predictions file does not give"
         return {"status": "not run", "reason": why}
-    from covidcxr.dataset.loading import load_image, load_mask
+    lung_masks = lung_masks if lung_masks is not None else shipped_lung_masks()
+    if request.masks is None and lung_masks.segmenter is None:
+        why = f"no lung masks given (--masks DIR) and {lung_masks.note}"
+        return {"status": "not run", "reason": why}
+    from covidcxr.dataset.loading import load_image
     from covidcxr.models.audit import shortcut_audit
     from covidcxr.models.rows import calibrated_probabilities
     from covidcxr.serialise import to_dict
 
     bundle = engine.bundle
-    size = bundle.input_size
-    images, masks = [], []
-    for path in scored.paths:
-        candidates = [request.masks / f"{path.stem}_mask.png", request.masks / f"{path.stem}.png"]
-        mask = next((m for m in candidates if m.is_file()), None)
-        images.append(load_image(path, size))
-        masks.append(load_mask(mask, size) if mask else np.zeros((size, size), np.uint8))
+    images = np.stack([load_image(path, bundle.input_size) for path in scored.paths])
 
     def predict(batch: Any) -> Any:
         assert engine is not None
@@ -417,11 +429,12 @@ def _image_audit(
     y = [[c.labels.get(label, math.nan) for label in bundle.findings] for c in scored.cases]
     result = shortcut_audit(
         predict,
-        np.stack(images),
-        np.stack(masks),
+        images,
+        _reference_masks(request.masks, scored.paths, bundle.input_size),
         bundle.findings,
         y,
         [c.patient_id for c in scored.cases],
+        lung_masks=lung_masks,
         n_resamples=min(request.n_resamples, AUDIT_RESAMPLES),
         seed=request.seed,
     )
@@ -430,8 +443,19 @@ def _image_audit(
     return {"status": "run", "verdict": result.verdict, **found}
 
 
-def validate(request: ValidationRequest, progress: Progress | None = None) -> dict[str, Any]:
+def validate(
+    request: ValidationRequest,
+    progress: Progress | None = None,
+    *,
+    lung_masks: LungMasks | None = None,
+) -> dict[str, Any]:
     """Validate a model on a site's labelled images; returns every number of the report.
+
+    Args:
+        request: what to validate, on what.
+        progress: called with a line at each step.
+        lung_masks: the image shortcut audit's masks for images without a reference
+            mask (default: :func:`~covidcxr.models.audit_masks.shipped_lung_masks`).
 
     Raises:
         MetadataError: labels and images do not match, a label or prediction cannot be
@@ -499,7 +523,7 @@ def validate(request: ValidationRequest, progress: Progress | None = None) -> di
     report["severity"] = sections.severity_section(scored.cases, scored.severity)
     report["outcomes"] = _outcomes(request, scored, model["model_id"])
     say("computed the outcome section")
-    report["shortcut_audit"] = _image_audit(request, scored, labels, engine)
+    report["shortcut_audit"] = _image_audit(request, scored, labels, engine, lung_masks)
     report["cases"] = _case_rows(scored)
     report["evidence"] = evidence_items(report)
     return report
