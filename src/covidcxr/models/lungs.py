@@ -2,7 +2,8 @@
 
 The network sees the whole image letterboxed to ``INPUT_SIZE`` px (``crop="pad"`` of
 :mod:`covidcxr.dataset.loading`), so its mask maps back onto every pixel of the image.
-:class:`LungSegmenter` loads the shipped weights (``weights/lungs-unet-v1``);
+:class:`LungSegmenter` loads the shipped weights (``weights/lungs-unet-v1``) and runs
+them on torch or, without torch, on their ONNX export with onnxruntime;
 :func:`train_lungs` makes them again (``covidcxr train-lungs``). :func:`dice` and
 :func:`mass_in_lungs` are plain numpy. Torch is imported where it is used.
 
@@ -16,10 +17,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -47,6 +48,11 @@ IGNORE: Final = 2
 #: A reference mask with less lung than this share of the image is an empty mask
 #: (V7 Labs ships empty masks for CT and lateral images).
 MIN_LUNG_FRACTION: Final = 0.02
+#: The ONNX graph's input, ``(N, 1, S, S)`` float32 grey levels / 255, and output,
+#: ``(N, 1, S, S)`` lung probability (standardisation and sigmoid are in the graph).
+ONNX_INPUT: Final = "image"
+ONNX_OUTPUT: Final = "probability"
+Backend = Literal["auto", "torch", "onnx"]
 
 
 # --- measures ----------------------------------------------------------------------
@@ -116,7 +122,7 @@ def mass_in_lungs(
 # --- geometry: letterbox and back ---------------------------------------------------
 
 
-def _letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+def letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     """(left, top, width, height) of the image inside the ``size`` square (as
     :func:`covidcxr.dataset.loading.load_image` with ``crop="pad"`` pastes it)."""
     out_width, out_height = _padded_size(width, height, size)
@@ -134,7 +140,7 @@ def letterbox_target(mask: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
         ``uint8`` 0 background (and padding), 1 lung, :data:`IGNORE` ignore.
     """
     height, width = mask.shape
-    left, top, out_width, out_height = _letterbox_box(width, height, size)
+    left, top, out_width, out_height = letterbox_box(width, height, size)
     small = np.asarray(
         Image.fromarray(mask).resize((out_width, out_height), Image.Resampling.NEAREST)
     )
@@ -147,7 +153,7 @@ def letterbox_target(mask: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
 def unletterbox(probability: NDArray[np.floating], width: int, height: int) -> NDArray[np.float32]:
     """A ``size x size`` map of the letterboxed input back at ``width x height``."""
     size = probability.shape[0]
-    left, top, out_width, out_height = _letterbox_box(width, height, size)
+    left, top, out_width, out_height = letterbox_box(width, height, size)
     inner = np.ascontiguousarray(
         probability[top : top + out_height, left : left + out_width], dtype=np.float32
     )
@@ -432,24 +438,47 @@ def train_steps(
     return losses
 
 
+def _probability_tensor(torch: Any, model: torch.nn.Module, x: Any) -> Any:
+    """Lung probability of ``(N, 1, S, S)`` grey levels / 255: what the ONNX graph holds."""
+    return torch.sigmoid(model(_standardise_tensor(torch, x)))
+
+
+def _network_input(images: NDArray[np.uint8]) -> NDArray[np.float32]:
+    return (images.astype(np.float32) / 255.0)[:, None]
+
+
+def _in_batches(
+    run: Callable[[NDArray[np.float32]], NDArray[np.float32]],
+    images: NDArray[np.uint8],
+    batch_size: int,
+) -> NDArray[np.float32]:
+    """``run`` (``(B, 1, S, S)`` -> ``(B, 1, S, S)``) over ``(N, S, S)`` images."""
+    out = [
+        run(_network_input(images[start : start + batch_size]))[:, 0]
+        for start in range(0, len(images), batch_size)
+    ]
+    return (
+        np.concatenate(out).astype(np.float32)
+        if out
+        else np.zeros((0, *images.shape[1:]), np.float32)
+    )
+
+
 def predict_probability(
     model: torch.nn.Module, images: NDArray[np.uint8], batch_size: int = 32
 ) -> NDArray[np.float32]:
     """Lung probability of letterboxed ``(N, S, S)`` images, ``(N, S, S)`` float32."""
     torch = _torch()
     model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[start : start + batch_size].astype(np.float32) / 255.0)[
-                :, None
-            ]
-            out.append(torch.sigmoid(model(_standardise_tensor(torch, x)))[:, 0].numpy())
-    return (
-        np.concatenate(out).astype(np.float32)
-        if out
-        else np.zeros((0, *images.shape[1:]), np.float32)
-    )
+
+    def run(x: NDArray[np.float32]) -> NDArray[np.float32]:
+        with torch.no_grad():
+            return cast(
+                "NDArray[np.float32]",
+                _probability_tensor(torch, model, torch.from_numpy(x)).numpy(),
+            )
+
+    return _in_batches(run, images, batch_size)
 
 
 def mean_dice(probability: NDArray[np.floating], targets: NDArray[np.uint8]) -> float:
@@ -533,66 +562,226 @@ def train_lungs(
 # --- shipping and loading -----------------------------------------------------------
 
 
+def export_lungs_onnx(model: torch.nn.Module, path: str | Path, input_size: int) -> Path:
+    """Write the U-Net as ONNX (fp32, weights inside, the project's opset), atomically.
+
+    The graph holds the per-image standardisation and the sigmoid: input
+    :data:`ONNX_INPUT` ``(N, 1, S, S)`` float32 grey levels / 255, output
+    :data:`ONNX_OUTPUT` ``(N, 1, S, S)`` lung probability; the batch axis is dynamic,
+    ``S`` is ``input_size``.
+
+    Raises:
+        MissingExtraError: torch is not installed.
+    """
+    torch = _torch()
+    from covidcxr.models.onnx_export import OPSET
+
+    class Probability(torch.nn.Module):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: Any) -> Any:
+            return _probability_tensor(torch, self.net, x)
+
+    was_training = model.training
+    model.eval()
+    target = Path(path)
+    try:
+        with atomic_output(target) as temporary:
+            # The exporter wants a name ending in .onnx.
+            onnx_path = temporary.with_suffix(".onnx")
+            try:
+                torch.onnx.export(
+                    Probability().eval(),
+                    (torch.zeros(2, 1, input_size, input_size),),
+                    str(onnx_path),
+                    input_names=[ONNX_INPUT],
+                    output_names=[ONNX_OUTPUT],
+                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                    opset_version=OPSET,
+                    dynamo=True,
+                    external_data=False,
+                    verbose=False,
+                )
+                onnx_path.replace(temporary)
+            finally:
+                onnx_path.unlink(missing_ok=True)
+    finally:
+        model.train(was_training)
+    return target
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def save_weights(model: torch.nn.Module, out_dir: str | Path, card: Mapping[str, Any]) -> Path:
-    """Write ``weights.pt`` (float32 state dict) and ``model.json`` (``card`` plus the
-    weights' sha256) into ``out_dir``; returns the folder."""
+    """Write ``weights.pt`` (float32 state dict), ``model.onnx`` (:func:`export_lungs_onnx`
+    at ``card["input_size"]``) and ``model.json`` (``card`` plus both files' sha256)
+    into ``out_dir``; returns the folder."""
     torch = _torch()
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_output(folder / "weights.pt") as temporary:
         torch.save(model.state_dict(), temporary)
-    digest = hashlib.sha256((folder / "weights.pt").read_bytes()).hexdigest()
-    text = json.dumps({**card, "weights_sha256": digest}, indent=2, sort_keys=True) + "\n"
+    export_lungs_onnx(model, folder / "model.onnx", int(card["input_size"]))
+    hashes = {
+        "weights_sha256": _sha256(folder / "weights.pt"),
+        "onnx_sha256": _sha256(folder / "model.onnx"),
+    }
+    text = json.dumps({**card, **hashes}, indent=2, sort_keys=True) + "\n"
     with atomic_output(folder / "model.json") as temporary:
         temporary.write_text(text, encoding="utf-8")
     return folder
+
+
+def _verified(path: Path, card: Mapping[str, Any], key: str) -> Path:
+    """``path`` if it exists and its sha256 is ``card[key]``."""
+    if not path.is_file():
+        raise MetadataError(
+            f"LungSegmenter.load: {str(path)!r} is missing; "
+            "train one with covidcxr train-lungs --out DIR"
+        )
+    digest = _sha256(path)
+    if digest != card.get(key):
+        raise MetadataError(
+            f"LungSegmenter.load: {str(path)!r} has sha256 {digest[:12]}..., "
+            f"but model.json records {str(card.get(key))[:12]}... ({key}); "
+            "restore the file or make it again (covidcxr train-lungs)"
+        )
+    return path
+
+
+def _pick_backend(backend: Backend) -> Literal["torch", "onnx"]:
+    """``torch`` when importable, else ``onnx`` when onnxruntime is (for ``auto``)."""
+    if backend not in ("auto", "torch", "onnx"):
+        raise ValueError(f"LungSegmenter.load: backend={backend!r}; use auto, torch or onnx")
+    if backend != "auto":
+        return backend
+    for module, choice in (("torch", "torch"), ("onnxruntime", "onnx")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        return cast("Literal['torch', 'onnx']", choice)
+    error = MissingExtraError("torch or onnxruntime", "runtime")
+    # MissingExtraError names one extra; either of two will do here.
+    error.msg = (
+        "LungSegmenter.load: neither torch nor onnxruntime is installed: "
+        "pip install 'covidcxr[runtime]' (onnxruntime) or 'covidcxr[ml]' (torch)"
+    )
+    error.args = (error.msg,)
+    raise error
+
+
+def _onnx_session(path: Path) -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise MissingExtraError("onnxruntime", "runtime") from exc
+    try:
+        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own unrelated classes
+        raise MetadataError(f"LungSegmenter.load: cannot load {str(path)!r}: {exc}") from exc
 
 
 class LungSegmenter:
     """A lung U-Net for whole images of any size (:meth:`load` reads the shipped one).
 
     Args:
-        model: a network from :func:`build_unet`.
+        model: a network from :func:`build_unet`, or None with ``session``.
         input_size: the letterboxed square it was trained on.
         card: what ``model.json`` says about it (empty for a model not saved yet).
+        session: an onnxruntime session of :func:`export_lungs_onnx`'s graph, instead
+            of ``model``.
+
+    Raises:
+        ValueError: not exactly one of ``model`` and ``session``.
     """
 
     def __init__(
-        self, model: torch.nn.Module, input_size: int, card: Mapping[str, Any] | None = None
+        self,
+        model: torch.nn.Module | None,
+        input_size: int,
+        card: Mapping[str, Any] | None = None,
+        *,
+        session: Any = None,
     ) -> None:
-        self.model = model.eval()
+        if (model is None) == (session is None):
+            raise ValueError("LungSegmenter: give a torch model or an onnxruntime session")
+        self.model = model.eval() if model is not None else None
+        self.session = session
+        self.backend: Literal["torch", "onnx"] = "torch" if model is not None else "onnx"
         self.input_size = input_size
         self.card: dict[str, Any] = dict(card or {})
 
     @classmethod
-    def load(cls, weights_dir: str | Path | None = None) -> LungSegmenter:
-        """Load ``weights.pt`` and ``model.json`` (default: the shipped ``lungs-unet-v1``).
+    def load(
+        cls, weights_dir: str | Path | None = None, backend: Backend = "auto"
+    ) -> LungSegmenter:
+        """Load ``model.json`` and ``weights.pt`` (torch) or ``model.onnx`` (onnxruntime)
+        (default folder: the shipped ``lungs-unet-v1``).
+
+        Args:
+            weights_dir: the folder :func:`save_weights` wrote.
+            backend: ``torch``, ``onnx``, or ``auto``: torch when it can be imported,
+                else onnxruntime.
 
         Raises:
-            MissingExtraError: torch is not installed.
-            MetadataError: a file is missing, or the weights' sha256 is not the one
+            MissingExtraError: the backend's package (``auto``: both) is not installed.
+            MetadataError: a file is missing, or its sha256 is not the one
                 ``model.json`` records.
+            ValueError: an unknown backend.
         """
-        torch = _torch()
+        chosen = _pick_backend(backend)
         folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
-        card_path, weights_path = folder / "model.json", folder / "weights.pt"
-        for path in (card_path, weights_path):
-            if not path.is_file():
-                raise MetadataError(
-                    f"LungSegmenter.load: {str(path)!r} is missing; "
-                    "train one with covidcxr train-lungs --out DIR"
-                )
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-        digest = hashlib.sha256(weights_path.read_bytes()).hexdigest()
-        if digest != card.get("weights_sha256"):
+        card_path = folder / "model.json"
+        if not card_path.is_file():
             raise MetadataError(
-                f"LungSegmenter.load: {str(weights_path)!r} has sha256 {digest[:12]}..., "
-                f"but model.json records {str(card.get('weights_sha256'))[:12]}...; "
-                "restore the weights or retrain them (covidcxr train-lungs)"
+                f"LungSegmenter.load: {str(card_path)!r} is missing; "
+                "train one with covidcxr train-lungs --out DIR"
             )
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        size = int(card["input_size"])
+        if chosen == "onnx":
+            session = _onnx_session(_verified(folder / "model.onnx", card, "onnx_sha256"))
+            return cls(None, size, card, session=session)
+        torch = _torch()
+        weights_path = _verified(folder / "weights.pt", card, "weights_sha256")
         model = build_unet(int(card["base_channels"]), int(card["levels"]))
         model.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
-        return cls(model, int(card["input_size"]), card)
+        return cls(model, size, card)
+
+    def batch_probability(
+        self, images: NDArray[np.uint8], batch_size: int = 32
+    ) -> NDArray[np.float32]:
+        """Lung probability of letterboxed images on either backend.
+
+        Args:
+            images: ``(N, S, S)`` uint8 grey levels, ``S`` the input size.
+            batch_size: images per network call.
+
+        Returns:
+            ``(N, S, S)`` float32 in [0, 1].
+
+        Raises:
+            ValueError: the images are not ``(N, S, S)`` uint8.
+        """
+        size = self.input_size
+        if images.ndim != 3 or images.shape[1:] != (size, size) or images.dtype != np.uint8:
+            raise ValueError(
+                f"LungSegmenter.batch_probability: images are {images.dtype} {images.shape}; "
+                f"expected uint8 (N, {size}, {size}) letterboxed grey levels"
+            )
+        if self.model is not None:
+            return predict_probability(self.model, images, batch_size)
+        session = self.session
+
+        def run(x: NDArray[np.float32]) -> NDArray[np.float32]:
+            return cast("NDArray[np.float32]", session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0])
+
+        return _in_batches(run, images, batch_size)
 
     def probability(self, image: Image.Image | NDArray[np.uint8]) -> NDArray[np.float32]:
         """Lung probability at the image's size, ``(H, W)`` float32 in [0, 1]."""
@@ -602,7 +791,7 @@ class LungSegmenter:
             else Image.fromarray(np.asarray(image, dtype=np.uint8))
         )
         small = preprocess_image(picture, self.input_size, crop="pad")
-        probability = predict_probability(self.model, small[None])[0]
+        probability = self.batch_probability(small[None])[0]
         return unletterbox(probability, picture.width, picture.height)
 
     def segment(self, image: Image.Image | NDArray[np.uint8]) -> NDArray[np.uint8]:
