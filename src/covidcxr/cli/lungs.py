@@ -45,6 +45,64 @@ def register(subparsers: Any) -> None:
         help="reuse (or write) the letterboxed images and masks here, e.g. /tmp/lungs.npz",
     )
     parser.set_defaults(handler=cmd_train_lungs)
+    _register_gate(subparsers)
+    _register_lung_model(subparsers)
+
+
+def _register_gate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train-gate",
+        help="train the lung input gate and measure it on sources it never saw",
+        description="Measure every stored image with a known view and modality (and "
+        "inverted copies and drawn non-medical pictures) with the lung segmenter, report "
+        "leave-one-source-out refusals, patient-grouped recall of lateral, CT and "
+        "inverted images and leave-one-kind-out recall of non-medical pictures, then fit "
+        "on everything and write model.json, trees.json and MODEL_CARD.md into --out.",
+    )
+    add_store_options(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for the gate")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="pass when P(frontal chest X-ray) reaches this (default 0.5)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=cmd_train_gate)
+
+
+def cmd_train_gate(args: argparse.Namespace) -> int:
+    """covidcxr train-gate: measure, evaluate, fit, save."""
+    from covidcxr.models import lung_gate_train, lungs
+
+    if not 0.0 < args.threshold < 1.0:
+        print(f"train-gate: --threshold {args.threshold} must lie strictly between 0 and 1")
+        return 2
+    out = Path(args.out)
+    command = "covidcxr " + shlex.join(
+        [
+            "train-gate",
+            "--out",
+            str(out),
+            "--threshold",
+            str(args.threshold),
+            "--seed",
+            str(args.seed),
+        ]
+    )
+    with store_from(args) as store:
+        card = lung_gate_train.train_gate(
+            store,
+            lungs.LungSegmenter.load(),
+            out,
+            threshold=args.threshold,
+            seed=args.seed,
+            gate_id=out.name,
+            command=command,
+        )
+    print(lung_gate_train.render_card(card))
+    print(f"wrote {out}")
+    return 0
 
 
 def cmd_train_lungs(args: argparse.Namespace) -> int:
@@ -127,3 +185,37 @@ def _command(args: argparse.Namespace) -> str:
     options += ["--minutes", str(args.minutes), "--seed", str(args.seed)]
     options += ["--threads", str(args.threads)]
     return "covidcxr " + shlex.join(options)
+
+
+def _register_lung_model(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train-lung-model",
+        help="build a second-opinion model that looks at the lungs first",
+        description="Fit the lung-zone pneumonia model on the NIH subset (normal and "
+        "pneumonia from one hospital), measure it (within-source CV, transfer to the "
+        "other source, source probe), and write a bundle that uses it with the lung gate "
+        "and the base bundle's network (copied unchanged) into --out.",
+    )
+    add_store_options(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="the new bundle's folder")
+    parser.add_argument("--base", default="covidcxr-small-v1", help="the network's bundle")
+    parser.add_argument("--gate", default="gate-lungs-v1", help="the lung gate's id")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=cmd_train_lung_model)
+
+
+def cmd_train_lung_model(args: argparse.Namespace) -> int:
+    """covidcxr train-lung-model: measure, fit, evaluate, write the bundle."""
+    from covidcxr.models import lung_model
+    from covidcxr.models.bundle import load_bundle
+
+    out = Path(args.out)
+    options = ["--out", str(out), "--base", args.base, "--gate", args.gate]
+    command = "covidcxr " + shlex.join(["train-lung-model", *options, "--seed", str(args.seed)])
+    base = load_bundle(args.base)
+    with store_from(args) as store:
+        bundle = lung_model.build(
+            store, base, out, gate_id=args.gate, model_id=out.name, command=command, seed=args.seed
+        )
+    print(f"wrote {bundle.path} ({bundle.model_id})")
+    return 0

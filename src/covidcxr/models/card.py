@@ -455,7 +455,127 @@ def _severity_lines(bundle: ModelBundle) -> list[str]:
     return lines
 
 
+MEANINGS = (
+    "**P(pneumonia)**: the probability that the chest shows pneumonia of any kind (1 - "
+    "P(No finding)). The first question: is there an abnormality at all?",
+    "**P(viral pneumonia)** and **P(COVID-19)**: probabilities of the image showing "
+    "viral pneumonia, and COVID-19 pneumonia, among all chests like the training ones. "
+    "They always satisfy P(COVID-19) <= P(viral pneumonia) <= P(pneumonia), so a chest "
+    "the model calls normal gets a low P(COVID-19).",
+    "**P(COVID-19 | pneumonia)**: if there is pneumonia, how likely it is COVID-19.",
+    "**Prevalence**: the probabilities assume the COVID-19 prevalence stated with them "
+    "(the training data's unless `predict --prevalence P` re-states them for yours, by "
+    "Bayes' rule). A clinic's prevalence is rarely the collection's ~80%: re-state.",
+    "**Calls** (`positive_findings`): labels at or above their operating point (below); "
+    "labels whose operating point rests on too few validation images get no call, only "
+    "a probability. Calls are made at the training prevalence.",
+    "**Severity**: geographic extent (0-8) and opacity (0-6) of the lungs, as the "
+    "collection's radiologists scored them, with an interval at the stated level.",
+    "**Input check**: pass, or a refusal naming the check that failed, its score and "
+    "what would make the image usable.",
+)
+
+
+def _meaning_lines() -> list[str]:
+    return ["", "## What each number means", "", *(f"- {m}" for m in MEANINGS)]
+
+
+def _lung_model_lines(bundle: ModelBundle) -> list[str]:
+    """The lungs-first parts of a bundle made by ``covidcxr train-lung-model``."""
+    lung = bundle.metrics.get("lung_model")
+    if not isinstance(lung, Mapping):
+        return []
+    from covidcxr.models.abnormality_train import summary_lines
+
+    base = bundle.training.get("base_model", {})
+    lines = [
+        "",
+        "## Lungs first",
+        "",
+        f"The network (kinds of pneumonia, severity) is {base.get('model_id', 'n/a')}'s, "
+        "unchanged (same weights sha256). Two models that look at the segmented lungs "
+        "answer the first questions:",
+        "",
+        f"- **Input check**: the lung gate `{bundle.extra['lung_gate']['gate_id']}` "
+        "(its card: weights/" + f"{bundle.extra['lung_gate']['gate_id']}/MODEL_CARD.md).",
+        "- **Pneumonia at all?**: a logistic regression on standardised grey levels, "
+        "blob and edge strength in six lung zones, fitted on "
+        f"{bundle.extra['abnormality']['train_source']} (normal and pneumonia frontal "
+        "X-rays of one hospital, so the source cannot tell them apart). P(No finding) is "
+        "1 - its P(pneumonia); each kind of pneumonia gets the network's share of it.",
+        f"- COVID-19 prevalence these probabilities carry: "
+        f"{bundle.training.get('covid_prevalence', 'n/a')} "
+        f"({bundle.training.get('covid_prevalence_how', '')}).",
+        "",
+        "### The pneumonia model, measured",
+        "",
+        *summary_lines(lung["pneumonia_model"]),
+        "",
+        "### Held-out test patients of the base's split, combined probabilities",
+        "",
+        "| label | AUROC [95% CI] | positives | negatives |",
+        "|---|---|---|---|",
+    ]
+    for label, row in lung.get("holdout_test_combined", {}).items():
+        lines.append(
+            f"| {label} | {_fmt(row['auc'], 2)} [{_fmt(row['low'], 2)}, {_fmt(row['high'], 2)}] "
+            f"| {row['positives']} | {row['negatives']} |"
+        )
+    oof = lung.get("out_of_fold_on_training_source")
+    if isinstance(oof, Mapping):
+        auc = oof["pneumonia_auc"]
+        lines += [
+            "",
+            f"### {oof['source']}, every image scored by a pneumonia model that never saw "
+            "its patient",
+            "",
+            f"- {oof['images']} images ({oof['refused_by_base_gate']} refused by the base "
+            f"network's gate and not scored): P(pneumonia) AUC {_fmt(auc['value'], 2)} "
+            f"[{_fmt(auc['low'], 2)}, {_fmt(auc['high'], 2)}]",
+            f"- its {oof['normal_images']} normal chests: P(COVID-19) median "
+            f"{_fmt(oof['normal_covid_median'], 2)}, 90th percentile "
+            f"{_fmt(oof['normal_covid_p90'], 2)}; called COVID-19 "
+            f"{100 * oof['normal_called_covid']:.0f}%",
+            f"- hierarchy check (P(COVID-19) <= P(viral) <= P(pneumonia)): "
+            f"{oof['hierarchy_violations']} violations",
+            f"- the base network alone ({base.get('model_id', 'n/a')}, coherent summary), "
+            f"same images: P(pneumonia) AUC {_fmt(oof.get('base_pneumonia_auc'), 2)}; "
+            f"normal chests' P(COVID-19) median {_fmt(oof.get('base_normal_covid_median'), 2)}",
+        ]
+    lung_dice = lung_dice_line()
+    return [*lines, "", lung_dice, ""] if lung_dice else [*lines, ""]
+
+
+def lung_dice_line() -> str:
+    from covidcxr.models.lungs import WEIGHTS_DIR
+
+    try:
+        card = json.loads((WEIGHTS_DIR / "model.json").read_text(encoding="utf-8"))
+        dice = card["test_dice_full_size"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return (
+        f"Lung segmenter {card.get('model_id')}: Dice on {dice['n']} images of held-out "
+        f"patients mean {_fmt(dice['mean'], 3)}, median {_fmt(dice['median'], 3)}, 10th "
+        f"percentile {_fmt(dice['p10'], 3)} (goal 0.95)."
+    )
+
+
+def _lung_gate_lines(gate_id: str) -> list[str]:
+    from covidcxr.models.lung_gate import WEIGHTS_DIR
+
+    card = WEIGHTS_DIR.parent / gate_id / "MODEL_CARD.md"
+    if not card.is_file():
+        return ["", "## Input gate", "", f"- lung gate {gate_id}: its card is missing"]
+    body = card.read_text(encoding="utf-8").splitlines()[1:]
+    return ["", f"## Input gate: {gate_id}", *body]
+
+
 def _gate_lines(bundle: ModelBundle) -> list[str]:
+    spec = bundle.extra.get("lung_gate")
+    if isinstance(spec, Mapping):
+        failures = ["", "## Known failure modes", "", *(f"- {m}" for m in FAILURE_MODES)]
+        return _lung_gate_lines(str(spec["gate_id"])) + failures
     gate = bundle.training.get("validation", {}).get("gate", {})
     lines: list[str] = [
         "",
@@ -574,6 +694,8 @@ def render_card(bundle: ModelBundle, prognosis: Sequence[Mapping[str, Any]] | No
     shipped = prognosis is None and "prognosis" not in bundle.metrics
     lines = [
         *_header_lines(bundle),
+        *_meaning_lines(),
+        *_lung_model_lines(bundle),
         *_data_lines(bundle.training),
         *_split_training_lines(bundle),
         *_metrics_lines(bundle),

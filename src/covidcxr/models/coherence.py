@@ -52,8 +52,13 @@ class Summary:
 
 
 def training_prevalence(training: Mapping[str, object]) -> float | None:
-    """The COVID-19 prevalence among the findings-training images with a known label,
-    from a bundle's ``training`` record; ``None`` when it does not say."""
+    """The COVID-19 prevalence a bundle's probabilities carry: its ``training`` record's
+    ``covid_prevalence`` when it states one (a bundle combining models fitted on
+    different images), else the share among the findings-training images with a known
+    label; ``None`` when it does not say."""
+    stated = training.get("covid_prevalence")
+    if isinstance(stated, float) and 0.0 < stated < 1.0:
+        return stated
     data = training.get("data")
     train = data.get("findings_train") if isinstance(data, Mapping) else None
     labels = train.get("labels") if isinstance(train, Mapping) else None

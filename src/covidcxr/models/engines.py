@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 from covidcxr.errors import MetadataError, MissingExtraError
@@ -124,6 +124,9 @@ def quality_note(bundle: ModelBundle, labels: Sequence[str] = ("COVID-19", "No f
     AUC with its 95% interval for ``labels`` (those the bundle's metrics hold); says so
     plainly when the bundle holds no evaluation.
     """
+    lung = _lung_model_quality(bundle)
+    if lung:
+        return f"model {bundle.model_id}, a research baseline: {lung} (see its model card)."
     evaluation = bundle.metrics.get("evaluation") or {}
     kfold = (evaluation.get("findings") or {}).get("kfold") or {}
     parts = []
@@ -138,3 +141,22 @@ def quality_note(bundle: ModelBundle, labels: Sequence[str] = ("COVID-19", "No f
         else "no stored evaluation: its quality is unmeasured"
     )
     return f"model {bundle.model_id}, a research baseline: {quality}."
+
+
+def _lung_model_quality(bundle: ModelBundle) -> str:
+    """The measured quality of a lungs-first bundle (``train-lung-model``), else ''."""
+    lung = bundle.metrics.get("lung_model")
+    if not isinstance(lung, Mapping):
+        return ""
+    cv = lung["pneumonia_model"]["within_source_cv"]
+    covid = lung.get("holdout_test_combined", {}).get("COVID-19", {})
+    text = (
+        f"pneumonia vs no finding AUC {cv['auc']:.2f} [{cv['low']:.2f}, {cv['high']:.2f}] "
+        f"(cross-validated within {cv['source']})"
+    )
+    if covid:
+        text += (
+            f"; COVID-19 AUC {covid['auc']:.2f} [{covid['low']:.2f}, {covid['high']:.2f}] "
+            "on held-out patients of the collection"
+        )
+    return text

@@ -53,7 +53,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, Final
 
@@ -64,7 +64,7 @@ from PIL import Image
 from covidcxr.dataset import loading
 from covidcxr.errors import ImageError, MetadataError, MissingExtraError
 from covidcxr.imaging.decode import read_image_file, sniff_format
-from covidcxr.models import coherence, gate, saliency
+from covidcxr.models import abnormality, coherence, gate, lung_gate, saliency
 from covidcxr.models.bundle import ModelBundle
 from covidcxr.models.inputs import (
     as_image,
@@ -105,6 +105,37 @@ def _safe_stem(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- engines
+
+
+def load_pneumonia_model(
+    bundle: ModelBundle, gate_model: lung_gate.LungGate | None
+) -> abnormality.PneumoniaModel | None:
+    """The lung-zone pneumonia model a bundle names (``"abnormality": {"file": ...}``),
+    sharing the lung gate's segmenter; ``None`` when it names none.
+
+    Raises:
+        MissingExtraError: neither torch nor onnxruntime runs the lung segmenter.
+        MetadataError: the file is missing or not a pneumonia model.
+    """
+    spec = bundle.extra.get("abnormality")
+    if not spec:
+        return None
+    segmenter = gate_model.segmenter if gate_model is not None else None
+    return abnormality.PneumoniaModel.load(bundle.path / str(spec["file"]), segmenter)
+
+
+def load_lung_gate(bundle: ModelBundle) -> lung_gate.LungGate | None:
+    """The lung gate a bundle names in ``model.json`` (``"lung_gate": {"gate_id": ...}``),
+    or ``None`` when it names none; then the network's gate head decides.
+
+    Raises:
+        MetadataError: the named gate is missing or damaged.
+        MissingExtraError: neither torch nor onnxruntime runs the lung segmenter.
+    """
+    spec = bundle.extra.get("lung_gate")
+    if not spec:
+        return None
+    return lung_gate.LungGate.load(lung_gate.WEIGHTS_DIR.parent / str(spec["gate_id"]))
 
 
 @dataclass
@@ -151,6 +182,8 @@ class InferenceEngine(ABC):
     def __init__(self, bundle: ModelBundle) -> None:
         check_bundle(bundle)
         self.bundle = bundle
+        self.lung_gate = load_lung_gate(bundle)
+        self.pneumonia = load_pneumonia_model(bundle, self.lung_gate)
 
     @abstractmethod
     def forward(self, batch: NDArray[np.float32]) -> NetworkOutputs:
@@ -341,7 +374,37 @@ class InferenceEngine(ABC):
         pixels = preprocess(image, self.bundle.input_size) if verdict.passed else None
         return _Item(name, None, image, verdict, pixels)
 
+    def _lung_gate_verdicts(self, items: list[_Item]) -> None:
+        """Decide the ``frontal_view`` check with the bundle's lung gate (images it
+        refuses never reach the network)."""
+        if self.lung_gate is None:
+            return
+        rules = replace(self.bundle.gate, min_frontal_probability=self.lung_gate.threshold)
+        for item in items:
+            if item.pixels is None or item.image is None:
+                continue
+            probabilities = self.lung_gate.probabilities(item.image)
+            item.verdict = gate.head_verdict(probabilities, lung_gate.CLASSES, rules, item.verdict)
+            if not item.verdict.passed:
+                item.pixels = None
+
+    def _lungs_first(
+        self, probs: NDArray[np.float64], image: Image.Image | None
+    ) -> NDArray[np.float64]:
+        """With the bundle's lung-zone pneumonia model: P(No finding) from it, the kinds
+        of pneumonia in the network's proportions (:func:`abnormality.combine`)."""
+        if self.pneumonia is None or image is None:
+            return probs
+        names = self.bundle.findings
+        combined = abnormality.combine(
+            dict(zip(names, probs.tolist(), strict=True)),
+            self.pneumonia.probability(image),
+            names,
+        )
+        return np.asarray([combined[n] for n in names], dtype=np.float64)
+
     def _run(self, items: list[_Item], request: _HeatmapRequest | None) -> Iterator[PredictionRow]:
+        self._lung_gate_verdicts(items)
         ready = [i for i, item in enumerate(items) if item.pixels is not None]
         outputs: NetworkOutputs | None = None
         batch: NDArray[np.float32] | None = None
@@ -357,13 +420,15 @@ class InferenceEngine(ABC):
             if outputs is None or index not in position:
                 continue
             k = position[index]
-            gate_probs = gate.softmax(outputs.gate[k])
-            item.verdict = gate.head_verdict(
-                gate_probs, self.bundle.gate_classes, self.bundle.gate, item.verdict
-            )
+            if self.lung_gate is None:
+                gate_probs = gate.softmax(outputs.gate[k])
+                item.verdict = gate.head_verdict(
+                    gate_probs, self.bundle.gate_classes, self.bundle.gate, item.verdict
+                )
             if item.verdict.passed:
-                probabilities[index] = calibrated_probabilities(
-                    outputs.findings[k], self.bundle.temperatures
+                probabilities[index] = self._lungs_first(
+                    calibrated_probabilities(outputs.findings[k], self.bundle.temperatures),
+                    item.image,
                 )
         if request is not None and probabilities and outputs is not None and batch is not None:
             explained = self._heatmaps(position, probabilities, batch, outputs)
