@@ -52,7 +52,7 @@ if [ "$MODE" = "tour" ]; then
     $cx split --verify "$DATA/splits.csv"
     step "covidcxr export --format webdataset --split splits.csv"
     $cx export --format webdataset --split "$DATA/splits.csv" --out "$DATA/webdataset"
-    step "covidcxr predict (shipped model covidcxr-small-v1; heatmaps in $DATA/heatmaps)"
+    step "covidcxr predict (shipped model covidcxr-small-v2; heatmaps in $DATA/heatmaps)"
     $cx predict "$SHARED/covid-chestxray/images/auntminnie-a-2020_01_28_23_51_6665_2020_01_28_Vietnam_coronavirus.jpeg" \
         "$SHARED/covid-chestxray/images/000001-2.jpg" "$SHARED/nih-cxr14-subset/images/00000061_012.jpg" \
         --heatmaps "$DATA/heatmaps" --prevalence 0.1

@@ -13,7 +13,7 @@ from PIL import Image
 
 from covidcxr.cli import main
 from covidcxr.cli.output import escape_text
-from covidcxr.models import runtime
+from covidcxr.models import coherence, runtime
 from covidcxr.models.bundle import ModelBundle, load_bundle
 from covidcxr.models.engines import quality_note
 
@@ -122,11 +122,22 @@ def test_escape_text_leaves_printable_text_alone() -> None:
 
 
 def test_quality_note_quotes_the_shipped_models_cross_validated_auc() -> None:
-    shipped = load_bundle()
+    shipped = load_bundle("covidcxr-small-v1")
     kfold = shipped.metrics["evaluation"]["findings"]["kfold"]["labels"]["COVID-19"]["auc"]
     note = quality_note(shipped)
     assert note.startswith(f"model {shipped.model_id}, a research baseline")
     assert f"COVID-19 {kfold['value']:.2f} [{kfold['ci95'][0]:.2f}" in note
+
+
+def test_quality_note_of_a_lungs_first_model_quotes_its_own_measurements() -> None:
+    shipped = load_bundle("covidcxr-small-v2")
+    cv = shipped.metrics["lung_model"]["pneumonia_model"]["within_source_cv"]
+    note = quality_note(shipped)
+    assert note.startswith("model covidcxr-small-v2, a research baseline")
+    assert f"pneumonia vs no finding AUC {cv['auc']:.2f} [{cv['low']:.2f}" in note
+    v1 = load_bundle("covidcxr-small-v1").metrics["evaluation"]["findings"]["kfold"]
+    assert "cross-validated AUC COVID-19" not in note
+    assert v1["labels"]["COVID-19"]["auc"]["value"] is not None
 
 
 @pytest.mark.shared_data
@@ -147,7 +158,8 @@ def test_shipped_model_rows_carry_a_coherent_summary_and_prevalence_restates_it(
             <= record["p_pneumonia"] + 2e-6
         )
     assert local["covid_19_prevalence"] == 0.05
-    assert at_training["covid_19_prevalence"] > 0.7
+    shipped = coherence.training_prevalence(load_bundle().training)
+    assert at_training["covid_19_prevalence"] == pytest.approx(shipped, abs=1e-4)
     assert local["p_COVID-19_overall"] < at_training["p_COVID-19_overall"]
     # The per-label outputs, which the operating points use, do not move.
     assert local["p_COVID-19"] == at_training["p_COVID-19"]

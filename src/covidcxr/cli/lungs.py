@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,11 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
     from covidcxr.models import lung_gate_train, lungs
 
     if not 0.0 < args.threshold < 1.0:
-        print(f"train-gate: --threshold {args.threshold} must lie strictly between 0 and 1")
+        print(
+            f"covidcxr train-gate: error: --threshold {args.threshold} must lie strictly "
+            "between 0 and 1",
+            file=sys.stderr,
+        )
         return 2
     out = Path(args.out)
     command = "covidcxr " + shlex.join(
@@ -127,7 +132,11 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
             if cached is not None:
                 data.save(cached)
     if data.split_sha256 != split.membership_sha256 or data.images.shape[1] != args.size:
-        print(f"train-lungs: {args.arrays} is from another store, split or size; delete it")
+        print(
+            f"covidcxr train-lungs: error: {args.arrays} is from another store, split or "
+            "size; delete it",
+            file=sys.stderr,
+        )
         return 2
     model, result = lungs.train_lungs(data, settings)
     test = [s for s in sample_set.samples if split.fold_of(s.patient) == "test"]
@@ -206,13 +215,17 @@ def _register_lung_model(subparsers: Any) -> None:
 
 def cmd_train_lung_model(args: argparse.Namespace) -> int:
     """covidcxr train-lung-model: measure, fit, evaluate, write the bundle."""
-    from covidcxr.models import lung_model
+    from covidcxr.models import lung_gate, lung_model
     from covidcxr.models.bundle import load_bundle
 
     out = Path(args.out)
     options = ["--out", str(out), "--base", args.base, "--gate", args.gate]
     command = "covidcxr " + shlex.join(["train-lung-model", *options, "--seed", str(args.seed)])
     base = load_bundle(args.base)
+    gate_card = lung_gate.WEIGHTS_DIR.parent / args.gate / "model.json"
+    if "/" in args.gate or not gate_card.is_file():
+        print(f"covidcxr train-lung-model: error: no lung gate {args.gate!r}", file=sys.stderr)
+        return 2
     with store_from(args) as store:
         bundle = lung_model.build(
             store, base, out, gate_id=args.gate, model_id=out.name, command=command, seed=args.seed

@@ -396,6 +396,11 @@ def _metrics_lines(bundle: ModelBundle) -> list[str]:
         "### Validation fold (used for early stopping, calibration and thresholds: optimistic)",
         "",
         *_auroc_table(validation, bundle.findings),
+        *(
+            ["", f"No finding: on {validation['no_finding_from']} (its operating point's data)."]
+            if validation.get("no_finding_from")
+            else []
+        ),
         "",
         "### Held-out test fold of the model's own split (untouched by training)",
         "",
@@ -679,7 +684,9 @@ def prognosis_evaluations(bundle: ModelBundle) -> list[dict[str, Any]]:
         return [dict(e) for e in given]
     from covidcxr.models.prognosis_risk import shipped_evaluations
 
-    return shipped_evaluations(bundle.model_id)
+    # A lungs-first bundle shares its base's network, whose outputs the models read.
+    base = bundle.training.get("base_model", {}).get("model_id")
+    return shipped_evaluations(bundle.model_id) or (shipped_evaluations(base) if base else [])
 
 
 def render_card(bundle: ModelBundle, prognosis: Sequence[Mapping[str, Any]] | None = None) -> str:

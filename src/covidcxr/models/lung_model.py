@@ -194,6 +194,12 @@ def build(
     covid_share = _covid_share_of_pneumonia(base)
     training = {
         **base.training,
+        "validation": _support(
+            base,
+            oof_part,
+            oof.mean(axis=0),
+            (table[val], labels[val], [str(g) for g in part.group[val]]),
+        ),
         "covid_prevalence": round(pneumonia_prevalence * covid_share, 4),
         "covid_prevalence_how": (
             f"P(pneumonia) prior of the pneumonia model ({pneumonia_prevalence:.3f}, its "
@@ -276,6 +282,37 @@ def out_of_fold_answers(
         "normal_images": int(normal.sum()),
         "hierarchy_violations": violations,
     }
+
+
+def _support(
+    base: ModelBundle,
+    part: abnormality_train.ZoneData,
+    scores: NDArray[np.float64],
+    val: tuple[NDArray[np.float64], NDArray[np.float64], Sequence[str]],
+) -> dict[str, Any]:
+    """The validation record of the combined probabilities: AUROC per label on the
+    base's validation images (``val``: table, labels, patient groups), except "No
+    finding", which gets what its operating point was chosen on (the pneumonia model's
+    out-of-fold images: counts and AUROC), so that :attr:`ModelBundle.uncalled_findings`
+    and the card judge each label by its own validation."""
+    validation = dict(base.training.get("validation", {}))
+    combined = _auc_table(*val, base.findings)
+    validation["auroc"] = {n: row["auc"] for n, row in combined.items()}
+    validation["auroc_95ci_patient_bootstrap"] = {
+        n: [row["low"], row["high"]] for n, row in combined.items()
+    }
+    normal = int((part.pneumonia == 0).sum())
+    auc = metrics.bootstrap([metrics.AUC], 1.0 - part.pneumonia, 1.0 - scores, part.group)["auc"]
+    updates = {
+        "positives": normal,
+        "negatives": len(part.pneumonia) - normal,
+        "auroc": round(auc.value, 4),
+        "auroc_95ci_patient_bootstrap": [round(auc.low, 4), round(auc.high, 4)],
+    }
+    for key, value in updates.items():
+        validation[key] = {**validation.get(key, {}), NO_FINDING: value}
+    validation["no_finding_from"] = "the pneumonia model's out-of-fold images"
+    return validation
 
 
 def _covid_share_of_pneumonia(base: ModelBundle) -> float:

@@ -135,7 +135,10 @@ def load_lung_gate(bundle: ModelBundle) -> lung_gate.LungGate | None:
     spec = bundle.extra.get("lung_gate")
     if not spec:
         return None
-    return lung_gate.LungGate.load(lung_gate.WEIGHTS_DIR.parent / str(spec["gate_id"]))
+    gate_id = str(spec.get("gate_id", ""))
+    if not gate_id or "/" in gate_id or "\\" in gate_id or gate_id.startswith("."):
+        raise MetadataError(f"predict: model {bundle.model_id} names a bad lung gate {gate_id!r}")
+    return lung_gate.LungGate.load(lung_gate.WEIGHTS_DIR.parent / gate_id)
 
 
 @dataclass

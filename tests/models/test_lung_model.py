@@ -1,0 +1,366 @@
+"""The lungs-first bundle: the shipped covidcxr-small-v2 against covidcxr-small-v1, its
+card, predictions through the lung gate and the pneumonia model on both engines, the
+command lines, and the out-of-fold answers of :mod:`covidcxr.models.lung_model`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from covidcxr.cli import main
+from covidcxr.models import coherence, engines, gate, lung_model
+from covidcxr.models.abnormality_train import ZoneData, summary_lines
+from covidcxr.models.bundle import SHIPPED_DIR, ModelBundle, load_bundle
+from covidcxr.models.card import lung_dice_line, render_card
+from covidcxr.models.coherence import COVID, NO_FINDING, PNEUMONIA_LABELS
+from covidcxr.models.rows import PredictionRow, calibrated_probabilities
+
+V1, V2 = "covidcxr-small-v1", "covidcxr-small-v2"
+REAL_CHEST = (
+    Path(__file__).resolve().parents[3]
+    / "shared"
+    / "datasets"
+    / "covid-chestxray"
+    / "images"
+    / "000001-3.png"
+)
+
+
+def model_json(model_id: str) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(
+        (SHIPPED_DIR / model_id / "model.json").read_text(encoding="utf-8")
+    )
+    return loaded
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- the shipped bundles ------------------------------------------------------------
+
+
+def test_the_default_bundle_is_v2_and_verifies() -> None:
+    bundle = load_bundle()
+    assert bundle.model_id == V2
+    assert load_bundle(V2, verify=True).files == bundle.files
+    assert "abnormality.json" in bundle.files
+
+
+@pytest.mark.parametrize("name", ["weights.pt", "model.onnx"])
+def test_v2_carries_v1_network_unchanged(name: str) -> None:
+    v1, v2 = load_bundle(V1), load_bundle(V2)
+    assert v2.files[name] == v1.files[name]
+    assert sha256(v2.path / name) == sha256(v1.path / name)
+    assert v2.training["base_model"] == {"model_id": V1, "weights_sha256": v1.weights_sha256}
+
+
+def test_v1_stays_loadable_by_id_without_a_lung_gate() -> None:
+    v1 = load_bundle(V1)
+    assert v1.model_id == V1
+    assert "lung_gate" not in v1.extra
+    assert "abnormality" not in v1.extra
+    assert "lung_model" not in v1.metrics
+
+
+def test_v2_model_json_names_the_lung_gate_and_pneumonia_model() -> None:
+    doc = model_json(V2)
+    assert doc["lung_gate"]["gate_id"] == "gate-lungs-v1"
+    assert (SHIPPED_DIR / doc["lung_gate"]["gate_id"] / "model.json").is_file()
+    assert doc["abnormality"]["file"] == "abnormality.json"
+    assert (SHIPPED_DIR / V2 / doc["abnormality"]["file"]).is_file()
+
+
+def test_v2_card_is_rendered_from_the_bundle() -> None:
+    v2 = load_bundle(V2)
+    text = (v2.path / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert text == render_card(v2)
+    oof = v2.metrics["lung_model"]["out_of_fold_on_training_source"]
+    assert "## What each number means" in text
+    assert "### The pneumonia model, measured" in text
+    assert "\n".join(summary_lines(v2.metrics["lung_model"]["pneumonia_model"])) in text
+    assert f"{oof['source']}, every image scored by a pneumonia model" in text
+    assert oof["hierarchy_violations"] == 0
+    assert "(P(COVID-19) <= P(viral) <= P(pneumonia)): 0 violations" in text
+    assert lung_dice_line() and lung_dice_line() in text
+    assert "## Input gate: gate-lungs-v1" in text
+
+
+def test_v2_states_the_prevalence_its_probabilities_carry() -> None:
+    v2 = load_bundle(V2)
+    stated = v2.training["covid_prevalence"]
+    assert 0.0 < stated < 1.0
+    assert coherence.training_prevalence(v2.training) == stated
+    assert coherence.training_prevalence(load_bundle(V1).training) != stated
+
+
+def test_quality_note_quotes_the_pneumonia_model_not_v1s_network() -> None:
+    v1, v2 = load_bundle(V1), load_bundle(V2)
+    cv = v2.metrics["lung_model"]["pneumonia_model"]["within_source_cv"]
+    note = engines.quality_note(v2)
+    assert V2 in note
+    assert f"pneumonia vs no finding AUC {cv['auc']:.2f} [{cv['low']:.2f}, {cv['high']:.2f}]" in (
+        note
+    )
+    old = engines.quality_note(v1)
+    assert "cross-validated AUC" in old  # v1's own note, from the metrics v2 copied
+    assert "cross-validated AUC" not in note
+    assert old.split(": ", 1)[1] not in note
+
+
+# --- predictions --------------------------------------------------------------------
+
+
+def chest(height: int = 512, width: int = 480) -> Image.Image:
+    """A plausible frontal chest: a bright body with two dark lung ellipses."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float64)
+    body = ((y - height * 0.55) / (height * 0.5)) ** 2 + ((x - width / 2) / (width * 0.47)) ** 2
+    picture = np.where(body < 1, 180.0, 10.0)
+    lungs = np.zeros((height, width), dtype=bool)
+    for centre in (0.3, 0.7):
+        lungs |= ((y - height * 0.5) / (height * 0.3)) ** 2 + (
+            (x - width * centre) / (width * 0.14)
+        ) ** 2 < 1
+    picture = np.where(lungs, 60.0, picture)
+    picture += np.random.default_rng(0).normal(0, 4, picture.shape)
+    return Image.fromarray(np.clip(picture, 0, 255).astype(np.uint8))
+
+
+def shipped(model_id: str) -> ModelBundle:
+    """By folder, so that no bundle in a user's data folder can stand in."""
+    return load_bundle(SHIPPED_DIR / model_id)
+
+
+@pytest.fixture(scope="module")
+def torch_v2() -> Any:
+    pytest.importorskip("torch")
+    return engines.make_engine(shipped(V2), "torch")
+
+
+@pytest.fixture(scope="module")
+def torch_v1() -> Any:
+    pytest.importorskip("torch")
+    return engines.make_engine(shipped(V1), "torch")
+
+
+def assert_lungs_first(row: PredictionRow) -> None:
+    assert row.gate.passed, row.gate.reason
+    probs = row.probabilities
+    assert all(probs[n] is not None for n in (NO_FINDING, *PNEUMONIA_LABELS))
+    pneumonia = sum(float(probs[n] or 0.0) for n in PNEUMONIA_LABELS)
+    assert float(probs[NO_FINDING] or 0.0) == pytest.approx(1.0 - pneumonia, abs=1e-6)
+    assert row.summary is not None
+    assert row.summary.pneumonia == pytest.approx(pneumonia, abs=1e-6)
+    assert row.summary.covid <= row.summary.viral <= row.summary.pneumonia
+
+
+def test_v2_passes_an_upright_chest_with_coherent_probabilities(torch_v2: Any) -> None:
+    image = chest()
+    p_frontal = torch_v2.lung_gate.probabilities(image)[0]
+    assert p_frontal >= torch_v2.lung_gate.threshold  # the synthetic chest is plausible
+    (row,) = torch_v2.predict_arrays([image])
+    assert "frontal_view" in row.gate.checks_passed
+    assert row.gate.frontal_probability == pytest.approx(p_frontal)
+    assert row.model_id == V2
+    pneumonia = torch_v2.pneumonia.probability(image)
+    assert 1.0 - float(row.probabilities[NO_FINDING]) == pytest.approx(pneumonia, abs=1e-6)
+    assert_lungs_first(row)
+
+
+def test_v2_refuses_an_inverted_chest_naming_it(torch_v2: Any) -> None:
+    image = chest()
+    (upright, inverted) = torch_v2.predict_arrays([image, ImageOps.invert(image)])
+    assert upright.gate.passed
+    assert not inverted.gate.passed
+    assert inverted.gate.code == "inverted"
+    assert "inverted" in inverted.gate.reason
+    assert inverted.gate.checks_failed == ("frontal_view",)
+    assert all(p is None for p in inverted.probabilities.values())
+    assert inverted.summary is None
+
+
+@pytest.mark.shared_data
+def test_v2_on_a_real_chest_and_its_negative(torch_v2: Any) -> None:
+    if not REAL_CHEST.is_file():
+        pytest.skip(f"shared data not found at {REAL_CHEST}")
+    (row,) = torch_v2.predict_files([REAL_CHEST])
+    assert_lungs_first(row)
+    with Image.open(REAL_CHEST) as image:
+        negative = ImageOps.invert(image.convert("L"))
+    (refused,) = torch_v2.predict_arrays([negative])
+    assert refused.gate.code == "inverted"
+    assert "inverted" in refused.gate.reason
+
+
+def network_answer(engine: Any, image: Image.Image) -> tuple[gate.GateVerdict, np.ndarray]:
+    """The network's own gate-head verdict and calibrated findings for one image."""
+    from covidcxr.dataset.loading import normalise
+    from covidcxr.models.inputs import preprocess
+
+    bundle = engine.bundle
+    batch = normalise(preprocess(image, bundle.input_size))[None, None]
+    outputs = engine.forward(batch)
+    verdict = gate.head_verdict(
+        gate.softmax(outputs.gate[0]),
+        bundle.gate_classes,
+        bundle.gate,
+        gate.check_rules(image, bundle.gate),
+    )
+    return verdict, calibrated_probabilities(outputs.findings[0], bundle.temperatures)
+
+
+def test_v1_keeps_its_network_gate(torch_v1: Any) -> None:
+    assert torch_v1.lung_gate is None and torch_v1.pneumonia is None
+    image = chest()
+    (row,) = torch_v1.predict_arrays([image])
+    assert row.model_id == V1
+    assert row.gate == network_answer(torch_v1, image)[0]
+
+
+@pytest.mark.shared_data
+def test_v1_on_a_real_chest_gives_its_network_probabilities(torch_v1: Any) -> None:
+    if not REAL_CHEST.is_file():
+        pytest.skip(f"shared data not found at {REAL_CHEST}")
+    with Image.open(REAL_CHEST) as image:
+        image.load()
+    (row,) = torch_v1.predict_arrays([image])
+    verdict, network = network_answer(torch_v1, image)
+    assert row.gate == verdict
+    assert row.gate.passed, row.gate.reason
+    got = [row.probabilities[n] for n in torch_v1.bundle.findings]
+    np.testing.assert_allclose(np.asarray(got, dtype=float), network, rtol=0, atol=1e-6)
+
+
+def test_onnx_engine_gives_the_torch_probabilities(torch_v2: Any) -> None:
+    pytest.importorskip("onnxruntime")
+    onnx_v2 = engines.make_engine(shipped(V2), "onnx")
+    assert onnx_v2.lung_gate is not None and onnx_v2.pneumonia is not None
+    images = [chest(), ImageOps.invert(chest()), chest(400, 520)]
+    for a, b in zip(torch_v2.predict_arrays(images), onnx_v2.predict_arrays(images), strict=True):
+        assert (a.gate.verdict, a.gate.code) == (b.gate.verdict, b.gate.code)
+        assert b.engine == "onnx"
+        for name in a.probabilities:
+            if a.probabilities[name] is None:
+                assert b.probabilities[name] is None
+            else:
+                assert b.probabilities[name] == pytest.approx(a.probabilities[name], abs=1e-4)
+
+
+# --- command lines ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", ["1.5", "0", "-0.2"])
+def test_train_gate_refuses_a_threshold_outside_0_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], threshold: str
+) -> None:
+    out = tmp_path / "gate"
+    assert main(["train-gate", "--threshold", threshold, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"--threshold {float(threshold)} must lie strictly between 0 and 1" in (
+        captured.out + captured.err
+    )
+    assert not out.exists()
+
+
+def test_train_gate_usage_error_goes_to_stderr(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["train-gate", "--threshold", "1.5", "--out", str(tmp_path / "gate")]) == 2
+    captured = capsys.readouterr()
+    assert "--threshold" in captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [("evaluate", "--lungs"), ("train-lung-model", "train-lung-model"), ("train-gate", "--out")],
+)
+def test_help_lists_the_lung_options(
+    capsys: pytest.CaptureFixture[str], command: str, needle: str
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    assert needle in capsys.readouterr().out
+
+
+# --- lung_model.out_of_fold_answers -------------------------------------------------
+
+
+def zone_data(pneumonia: list[float]) -> ZoneData:
+    n = len(pneumonia)
+    return ZoneData(
+        x=np.zeros((n, 3)),
+        pneumonia=np.asarray(pneumonia, dtype=np.float64),
+        covid=np.zeros(n),
+        source=np.full(n, "nih-cxr14-subset"),
+        group=np.asarray([f"g{i}" for i in range(n)]),
+        patient=np.asarray([f"p{i}" for i in range(n)]),
+        path=np.asarray([f"/images/{i}.png" for i in range(n)]),
+    )
+
+
+#: Six images: four normal chests, two with pneumonia; the last is refused by the base.
+LABELS = [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+#: Out-of-fold P(pneumonia) of each.
+OOF = np.asarray([0.1, 0.2, 0.5, 0.7, 0.8, 0.9, 0.6])
+#: The network's kinds: COVID-19 gets half of the pneumonia probability.
+NETWORK = {NO_FINDING: 0.3, COVID: 0.4, "Other viral pneumonia": 0.2}
+NETWORK |= {"Bacterial pneumonia": 0.1, "Fungal pneumonia": 0.1}
+
+
+@pytest.fixture
+def fake_network(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    calls: list[list[str]] = []
+
+    def network(base: ModelBundle, paths: list[str]) -> list[dict[str, float]]:
+        calls.append(list(paths))
+        return [dict(NETWORK) for _ in paths[:-1]] + [{}]
+
+    monkeypatch.setattr(lung_model, "_network_probabilities", network)
+    return calls
+
+
+@pytest.mark.parametrize("covid_threshold", [0.05, 0.2, 0.3, 0.9])
+def test_out_of_fold_answers_against_the_given_covid_threshold(
+    fake_network: list[list[str]], covid_threshold: float
+) -> None:
+    base = load_bundle(SHIPPED_DIR / V1)
+    thresholds = [0.5] * len(base.findings)
+    thresholds[base.findings.index(COVID)] = covid_threshold
+    part = zone_data(LABELS)
+    got = lung_model.out_of_fold_answers(base, part, OOF, thresholds)
+    assert fake_network == [list(part.path)]
+    scored = slice(0, len(LABELS) - 1)
+    share = NETWORK[COVID] / sum(NETWORK[n] for n in PNEUMONIA_LABELS)
+    normal_covid = OOF[scored][np.asarray(LABELS[scored]) == 0] * share
+    assert got["images"] == len(LABELS) - 1
+    assert got["refused_by_base_gate"] == 1
+    assert got["normal_images"] == 4
+    assert got["hierarchy_violations"] == 0
+    assert got["source"] == "nih-cxr14-subset"
+    assert got["normal_called_covid"] == pytest.approx((normal_covid >= covid_threshold).mean())
+    assert got["normal_covid_median"] == pytest.approx(float(np.median(normal_covid)), abs=1e-4)
+    assert got["pneumonia_auc"]["value"] == 1.0  # every pneumonia above every normal
+    # the network alone says the same for every image: no ranking at all
+    assert got["base_pneumonia_auc"] == 0.5
+
+
+def test_out_of_fold_answers_count_hierarchy_violations_as_none_when_coherent(
+    fake_network: list[list[str]],
+) -> None:
+    base = load_bundle(SHIPPED_DIR / V1)
+    rng = np.random.default_rng(5)
+    labels = [float(v) for v in rng.integers(0, 2, size=30)]
+    labels[:2] = [0.0, 1.0]
+    got = lung_model.out_of_fold_answers(
+        base, zone_data(labels), rng.uniform(size=30), base.thresholds
+    )
+    assert got["hierarchy_violations"] == 0
+    assert got["images"] == 29
