@@ -23,6 +23,7 @@ from serve_helpers import (  # noqa: F401  (fixtures)
 
 from covidcxr import RESEARCH_USE_ONLY, __version__
 from covidcxr.cli import main
+from covidcxr.models.bundle import load_bundle
 from covidcxr.store import queries
 
 
@@ -31,7 +32,7 @@ def test_health_names_the_model(client: TestClient) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ok"
-    assert body["model"] == "covidcxr-small-v1"
+    assert body["model"] == load_bundle().model_id
     assert body["version"] == __version__
     assert body["note"] == RESEARCH_USE_ONLY
     assert len(body["weights_sha256"]) == 64

@@ -151,3 +151,28 @@ def test_contribute_then_accept_as_curator(page: Any, client: TestClient, tmp_pa
     assert "accepted" in page.inner_text("table.review")
     page.goto("/patients/contributed-1/b-1")
     assert "Patient b-1" in page.inner_text("h1")
+
+
+@pytest.mark.shared_data
+def test_clinical_values_give_the_outcome_risk_for_one_image(
+    page: Any, covid_dir: Path, tmp_path: Path
+) -> None:
+    image = covid_dir / "images" / "000001-3.png"
+    other = tmp_path / "other.png"
+    other.write_bytes(xray_png(2))
+    page.goto("/")
+    assert not page.locator("input[name=age]").is_visible()  # collapsed
+    page.click("details.clinical summary")
+    page.fill("input[name=age]", "64")
+    page.select_option("select[name=sex]", "M")
+    page.fill("input[name=spo2]", "91")
+    page.set_input_files("input[type=file]", [str(image), str(other)])
+    page.click("button[type=submit]")
+    assert page.locator("#clinical-one-image").is_visible()  # refused before uploading
+    page.set_input_files("input[type=file]", [str(image)])
+    page.click("button[type=submit]")
+    page.wait_for_selector("section.result")
+    block = page.locator("#result-1 .outcome")
+    assert "research estimate, not a diagnosis" in block.inner_text()
+    assert "Model AUROC" in block.inner_text()
+    block.screenshot(path=str(SHOTS / "serve-outcome-risk.png"))

@@ -28,7 +28,8 @@ from serve_helpers import (  # noqa: F401  (fixtures)
 )
 
 from covidcxr.cli import main
-from covidcxr.models import saliency
+from covidcxr.models import coherence, saliency
+from covidcxr.models.bundle import load_bundle
 from covidcxr.serve import predicting
 
 SUMMARY = ("p_pneumonia", "p_viral_pneumonia", "p_COVID-19_if_pneumonia", "p_COVID-19_overall")
@@ -58,7 +59,8 @@ def test_api_prevalence_restates_the_summary_like_the_cli(
 
     assert local == expected
     assert local[0]["covid_19_prevalence"] == 0.05
-    assert default[0]["covid_19_prevalence"] > 0.5  # the training collection's share
+    shipped = coherence.training_prevalence(load_bundle().training)
+    assert default[0]["covid_19_prevalence"] == pytest.approx(shipped, abs=1e-4)
     assert local[0]["p_COVID-19_overall"] < default[0]["p_COVID-19_overall"]
     for row in (local[0], default[0]):
         values = [row[c] for c in SUMMARY]
@@ -110,9 +112,10 @@ def test_results_card_answers_in_order_at_the_given_prevalence(
     positions = [card.index(step) for step in steps]
     assert positions == sorted(positions)  # the answer first, in the order asked
     assert "at a COVID-19 prevalence of 5% (yours, as given)" in card
-    assert "at a COVID-19 prevalence of 78% (the training collection's" in default
+    shipped = coherence.training_prevalence(load_bundle().training) or 0.0
+    assert f"at a COVID-19 prevalence of {100 * shipped:.0f}% (the model's training" in default
     assert "research use only, not a diagnosis" in card
-    assert "cross-validated AUC" in card and 'href="/model">covidcxr-small-v1</a>' in card
+    assert "AUC" in card and f'href="/model">{load_bundle().model_id}</a>' in card
 
     (tmp_path / image.name).write_bytes(image.read_bytes())
     monkeypatch.chdir(tmp_path)
@@ -136,7 +139,8 @@ def test_a_bad_form_prevalence_is_explained(client: TestClient) -> None:
 def test_upload_form_offers_a_local_prevalence(client: TestClient) -> None:
     page = client.get("/").text
     assert 'name="prevalence"' in page
-    assert "training collection's share (78%)" in page
+    shipped = coherence.training_prevalence(load_bundle().training) or 0.0
+    assert f"model's training prevalence ({100 * shipped:.0f}%)" in page
     assert "PNG, JPEG or DICOM" in page
 
 

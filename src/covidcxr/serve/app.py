@@ -8,7 +8,7 @@ import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import anyio
 from fastapi import FastAPI, HTTPException, Request
@@ -25,6 +25,22 @@ from covidcxr.serve.settings import Settings
 from covidcxr.store.db import open_store
 
 log = logging.getLogger(__name__)
+
+
+class QueryRedactingFilter(logging.Filter):
+    """Cuts the query string from uvicorn's access log lines (``client - "METHOD PATH
+    HTTP/x" status``): the predict API's clinical values travel in it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep the record, its path without the query."""
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and "?" in str(args[2]):
+            path = str(args[2]).split("?", 1)[0]
+            record.args = (*args[:2], f"{path}?[query not logged]", *args[3:])
+        return True
+
+
+ACCESS_FILTER: Final = QueryRedactingFilter()
 
 
 def _wants_html(request: Request) -> bool:
@@ -105,6 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.service = state
+    access = logging.getLogger("uvicorn.access")
+    if ACCESS_FILTER not in access.filters:
+        access.addFilter(ACCESS_FILTER)
     TEMPLATES.env.globals["version"] = __version__
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     _install_errors(app)

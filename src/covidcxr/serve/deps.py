@@ -74,6 +74,8 @@ class ServiceState:
     duplicate_index: tuple[int, dict[str, list[dict[str, Any]]]] | None = None
     _engine: InferenceEngine | None = None
     _engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Engines of other image models (those the prognosis models were fitted on).
+    _other_engines: dict[str, InferenceEngine] = field(default_factory=dict)
 
     def engine(self) -> InferenceEngine:
         """The prediction engine, loaded once (thread-safe)."""
@@ -90,6 +92,27 @@ class ServiceState:
     def bundle(self) -> ModelBundle:
         """The model's bundle."""
         return self.engine().bundle
+
+    def engine_for(self, model_id: str) -> InferenceEngine:
+        """The engine of image model ``model_id``: the service's own when it is that
+        model, else one loaded once (thread-safe).
+
+        Raises:
+            MetadataError: no such model.
+        """
+        engine = self.engine()
+        if engine.bundle.model_id == model_id:
+            return engine
+        with self._engine_lock:
+            if model_id not in self._other_engines:
+                from covidcxr.models.bundle import load_bundle
+                from covidcxr.models.engines import make_engine
+
+                threads = self.settings.inference_threads
+                self._other_engines[model_id] = make_engine(
+                    load_bundle(model_id), self.settings.engine, threads=threads
+                )
+            return self._other_engines[model_id]
 
 
 def service(request: Request) -> ServiceState:

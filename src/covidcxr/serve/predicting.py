@@ -29,11 +29,14 @@ from PIL import Image
 
 from covidcxr.errors import ImageError, MissingExtraError
 from covidcxr.imaging.decode import read_image_file, sniff_format
-from covidcxr.models import coherence, saliency
+from covidcxr.models import coherence, prognosis_risk, saliency
 from covidcxr.models.bundle import ModelBundle
 from covidcxr.models.engines import restate
 from covidcxr.models.inputs import grey_levels
+from covidcxr.models.prognosis_risk import OutcomeRisk
+from covidcxr.models.prognosis_values import Values
 from covidcxr.models.rows import PredictionRow, record_columns
+from covidcxr.serve import outcomes
 from covidcxr.serve.deps import ServiceState
 from covidcxr.tabular import write_rows
 
@@ -68,6 +71,10 @@ USABLE_IF: Final[dict[str, str]] = {
     "inverted": "Invert the grey levels (bone white, air black) and upload again.",
     "not_medical": "Upload a frontal chest X-ray.",
 }
+
+
+#: The outcome risks of the one image predicted on, or None (no clinical values given).
+Risks = list[OutcomeRisk] | None
 
 
 @dataclass(frozen=True)
@@ -142,9 +149,11 @@ def _predict_sync(
     heatmaps: bool,
     prevalence: float | None,
     viewers: bool,
-) -> tuple[list[PredictionRow], list[Viewer]]:
+    values: Values | None,
+) -> tuple[list[PredictionRow], list[Viewer], Risks]:
     engine = state.engine()
     rows = engine.predict_files(paths, heatmaps=heatmaps)
+    risks = None if values is None else outcomes.risks(state, paths[0], rows[0], values)
     if prevalence is not None:
         rows = restate(rows, engine.bundle, prevalence)
     rows = [_as_uploaded(*parts) for parts in zip(rows, paths, names, strict=True)]
@@ -152,7 +161,7 @@ def _predict_sync(
         make_viewer(path, row) if viewers else Viewer()
         for path, row in zip(paths, rows, strict=True)
     ]
-    return rows, shown
+    return rows, shown, risks
 
 
 async def predict_uploads(
@@ -162,7 +171,8 @@ async def predict_uploads(
     heatmaps: bool,
     prevalence: float | None = None,
     viewers: bool = False,
-) -> tuple[list[PredictionRow], list[Viewer]]:
+    values: Values | None = None,
+) -> tuple[list[PredictionRow], list[Viewer], Risks]:
     """Predict on uploads, in the bounded pool; the uploads are deleted before returning.
 
     Args:
@@ -172,24 +182,34 @@ async def predict_uploads(
         prevalence: the local COVID-19 prevalence the coherent summary assumes (None:
             the model's training prevalence), as ``covidcxr predict --prevalence``.
         viewers: also make the results page's images (:class:`Viewer`).
+        values: one patient's clinical values (:func:`outcomes.clinical_values`) for
+            the outcome risks of the one upload; None: no risks.
 
     Returns:
-        The rows (``file`` is the upload's base name) and one :class:`Viewer` per
-        upload (empty unless ``viewers``).
+        The rows (``file`` is the upload's base name), one :class:`Viewer` per
+        upload (empty unless ``viewers``), and the outcome risks (None without values).
 
     Raises:
+        MetadataError: values with other than one upload.
         HTTPException: 400/415 (see :func:`save_uploads`); 413 an image has more
             pixels than the ingest limit; 415 or 400 a DICOM the reader cannot take
             (unsupported encoding, several frames, no pixel data), with its reason.
     """
+    outcomes.require_one_image(values, len(files))
     folder = Path(tempfile.mkdtemp(prefix="covidcxr-upload-"))
     started = time.perf_counter()
     try:
         paths = await save_uploads(files, folder, state.settings.max_files)
         names = [client_name(f.filename, i) for i, f in enumerate(files)]
-        rows, shown = await anyio.to_thread.run_sync(
+        rows, shown, risks = await anyio.to_thread.run_sync(
             lambda: _predict_sync(
-                state, paths, names, heatmaps=heatmaps, prevalence=prevalence, viewers=viewers
+                state,
+                paths,
+                names,
+                heatmaps=heatmaps,
+                prevalence=prevalence,
+                viewers=viewers,
+                values=values,
             ),
             limiter=state.limiter,
         )
@@ -198,7 +218,7 @@ async def predict_uploads(
     for index, row in enumerate(rows):
         _refuse_unreadable(index, row)
     log.info("predicted %d image(s) in %.2f s", len(rows), time.perf_counter() - started)
-    return rows, shown
+    return rows, shown, risks
 
 
 def _refuse_unreadable(index: int, row: PredictionRow) -> None:
@@ -297,20 +317,29 @@ def legend_gradient(stops: int = 11) -> str:
     return "linear-gradient(to right, " + ", ".join(parts) + ")"
 
 
-def api_result(row: PredictionRow) -> dict[str, Any]:
-    """A row as the API returns it: :meth:`PredictionRow.record`, plus the heatmaps as
-    base64 PNG data URLs under ``heatmap_png`` (finding -> URL) when they were asked for."""
-    result = row.record()
+def api_result(row: PredictionRow, risks: Risks = None) -> dict[str, Any]:
+    """A row as the API returns it: :meth:`PredictionRow.record` with the outcome risk
+    columns when there are risks (as ``covidcxr predict --format json --age ...``), plus
+    the heatmaps as base64 PNG data URLs under ``heatmap_png`` (finding -> URL) when they
+    were asked for."""
+    result = {**row.record(), **prognosis_risk.risk_record(risks)}
     if row.heatmaps:
         result["heatmap_png"] = {label: heatmap_png(h) for label, h in row.heatmaps.items()}
     return result
 
 
-def export_text(rows: Sequence[PredictionRow], state: ServiceState, fmt: str) -> str:
-    """The rows as ``covidcxr predict --format csv|json`` prints them."""
+def export_text(
+    rows: Sequence[PredictionRow], state: ServiceState, fmt: str, risks: Risks = None
+) -> str:
+    """The rows as ``covidcxr predict --format csv|json`` prints them (with the outcome
+    risk columns when there are risks: one row, as ``predict --age ...``)."""
     buffer = io.StringIO()
     columns = record_columns(state.bundle())
-    write_rows([row.record() for row in rows], columns, fmt, out=buffer)
+    records = [row.record() for row in rows]
+    if risks is not None:
+        columns = [*columns, *prognosis_risk.risk_columns([r.outcome for r in risks])]
+        records = [{**record, **prognosis_risk.risk_record(risks)} for record in records]
+    write_rows(records, columns, fmt, out=buffer)
     return buffer.getvalue()
 
 
