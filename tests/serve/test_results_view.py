@@ -108,7 +108,12 @@ def test_results_card_answers_in_order_at_the_given_prevalence(
     ).text
 
     card = _card(local)
-    steps = ["Abnormal / pneumonia? <b>", "viral? <b>", "COVID-19? <b>", "Model calls:"]
+    steps = [
+        "Abnormal / pneumonia? <b>",
+        "viral? <b>",
+        "COVID-19 (of pneumonias)? <b>",
+        "Model calls:",
+    ]
     positions = [card.index(step) for step in steps]
     assert positions == sorted(positions)  # the answer first, in the order asked
     assert "at a COVID-19 prevalence of 5% (yours, as given)" in card

@@ -516,7 +516,8 @@ def _lung_model_lines(bundle: ModelBundle) -> list[str]:
         "",
         *summary_lines(lung["pneumonia_model"]),
         "",
-        "### Held-out test patients of the base's split, combined probabilities",
+        "### Held-out test patients of the base's split (all their frontal images in the "
+        "store it was built from), combined probabilities",
         "",
         "| label | AUROC [95% CI] | positives | negatives |",
         "|---|---|---|---|",
@@ -573,7 +574,7 @@ def _lung_gate_lines(gate_id: str) -> list[str]:
     if not card.is_file():
         return ["", "## Input gate", "", f"- lung gate {gate_id}: its card is missing"]
     body = card.read_text(encoding="utf-8").splitlines()[1:]
-    return ["", f"## Input gate: {gate_id}", *body]
+    return ["", f"## Input gate: {gate_id}", *("#" + b if b.startswith("## ") else b for b in body)]
 
 
 def _gate_lines(bundle: ModelBundle) -> list[str]:
@@ -689,6 +690,20 @@ def prognosis_evaluations(bundle: ModelBundle) -> list[dict[str, Any]]:
     return shipped_evaluations(bundle.model_id) or (shipped_evaluations(base) if base else [])
 
 
+def _of_base_network(bundle: ModelBundle, lines: list[str]) -> list[str]:
+    """A lungs-first bundle's sections that describe the network it shares with its base
+    say so in their headings (their numbers are the base network's own outputs)."""
+    base = bundle.training.get("base_model", {}).get("model_id")
+    if not base:
+        return lines
+    return [
+        f"{line} (the base network, {base})"
+        if line.startswith("## ") and not line.startswith("## Calibration")
+        else line
+        for line in lines
+    ]
+
+
 def render_card(bundle: ModelBundle, prognosis: Sequence[Mapping[str, Any]] | None = None) -> str:
     """MODEL_CARD.md for a bundle (Markdown).
 
@@ -699,14 +714,17 @@ def render_card(bundle: ModelBundle, prognosis: Sequence[Mapping[str, Any]] | No
     """
     evaluations = prognosis_evaluations(bundle) if prognosis is None else prognosis
     shipped = prognosis is None and "prognosis" not in bundle.metrics
-    lines = [
-        *_header_lines(bundle),
-        *_meaning_lines(),
-        *_lung_model_lines(bundle),
+    inherited = [
         *_data_lines(bundle.training),
         *_split_training_lines(bundle),
         *_metrics_lines(bundle),
         *_severity_lines(bundle),
+    ]
+    lines = [
+        *_header_lines(bundle),
+        *_meaning_lines(),
+        *_lung_model_lines(bundle),
+        *_of_base_network(bundle, inherited),
         *_outcome_lines(evaluations, shipped),
         *_gate_lines(bundle),
         *_reproduce_lines(bundle),

@@ -215,7 +215,7 @@ def head_verdict(
     name = classes[best]
     return GateVerdict(
         "fail",
-        f"most likely {_article(class_text(name))} (gate p={probs[best]:.2f}), not a "
+        f"most likely {_article(class_text(name))} (gate p={probs[best]:.2f}), not a usable "
         f"frontal chest X-ray (p={p_frontal:.2f} < {rules.min_frontal_probability:g})",
         name,
         checks_passed=passed,

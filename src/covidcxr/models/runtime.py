@@ -450,7 +450,13 @@ class InferenceEngine(ABC):
         ]
 
     def _targets(self, probs: NDArray[np.float64]) -> list[int]:
-        return self._positive(probs) or [int(np.argmax(probs))]
+        """The labels to explain: those called, else the most probable. With a lung-zone
+        pneumonia model, "No finding" is its answer, not the network's: never explained."""
+        candidates = list(range(len(probs)))
+        if self.pneumonia is not None and coherence.NO_FINDING in self.bundle.findings:
+            candidates.remove(self.bundle.findings.index(coherence.NO_FINDING))
+        called = [k for k in self._positive(probs) if k in candidates]
+        return called or [max(candidates, key=lambda k: probs[k])]
 
     def _heatmaps(
         self,

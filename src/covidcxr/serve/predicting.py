@@ -386,7 +386,26 @@ def summary_steps(summary: coherence.Summary | None, bundle: ModelBundle) -> dic
         "covid": summary.covid,
         "prevalence": summary.prevalence,
         "model_prevalence": coherence.training_prevalence(bundle.training),
+        "covid_at_chance": covid_at_chance(bundle),
     }
+
+
+def covid_at_chance(bundle: ModelBundle) -> str | None:
+    """The model's measured COVID-19 AUC in words when its 95% interval reaches 0.5 (the
+    COVID-19 answer is then no better than chance and must not be used), else None."""
+    lung = bundle.metrics.get("lung_model")
+    if isinstance(lung, Mapping):
+        row = lung.get("holdout_test_combined", {}).get(coherence.COVID) or {}
+        value, low, high = row.get("auc"), row.get("low"), row.get("high")
+        where = "held-out patients"
+    else:
+        kfold = (bundle.metrics.get("evaluation") or {}).get("findings", {}).get("kfold", {})
+        auc = (kfold.get("labels", {}).get(coherence.COVID) or {}).get("auc") or {}
+        value, (low, high) = auc.get("value"), (auc.get("ci95") or (None, None))
+        where = "cross-validation"
+    if value is None or low is None or high is None or low > 0.5:
+        return None
+    return f"AUC {value:.2f} [{low:.2f}, {high:.2f}] in {where}"
 
 
 def _findings(row: PredictionRow, bundle: ModelBundle) -> list[dict[str, Any]]:
@@ -441,7 +460,9 @@ def page_result(row: PredictionRow, viewer: Viewer, bundle: ModelBundle) -> dict
         "file": row.file,
         "passed": row.gate.passed,
         "reason": row.gate.reason,
-        "check_failed": ", ".join(row.gate.checks_failed),
+        "check_failed": ", ".join(row.gate.checks_failed)
+        + (f" ({row.gate.code.replace('_', ' ')})" if row.gate.code else ""),
+        "lungs_first": bool(bundle.extra.get("abnormality")),
         "usable_if": "" if row.gate.passed else USABLE_IF.get(row.gate.code, ""),
         "summary": summary_steps(row.summary, bundle),
         "findings": _findings(row, bundle),
