@@ -364,3 +364,18 @@ def test_out_of_fold_answers_count_hierarchy_violations_as_none_when_coherent(
     )
     assert got["hierarchy_violations"] == 0
     assert got["images"] == 29
+
+
+def test_a_lungs_first_model_never_explains_no_finding() -> None:
+    pytest.importorskip("onnxruntime")
+    from covidcxr.models.engines import make_engine
+
+    v2 = load_bundle("covidcxr-small-v2")
+    engine = make_engine(v2, "onnx")
+    no_finding = v2.findings.index("No finding")
+    probs = np.full(len(v2.findings), 0.01)
+    probs[no_finding] = 0.99  # called normal: still the network's labels are explained
+    targets = engine._targets(probs)
+    assert no_finding not in targets and len(targets) == 1
+    v1_engine = make_engine(load_bundle("covidcxr-small-v1"), "onnx")
+    assert v1_engine._targets(probs) == [no_finding]  # v1's "No finding" is the network's

@@ -5,6 +5,7 @@ heatmap viewer's layers (lung outline, border of what the network saw, legend)."
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -218,3 +219,19 @@ def test_the_service_does_not_import_the_cli() -> None:
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert found.returncode == 0, found.stderr
     assert found.stdout.strip() == "[]"
+
+
+def test_covid_at_chance_names_a_model_whose_covid_answer_is_no_better_than_chance() -> None:
+    from covidcxr.serve.predicting import covid_at_chance
+
+    v2 = load_bundle("covidcxr-small-v2")
+    row = v2.metrics["lung_model"]["holdout_test_combined"]["COVID-19"]
+    assert covid_at_chance(v2) == (
+        f"AUC {row['auc']:.2f} [{row['low']:.2f}, {row['high']:.2f}] in held-out patients"
+    )
+    better = {**row, "auc": 0.8, "low": 0.7, "high": 0.9}
+    metrics = {**v2.metrics, "lung_model": {"holdout_test_combined": {"COVID-19": better}}}
+    assert covid_at_chance(dataclasses.replace(v2, metrics=metrics)) is None
+    v1 = load_bundle("covidcxr-small-v1")  # cross-validated 0.56 [0.50, 0.63]: reaches 0.5
+    assert (covid_at_chance(v1) or "").endswith("in cross-validation")
+    assert covid_at_chance(dataclasses.replace(v1, metrics={})) is None  # unmeasured
