@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from covidcxr.errors import MissingExtraError
+from covidcxr.markdown_html import markdown_html
 from covidcxr.report import plots
 
 
@@ -25,7 +26,15 @@ def _environment() -> Any:
     )
     environment.filters["num"] = _number
     environment.filters["est"] = _estimate
+    environment.filters["markdown"] = _markdown
     return environment
+
+
+def _markdown(text: str) -> Any:
+    """Markdown as HTML the template inserts unescaped (raw HTML in it is escaped)."""
+    from markupsafe import Markup
+
+    return Markup(markdown_html(text, extra="report"))
 
 
 def _number(value: Any, digits: int = 2) -> str:

@@ -44,7 +44,7 @@ class ValidationRequest:
             ``predictions`` is not given.
         predictions: another tool's CSV of file name and probability per label.
         thresholds: operating points for ``predictions`` (default 0.5).
-        model_card: a model card file for ``predictions`` (shown as text).
+        model_card: a model card file for ``predictions`` (Markdown, shown as HTML).
         engine: our model's engine (``onnx``, ``torch``, ``auto``).
         masks: a folder of reference lung masks (``<stem>_mask.png`` or ``<stem>.png``)
             for the image shortcut audit (our model only); images without one get the

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
@@ -9,6 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from covidcxr import RESEARCH_USE_ONLY, __version__
+from covidcxr.markdown_html import markdown_html
+from covidcxr.models.bundle import CARD_FILE
 from covidcxr.models.engines import quality_note
 from covidcxr.serve.deps import State, render
 
@@ -34,12 +38,20 @@ async def health(state: State) -> dict[str, Any]:
 
 @router.get("/model", response_class=HTMLResponse)
 async def model_card(request: Request, state: State) -> HTMLResponse:
-    """The model card (its Markdown, as text) with the quality note."""
+    """The model card (its Markdown as HTML) with the quality note."""
     bundle = await anyio.to_thread.run_sync(state.bundle)
-    card = bundle.path / "MODEL_CARD.md"
-    text = card.read_text(encoding="utf-8") if card.is_file() else "(no model card shipped)"
+    card_html = await anyio.to_thread.run_sync(_card_html, bundle.path / CARD_FILE)
     return render(
         request,
         "model.html",
-        {"bundle": bundle, "card": text, "quality": quality_note(bundle)},
+        {"bundle": bundle, "card_html": card_html, "quality": quality_note(bundle)},
     )
+
+
+@lru_cache(maxsize=16)
+def _card_html(card: Path) -> str:
+    """A bundle's card as HTML, rendered once per card file (bundles do not change while
+    the service runs)."""
+    if not card.is_file():
+        return "<p>(no model card shipped)</p>"
+    return markdown_html(card.read_text(encoding="utf-8"), extra="serve")
