@@ -296,3 +296,39 @@ def test_the_shipped_gate_records_its_trees_and_segmenter_digests() -> None:
     }
     assert card["format"] == FORMAT
     assert card["intended_use"] == "research use only, not a diagnosis"
+
+
+def _scored(classes: list[int], scores: list[float]) -> tuple[lung_gate_train.GateData, np.ndarray]:
+    n = len(classes)
+    data = lung_gate_train.GateData(
+        np.zeros((n, 2)),
+        np.asarray(classes),
+        np.full(n, "a"),
+        np.asarray([f"g{i}" for i in range(n)]),
+        np.full(n, ""),
+    )
+    return data, np.asarray(scores, dtype=float)
+
+
+def test_choose_threshold_is_the_lowest_at_which_every_other_class_reaches_the_recall() -> None:
+    fr, lat, ct, inv = (
+        lung_gate_train.FRONTAL,
+        lung_gate_train.LATERAL,
+        lung_gate_train.CT,
+        lung_gate_train.INVERTED,
+    )
+    # lateral and inverted are caught at 0.5 already; one CT slice of 20 scores 0.62
+    classes = [fr] * 5 + [lat] * 20 + [ct] * 20 + [inv] * 20
+    scores = [0.99] * 5 + [0.1] * 20 + [0.1] * 18 + [0.62, 0.62] + [0.05] * 20
+    data, values = _scored(classes, scores)
+    assert lung_gate_train.choose_threshold(data, values) == 0.65  # 0.5-0.6 catch 18/20 CT = 0.90
+    values[45] = np.nan  # rows outside the cross-validation are ignored
+    assert lung_gate_train.choose_threshold(data, values) == 0.65
+
+
+def test_choose_threshold_without_a_passing_candidate_takes_the_best_worst_recall() -> None:
+    fr, ct = lung_gate_train.FRONTAL, lung_gate_train.CT
+    # one CT slice scores 0.97 and is never caught; the best worst recall, 2 of 3, first
+    # comes at 0.65
+    data, values = _scored([fr, ct, ct, ct], [0.99, 0.97, 0.2, 0.6])
+    assert lung_gate_train.choose_threshold(data, values) == 0.65

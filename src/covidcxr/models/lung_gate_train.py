@@ -187,25 +187,70 @@ def leave_one_source_out(
     }
 
 
-def grouped_cv(
-    data: GateData, sources: Sequence[str], threshold: float, folds: int = 5, seed: int = 0
-) -> dict[str, Any]:
-    """Patient-grouped cross-validation within ``sources`` (drawn pictures always train):
-    frontal refusals and the recall of lateral, CT and inverted images."""
+def grouped_cv_scores(
+    data: GateData, sources: Sequence[str], folds: int = 5, seed: int = 0
+) -> NDArray[np.float64]:
+    """Out-of-fold P(frontal) of the rows of ``sources`` by patient-grouped
+    cross-validation (drawn pictures and other sources always train); NaN elsewhere."""
     from sklearn.model_selection import GroupKFold
 
     inside = np.flatnonzero(np.isin(data.source, sources))
     outside = np.flatnonzero(~np.isin(data.source, sources))
-    refused = np.zeros(len(data.y), dtype=bool)
+    scores = np.full(len(data.y), np.nan)
     for train, test in GroupKFold(folds).split(inside, groups=data.group[inside]):
         trees = fit_classifier(data.take(np.concatenate([inside[train], outside])), seed)
         rows = inside[test]
-        refused[rows] = _refused(trees, data.x[rows], threshold)
+        scores[rows] = trees.predict_proba(data.x[rows])[:, FRONTAL]
+    return scores
+
+
+def grouped_cv(
+    data: GateData,
+    sources: Sequence[str],
+    threshold: float,
+    folds: int = 5,
+    seed: int = 0,
+    scores: NDArray[np.float64] | None = None,
+) -> dict[str, Any]:
+    """Patient-grouped cross-validation within ``sources`` (:func:`grouped_cv_scores`,
+    or ``scores`` from it): frontal refusals and the recall of lateral, CT and inverted
+    images at ``threshold``."""
+    if scores is None:
+        scores = grouped_cv_scores(data, sources, folds, seed)
+    inside = np.isin(data.source, sources)
+    refused = scores[inside] < threshold
     result: dict[str, Any] = {"sources": list(sources), "folds": folds}
-    for name, k in (("frontal_refused", FRONTAL), ("lateral_caught", LATERAL), ("ct_caught", CT)):
-        result[name] = _share(refused[inside][data.y[inside] == k])
-    result["inverted_caught"] = _share(refused[inside][data.y[inside] == INVERTED])
+    names = (("frontal_refused", FRONTAL), ("lateral_caught", LATERAL), ("ct_caught", CT))
+    for name, k in (*names, ("inverted_caught", INVERTED)):
+        result[name] = _share(refused[data.y[inside] == k])
     return result
+
+
+#: Thresholds :func:`choose_threshold` considers, lowest first.
+CANDIDATE_THRESHOLDS: Final = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
+#: The recall of every non-frontal class the chosen threshold must reach in CV.
+TARGET_RECALL: Final = 0.95
+
+
+def choose_threshold(data: GateData, scores: NDArray[np.float64]) -> float:
+    """The lowest of :data:`CANDIDATE_THRESHOLDS` at which lateral, CT and inverted
+    images each reach :data:`TARGET_RECALL` in the cross-validation ``scores`` (else the
+    one with the best worst recall). Chosen on the training sources only, so the
+    leave-one-source-out refusal rate stays an honest test."""
+    known = ~np.isnan(scores)
+
+    def worst_recall(threshold: float) -> float:
+        recalls = [
+            float((scores[known & (data.y == k)] < threshold).mean())
+            for k in (LATERAL, CT, INVERTED)
+            if (known & (data.y == k)).any()
+        ]
+        return min(recalls, default=0.0)
+
+    for threshold in CANDIDATE_THRESHOLDS:
+        if worst_recall(threshold) >= TARGET_RECALL:
+            return threshold
+    return max(CANDIDATE_THRESHOLDS, key=worst_recall)
 
 
 def leave_one_kind_out(data: GateData, threshold: float, seed: int = 0) -> dict[str, Any]:
@@ -218,26 +263,37 @@ def leave_one_kind_out(data: GateData, threshold: float, seed: int = 0) -> dict[
     return result
 
 
-def evaluate_gate(data: GateData, threshold: float, seed: int = 0) -> dict[str, Any]:
-    """Every measurement of the module, for the gate's card."""
+def evaluate_gate(data: GateData, threshold: float | None = None, seed: int = 0) -> dict[str, Any]:
+    """Every measurement of the module, for the gate's card. Without ``threshold``, it
+    is chosen by :func:`choose_threshold` on the cross-validation of the sources that
+    hold lateral and CT images."""
     sources = sorted({str(s) for s in data.source} - {"drawn"})
     lateral_ct_sources = sorted({str(s) for s in data.source[np.isin(data.y, (LATERAL, CT))]})
+    scores = grouped_cv_scores(data, lateral_ct_sources, seed=seed)
+    chosen = choose_threshold(data, scores) if threshold is None else threshold
     loso = [
-        leave_one_source_out(data, source, threshold, seed)
+        leave_one_source_out(data, source, chosen, seed)
         for source in sources
         if set(lateral_ct_sources) - {source}
     ]
     skipped = [s for s in sources if not set(lateral_ct_sources) - {s}]
     return {
-        "threshold": threshold,
+        "threshold": chosen,
+        "threshold_rule": (
+            "given"
+            if threshold is not None
+            else f"the lowest of {list(CANDIDATE_THRESHOLDS)} at which lateral, CT and inverted "
+            f"images each reach {TARGET_RECALL:g} recall in patient-grouped CV of "
+            f"{', '.join(lateral_ct_sources)} (the held-out sources never choose it)"
+        ),
         "leave_one_source_out": loso,
         "leave_one_source_out_not_run": {
             s: "the only source of lateral and CT images: without it the gate has no "
             "examples of them"
             for s in skipped
         },
-        "grouped_cv": grouped_cv(data, lateral_ct_sources, threshold, seed=seed),
-        "leave_one_kind_out": leave_one_kind_out(data, threshold, seed),
+        "grouped_cv": grouped_cv(data, lateral_ct_sources, chosen, scores=scores),
+        "leave_one_kind_out": leave_one_kind_out(data, chosen, seed),
     }
 
 
@@ -274,12 +330,13 @@ def train_gate(
     segmenter: LungSegmenter,
     out_dir: Path,
     *,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     seed: int = 0,
     gate_id: str = GATE_ID,
     command: str = "",
 ) -> dict[str, Any]:
-    """Measure, evaluate, fit on everything and save; returns the card (model.json)."""
+    """Measure, evaluate, fit on everything and save; returns the card (model.json).
+    Without ``threshold`` it is chosen as :func:`evaluate_gate` says."""
     data = measure(store, segmenter, seed)
     evaluation = evaluate_gate(data, threshold, seed)
     trees = fit_classifier(data, seed)
@@ -289,7 +346,7 @@ def train_gate(
         "intended_use": "research use only, not a diagnosis",
         "classes": list(CLASSES),
         "features": list(FEATURE_NAMES),
-        "threshold": threshold,
+        "threshold": evaluation["threshold"],
         "segmenter": {
             "model_id": segmenter.card.get("model_id"),
             "weights_sha256": segmenter.card.get("weights_sha256"),
@@ -352,7 +409,8 @@ def render_card(card: Mapping[str, Any]) -> str:
         "chest X-ray before any finding is predicted, from the lung segmenter's output "
         f"({card['segmenter']['model_id']}) on the image and on its negative "
         f"({len(card['features'])} features) and a boosted tree ensemble. An image passes "
-        f"when P(frontal chest X-ray) >= {card['threshold']:g}; otherwise the most likely "
+        f"when P(frontal chest X-ray) >= {card['threshold']:g} "
+        f"({card['evaluation'].get('threshold_rule', 'given')}); otherwise the most likely "
         "other class is named.",
         "",
         *evaluation_lines(card["evaluation"]),
