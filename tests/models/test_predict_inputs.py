@@ -173,3 +173,17 @@ def test_prevalence_outside_zero_one_is_a_usage_error(
         main(["predict", str(tmp_path), "--prevalence", bad])
     assert exit_info.value.code == 2
     assert "strictly between 0 and 1" in capsys.readouterr().err
+
+
+def test_predict_warns_when_the_models_covid_answer_is_no_better_than_chance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from PIL import Image
+
+    picture = tmp_path / "grey.png"
+    Image.fromarray(np.full((300, 300), 128, dtype=np.uint8)).save(picture)
+    main(["predict", str(picture), "--engine", "onnx"])
+    out = capsys.readouterr().out
+    warning = "WARNING: this model's COVID-19 answer is no better than chance (AUC 0.35"
+    assert warning in out and "do not use P(COVID-19) to decide anything" in out

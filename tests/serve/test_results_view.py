@@ -222,7 +222,7 @@ def test_the_service_does_not_import_the_cli() -> None:
 
 
 def test_covid_at_chance_names_a_model_whose_covid_answer_is_no_better_than_chance() -> None:
-    from covidcxr.serve.predicting import covid_at_chance
+    from covidcxr.models.engines import covid_at_chance
 
     v2 = load_bundle("covidcxr-small-v2")
     row = v2.metrics["lung_model"]["holdout_test_combined"]["COVID-19"]

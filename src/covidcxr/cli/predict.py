@@ -20,7 +20,7 @@ from covidcxr.cli import predict_outcomes
 from covidcxr.cli.output import FORMATS, escape_text, positive_int, write_rows
 from covidcxr.errors import MetadataError
 from covidcxr.models.bundle import MIN_OPERATING_SUPPORT, ModelBundle, load_bundle
-from covidcxr.models.engines import ENGINES, make_engine, quality_note, restate
+from covidcxr.models.engines import ENGINES, covid_at_chance, make_engine, quality_note, restate
 from covidcxr.models.inputs import expand_inputs
 from covidcxr.models.rows import PredictionRow, record_columns
 from covidcxr.models.runtime import DEFAULT_BATCH_SIZE
@@ -230,9 +230,22 @@ def _write_table(
         f"[{float(level):.0%} interval].\n"
         f"{_summary_note(rows)}"
         f"{quality_note(bundle)}\n"
-        f"weights sha256 {bundle.weights_sha256 or 'unknown'}, engine {engine}"
+        + _chance_warning(bundle)
+        + f"weights sha256 {bundle.weights_sha256 or 'unknown'}, engine {engine}"
         + (f", heatmaps in {heatmaps}" if heatmaps else "")
         + f".\n{RESEARCH_USE_ONLY[0].upper()}{RESEARCH_USE_ONLY[1:]}.\n"
+    )
+
+
+def _chance_warning(bundle: ModelBundle) -> str:
+    """A line saying the COVID-19 answer must not be used, when it is no better than
+    chance by the model's own measurement."""
+    measured = covid_at_chance(bundle)
+    if measured is None:
+        return ""
+    return (
+        f"WARNING: this model's COVID-19 answer is no better than chance ({measured}); "
+        "do not use P(COVID-19) to decide anything.\n"
     )
 
 

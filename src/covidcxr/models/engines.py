@@ -16,6 +16,7 @@ from typing import Final
 
 from covidcxr.errors import MetadataError, MissingExtraError
 from covidcxr.models.bundle import ModelBundle, load_bundle
+from covidcxr.models.coherence import COVID
 from covidcxr.models.rows import PredictionRow, summarise_row
 from covidcxr.models.runtime import DEFAULT_BATCH_SIZE, InferenceEngine, OnnxPredictor
 
@@ -160,3 +161,21 @@ def _lung_model_quality(bundle: ModelBundle) -> str:
             "on held-out patients of the collection"
         )
     return text
+
+
+def covid_at_chance(bundle: ModelBundle) -> str | None:
+    """The model's measured COVID-19 AUC in words when its 95% interval reaches 0.5 (the
+    COVID-19 answer is then no better than chance and must not be used), else None."""
+    lung = bundle.metrics.get("lung_model")
+    if isinstance(lung, Mapping):
+        row = lung.get("holdout_test_combined", {}).get(COVID) or {}
+        value, low, high = row.get("auc"), row.get("low"), row.get("high")
+        where = "held-out patients"
+    else:
+        kfold = (bundle.metrics.get("evaluation") or {}).get("findings", {}).get("kfold", {})
+        auc = (kfold.get("labels", {}).get(COVID) or {}).get("auc") or {}
+        value, (low, high) = auc.get("value"), (auc.get("ci95") or (None, None))
+        where = "cross-validation"
+    if value is None or low is None or high is None or low > 0.5:
+        return None
+    return f"AUC {value:.2f} [{low:.2f}, {high:.2f}] in {where}"

@@ -31,7 +31,7 @@ from covidcxr.errors import ImageError, MissingExtraError
 from covidcxr.imaging.decode import read_image_file, sniff_format
 from covidcxr.models import coherence, prognosis_risk, saliency
 from covidcxr.models.bundle import ModelBundle
-from covidcxr.models.engines import restate
+from covidcxr.models.engines import covid_at_chance, restate
 from covidcxr.models.inputs import grey_levels
 from covidcxr.models.prognosis_risk import OutcomeRisk
 from covidcxr.models.prognosis_values import Values
@@ -388,24 +388,6 @@ def summary_steps(summary: coherence.Summary | None, bundle: ModelBundle) -> dic
         "model_prevalence": coherence.training_prevalence(bundle.training),
         "covid_at_chance": covid_at_chance(bundle),
     }
-
-
-def covid_at_chance(bundle: ModelBundle) -> str | None:
-    """The model's measured COVID-19 AUC in words when its 95% interval reaches 0.5 (the
-    COVID-19 answer is then no better than chance and must not be used), else None."""
-    lung = bundle.metrics.get("lung_model")
-    if isinstance(lung, Mapping):
-        row = lung.get("holdout_test_combined", {}).get(coherence.COVID) or {}
-        value, low, high = row.get("auc"), row.get("low"), row.get("high")
-        where = "held-out patients"
-    else:
-        kfold = (bundle.metrics.get("evaluation") or {}).get("findings", {}).get("kfold", {})
-        auc = (kfold.get("labels", {}).get(coherence.COVID) or {}).get("auc") or {}
-        value, (low, high) = auc.get("value"), (auc.get("ci95") or (None, None))
-        where = "cross-validation"
-    if value is None or low is None or high is None or low > 0.5:
-        return None
-    return f"AUC {value:.2f} [{low:.2f}, {high:.2f}] in {where}"
 
 
 def _findings(row: PredictionRow, bundle: ModelBundle) -> list[dict[str, Any]]:
