@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +381,22 @@ def test_a_lungs_first_model_never_explains_no_finding() -> None:
     assert no_finding not in targets and len(targets) == 1
     v1_engine = make_engine(load_bundle("covidcxr-small-v1"), "onnx")
     assert v1_engine._targets(probs) == [no_finding]  # v1's "No finding" is the network's
+
+
+def test_an_onnx_engine_runs_the_lungs_first_model_without_importing_torch(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from covidcxr.models.bundle import load_bundle\n"
+        "from covidcxr.models.engines import make_engine\n"
+        "engine = make_engine(load_bundle('covidcxr-small-v2'), 'onnx')\n"
+        "rows = list(engine.predict_arrays([np.full((300, 300), 128, np.uint8)]))\n"
+        "assert len(rows) == 1, rows\n"
+        "print(engine.lung_gate.segmenter.backend, 'torch' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["onnx", "False"]

@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
-from covidcxr.models.lungs import LungSegmenter, letterbox_box
+from covidcxr.models.lungs import Backend, LungSegmenter, letterbox_box
 
 GATE_ID: Final = "gate-lungs-v1"
 WEIGHTS_DIR: Final = Path(__file__).parent / "weights" / GATE_ID
@@ -350,8 +350,9 @@ class LungGate:
         self.gate_id = str(self.card.get("gate_id", GATE_ID))
 
     @classmethod
-    def load(cls, weights_dir: str | Path | None = None) -> LungGate:
-        """Load ``model.json`` and ``trees.json`` (default: the shipped gate).
+    def load(cls, weights_dir: str | Path | None = None, backend: Backend = "auto") -> LungGate:
+        """Load ``model.json`` and ``trees.json`` (default: the shipped gate), with the
+        segmenter on ``backend`` (:meth:`LungSegmenter.load`).
 
         Raises:
             MissingExtraError: neither torch nor onnxruntime runs the segmenter.
@@ -386,7 +387,8 @@ class LungGate:
             raise MetadataError(
                 f"LungGate.load: {str(trees_path)!r} is not a tree ensemble: {exc!r}"
             ) from exc
-        return cls(LungSegmenter.load(), classifier, float(card["threshold"]), card)
+        segmenter = LungSegmenter.load(backend=backend)
+        return cls(segmenter, classifier, float(card["threshold"]), card)
 
     def probabilities(self, image: Image.Image) -> NDArray[np.float64]:
         """P(class) over :data:`CLASSES` for one decoded image."""

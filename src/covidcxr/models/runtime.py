@@ -73,6 +73,7 @@ from covidcxr.models.inputs import (
     not_a_regular_file,
     preprocess,
 )
+from covidcxr.models.lungs import Backend
 from covidcxr.models.rows import (
     NetworkOutputs,
     SeverityScore,
@@ -124,7 +125,7 @@ def load_pneumonia_model(
     return abnormality.PneumoniaModel.load(bundle.path / str(spec["file"]), segmenter)
 
 
-def load_lung_gate(bundle: ModelBundle) -> lung_gate.LungGate | None:
+def load_lung_gate(bundle: ModelBundle, backend: Backend = "auto") -> lung_gate.LungGate | None:
     """The lung gate a bundle names in ``model.json`` (``"lung_gate": {"gate_id": ...}``),
     or ``None`` when it names none; then the network's gate head decides.
 
@@ -138,7 +139,7 @@ def load_lung_gate(bundle: ModelBundle) -> lung_gate.LungGate | None:
     gate_id = str(spec.get("gate_id", ""))
     if not gate_id or "/" in gate_id or "\\" in gate_id or gate_id.startswith("."):
         raise MetadataError(f"predict: model {bundle.model_id} names a bad lung gate {gate_id!r}")
-    return lung_gate.LungGate.load(lung_gate.WEIGHTS_DIR.parent / gate_id)
+    return lung_gate.LungGate.load(lung_gate.WEIGHTS_DIR.parent / gate_id, backend)
 
 
 @dataclass
@@ -185,7 +186,8 @@ class InferenceEngine(ABC):
     def __init__(self, bundle: ModelBundle) -> None:
         check_bundle(bundle)
         self.bundle = bundle
-        self.lung_gate = load_lung_gate(bundle)
+        # The lung segmenter runs where the network does (an ONNX engine never imports torch).
+        self.lung_gate = load_lung_gate(bundle, "onnx" if self.engine == "onnx" else "auto")
         self.pneumonia = load_pneumonia_model(bundle, self.lung_gate)
 
     @abstractmethod
