@@ -605,6 +605,9 @@ def _gate_lines(bundle: ModelBundle) -> list[str]:
 def _reproduce_lines(bundle: ModelBundle) -> list[str]:
     split = bundle.training.get("split", {})
     command = bundle.training.get("command", "n/a")
+    base = bundle.training.get("base_model", {}).get("model_id")
+    if base:
+        split = {}  # train-lung-model takes the base bundle's split as it is
     return [
         "",
         "## How to reproduce",
@@ -621,7 +624,13 @@ def _reproduce_lines(bundle: ModelBundle) -> list[str]:
         + ".",
         "3. Check that the data version printed matches the one above; the validation "
         "and test numbers then fall within the intervals stated here (the same seed, "
-        "data and thread count give the same weights).",
+        "data and thread count give the same weights)."
+        + (
+            f" The base network is {base}'s, copied unchanged; the lung gate is its own "
+            "bundle (`covidcxr train-gate`)."
+            if base
+            else ""
+        ),
         "",
     ]
 

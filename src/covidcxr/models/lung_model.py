@@ -19,6 +19,7 @@ import dataclasses
 import json
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -135,6 +136,123 @@ def operating_points(
     return tuple(thresholds), record
 
 
+@dataclass(frozen=True)
+class FittedPneumonia:
+    """The lung-zone pneumonia model fitted on one source, with what was measured.
+
+    Attributes:
+        risk: the model, fitted on every labelled image of ``source``.
+        evaluation: :func:`abnormality_train.evaluate`'s measurements.
+        oof_part: the labelled images of ``source``; ``oof``: their out-of-fold
+            P(pneumonia) (mean over repeats).
+        prevalence: the share of pneumonia among them (the prior ``risk`` carries).
+    """
+
+    source: str
+    risk: abnormality.LinearRisk
+    evaluation: dict[str, Any]
+    oof_part: abnormality_train.ZoneData
+    oof: NDArray[np.float64]
+    prevalence: float
+
+    def as_file(self) -> dict[str, Any]:
+        """The content of ``abnormality.json``."""
+        return {
+            "format": abnormality.FORMAT,
+            "features": list(abnormality.FEATURE_NAMES),
+            "model": self.risk.as_dict(),
+            "train_source": self.source,
+            "training_images": len(self.oof_part.x),
+            "pneumonia_prevalence": self.prevalence,
+            "C": abnormality_train.C,
+            "evaluation": self.evaluation,
+        }
+
+
+def fit_pneumonia(data: abnormality_train.ZoneData, source: str, seed: int) -> FittedPneumonia:
+    """Measure and fit the pneumonia model on ``source``.
+
+    Raises:
+        MetadataError: ``data`` has no labelled image of ``source``.
+    """
+    if not len(data.labelled(source)):
+        raise MetadataError(
+            f"train-lung-model: the store has no labelled frontal X-rays of {source!r}; "
+            "ingest it first (see README)"
+        )
+    train = data.take(data.labelled(source))
+    oof_part, oof = abnormality_train.out_of_fold(data, source, seed=seed)
+    return FittedPneumonia(
+        source,
+        abnormality_train.fit(train.x, train.pneumonia),
+        abnormality_train.evaluate(data, source, seed),
+        oof_part,
+        oof.mean(axis=0),
+        abnormality_train.prevalence(data, source),
+    )
+
+
+@dataclass(frozen=True)
+class BaseFolds:
+    """The base's validation and test images, scored with the combined probabilities.
+
+    ``table``/``labels``: ``(n, labels)``; ``groups``: patient groups; ``val`` and
+    ``test``: rows of each fold that the base's gate let through.
+    """
+
+    table: NDArray[np.float64]
+    labels: NDArray[np.float64]
+    groups: list[str]
+    val: NDArray[np.intp]
+    test: NDArray[np.intp]
+
+    def fold(self, name: str) -> tuple[NDArray[np.float64], NDArray[np.float64], list[str]]:
+        """(table, labels, groups) of ``val`` or ``test``."""
+        rows = self.val if name == "val" else self.test
+        return self.table[rows], self.labels[rows], [self.groups[i] for i in rows]
+
+
+def score_base_folds(
+    store: Store, base: ModelBundle, data: abnormality_train.ZoneData, risk: abnormality.LinearRisk
+) -> BaseFolds:
+    """Combined probabilities on the base split's validation and test patients."""
+    val_rows, test_rows = _fold_rows(data, base, "val"), _fold_rows(data, base, "test")
+    part = data.take(np.concatenate([val_rows, test_rows]))
+    table, passed = _combined(base, part, risk)
+    val = np.arange(len(val_rows))
+    test = np.arange(len(val_rows), len(val_rows) + len(test_rows))
+    return BaseFolds(
+        table,
+        _labels(part, base, store),
+        [str(g) for g in part.group],
+        val[passed[val]],
+        test[passed[test]],
+    )
+
+
+def _training_record(
+    base: ModelBundle,
+    fitted: FittedPneumonia,
+    folds: BaseFolds,
+    points: dict[str, Any],
+    command: str,
+) -> dict[str, Any]:
+    covid_share = _covid_share_of_pneumonia(base)
+    return {
+        **base.training,
+        "validation": _support(base, fitted.oof_part, fitted.oof, folds.fold("val")),
+        "covid_prevalence": round(fitted.prevalence * covid_share, 4),
+        "covid_prevalence_how": (
+            f"P(pneumonia) prior of the pneumonia model ({fitted.prevalence:.3f}, its "
+            f"training share) x COVID-19's share of the base's pneumonia training labels "
+            f"({covid_share:.3f})"
+        ),
+        "operating_points": points,
+        "base_model": {"model_id": base.model_id, "weights_sha256": base.weights_sha256},
+        "command": command,
+    }
+
+
 def build(
     store: Store,
     base: ModelBundle,
@@ -155,67 +273,22 @@ def build(
     if missing:
         raise MetadataError(f"train-lung-model: base {base.model_id} lacks labels {missing}")
     data = abnormality_train.measure(store, LungSegmenter.load())
-    source = abnormality_train.DEFAULT_SOURCE
-    if not len(data.labelled(source)):
-        raise MetadataError(
-            f"train-lung-model: the store has no labelled frontal X-rays of {source!r}; "
-            "ingest it first (see README)"
-        )
-    evaluation = abnormality_train.evaluate(data, source, seed)
-    train = data.take(data.labelled(source))
-    risk = abnormality_train.fit(train.x, train.pneumonia)
-    oof_part, oof = abnormality_train.out_of_fold(data, source, seed=seed)
-    base_rows = np.concatenate([_fold_rows(data, base, "val"), _fold_rows(data, base, "test")])
-    part = data.take(base_rows)
-    table, passed = _combined(base, part, risk)
-    labels = _labels(part, base, store)
-    n_val = len(_fold_rows(data, base, "val"))
-    val, test = np.arange(n_val), np.arange(n_val, len(base_rows))
-    val, test = val[passed[val]], test[passed[test]]
+    fitted = fit_pneumonia(data, abnormality_train.DEFAULT_SOURCE, seed)
+    folds = score_base_folds(store, base, data, fitted.risk)
+    val_table, val_labels, _ = folds.fold("val")
     thresholds, points = operating_points(
-        base, table[val], labels[val], (oof_part.pneumonia, oof.mean(axis=0))
+        base, val_table, val_labels, (fitted.oof_part.pneumonia, fitted.oof)
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in COPIED:
         shutil.copyfile(base.path / name, out_dir / name)
-    pneumonia_prevalence = abnormality_train.prevalence(data, source)
-    card = {
-        "format": abnormality.FORMAT,
-        "features": list(abnormality.FEATURE_NAMES),
-        "model": risk.as_dict(),
-        "train_source": source,
-        "training_images": len(train.x),
-        "pneumonia_prevalence": pneumonia_prevalence,
-        "C": abnormality_train.C,
-        "evaluation": evaluation,
-    }
     with atomic_output(out_dir / ABNORMALITY_FILE) as tmp:
-        tmp.write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")
-    covid_share = _covid_share_of_pneumonia(base)
-    training = {
-        **base.training,
-        "validation": _support(
-            base,
-            oof_part,
-            oof.mean(axis=0),
-            (table[val], labels[val], [str(g) for g in part.group[val]]),
-        ),
-        "covid_prevalence": round(pneumonia_prevalence * covid_share, 4),
-        "covid_prevalence_how": (
-            f"P(pneumonia) prior of the pneumonia model ({pneumonia_prevalence:.3f}, its "
-            f"training share) x COVID-19's share of the base's pneumonia training labels "
-            f"({covid_share:.3f})"
-        ),
-        "operating_points": points,
-        "base_model": {"model_id": base.model_id, "weights_sha256": base.weights_sha256},
-        "command": command,
-    }
-    test_names = [str(p) for p in part.group[test]]
+        tmp.write_text(json.dumps(fitted.as_file(), indent=1) + "\n", encoding="utf-8")
     lung_metrics = {
-        "holdout_test_combined": _auc_table(table[test], labels[test], test_names, base.findings),
-        "pneumonia_model": evaluation,
+        "holdout_test_combined": _auc_table(*folds.fold("test"), base.findings),
+        "pneumonia_model": fitted.evaluation,
         "out_of_fold_on_training_source": out_of_fold_answers(
-            base, oof_part, oof.mean(axis=0), thresholds
+            base, fitted.oof_part, fitted.oof, thresholds
         ),
     }
     bundle = dataclasses.replace(
@@ -224,13 +297,13 @@ def build(
         model_id=model_id,
         thresholds=thresholds,
         operating_point=_operating_text(points),
-        training=training,
+        training=_training_record(base, fitted, folds, points, command),
         metrics={**base.metrics, "lung_model": lung_metrics},
         files={"split.csv": "", ABNORMALITY_FILE: ""},
         extra={
             **base.extra,
             "lung_gate": {"gate_id": gate_id},
-            "abnormality": {"file": ABNORMALITY_FILE, "train_source": source},
+            "abnormality": {"file": ABNORMALITY_FILE, "train_source": fitted.source},
         },
     )
     from covidcxr.models.card import render_card
