@@ -484,6 +484,60 @@ def _findings_samples(
     return resolved, samples
 
 
+def _label_matrix(samples: SampleSet) -> NDArray[np.float64]:
+    labels = [s.labels for s in samples.samples]
+    matrix: NDArray[np.float64] = np.array(labels, dtype=np.float64).reshape(
+        len(samples.samples), len(samples.label_names)
+    )
+    return matrix
+
+
+def _describe(summary: Mapping[str, Any]) -> str:
+    sources = ", ".join(f"{k} {v}" for k, v in sorted(summary["sources"].items()))
+    return f"{summary['samples']} images of {summary['patients']} patients from {sources}"
+
+
+def _check_request(schemes: Sequence[str], repeats: int) -> None:
+    unknown = sorted(set(schemes) - set(DEFAULT_SCHEMES))
+    if unknown:
+        raise MetadataError(
+            f"evaluate: unknown scheme(s) {unknown}; use {', '.join(DEFAULT_SCHEMES)}"
+        )
+    if repeats < 1:
+        raise MetadataError(f"evaluate: repeats must be >= 1, got {repeats}")
+
+
+def _kfold_and_audit(
+    run: _Run,
+    schemes: Sequence[str],
+    folds: int,
+    repeats: int,
+    audit: bool,
+    lung_masks: LungMasks | None,
+) -> tuple[dict[str, SchemeResult], AuditResult | None, list[str]]:
+    """The k-fold results (when asked for), the audit of its models, and what could
+    not be computed."""
+    if "kfold" not in schemes:
+        lines = ["shortcut audit: it audits the k-fold models; kfold was not run"]
+        return {}, None, lines if audit else []
+    if audit and lung_masks is None:
+        lung_masks = shipped_lung_masks()
+    result, collector = _run_kfold(run, folds, repeats, lung_masks if audit else None)
+    lines = _undefined_lines("kfold", result.labels)
+    audit_result = None
+    if audit:
+        audit_result, audit_lines = _audit_kfold(run, collector)
+        lines += audit_lines
+    return {"kfold": result}, audit_result, lines
+
+
+def _heldout_lines(scheme: str, result: SchemeResult) -> list[str]:
+    lines = [f"{scheme}: {result.note}"] if result.note else []
+    for group, group_results in result.heldout.items():
+        lines += _undefined_lines(f"{scheme} {group}", group_results)
+    return lines
+
+
 def evaluate(
     store: Store,
     fit: FitFunction,
@@ -540,46 +594,22 @@ def evaluate(
         MetadataError: no samples, an unknown scheme, a bad fold count, or a model
             whose outputs do not match the task.
     """
-    unknown = sorted(set(schemes) - set(DEFAULT_SCHEMES))
-    if unknown:
-        raise MetadataError(
-            f"evaluate: unknown scheme(s) {unknown}; use {', '.join(DEFAULT_SCHEMES)}"
-        )
-    if repeats < 1:
-        raise MetadataError(f"evaluate: repeats must be >= 1, got {repeats}")
+    _check_request(schemes, repeats)
     resolved, samples = _findings_samples(store, task, selection)
-    labels = np.array([s.labels for s in samples.samples], dtype=np.float64).reshape(
-        len(samples.samples), len(samples.label_names)
-    )
     run = _Run(
-        store, samples, labels, [s.patient for s in samples.samples], fit, seed, n_resamples,
-        cache_dir, batch_size, progress or (lambda line: log.info("%s", line)),
+        store, samples, _label_matrix(samples), [s.patient for s in samples.samples], fit,
+        seed, n_resamples, cache_dir, batch_size,
+        progress or (lambda line: log.info("%s", line)),
     )  # fmt: skip
     summary = samples.summary()
-    run.say(
-        f"{resolved.name}: {summary['samples']} images of {summary['patients']} patients "
-        f"from {', '.join(f'{k} {v}' for k, v in sorted(summary['sources'].items()))}"
+    run.say(f"{resolved.name}: {_describe(summary)}")
+    results, audit_result, not_computable = _kfold_and_audit(
+        run, schemes, folds, repeats, audit, lung_masks
     )
-    not_computable: list[str] = []
-    results: dict[str, SchemeResult] = {}
-    audit_result: AuditResult | None = None
-    if "kfold" in schemes:
-        if audit and lung_masks is None:
-            lung_masks = shipped_lung_masks()
-        results["kfold"], collector = _run_kfold(run, folds, repeats, lung_masks if audit else None)
-        not_computable += _undefined_lines("kfold", results["kfold"].labels)
-        if audit:
-            audit_result, lines = _audit_kfold(run, collector)
-            not_computable += lines
-    elif audit:
-        not_computable.append("shortcut audit: it audits the k-fold models; kfold was not run")
     for scheme in ("source", "region"):
         if scheme in schemes:
             results[scheme] = _evaluate_heldout(run, scheme, min_heldout_samples)
-            if results[scheme].note:
-                not_computable.append(f"{scheme}: {results[scheme].note}")
-            for group, group_results in results[scheme].heldout.items():
-                not_computable += _undefined_lines(f"{scheme} {group}", group_results)
+            not_computable += _heldout_lines(scheme, results[scheme])
     severity_result: SeverityResult | None = None
     if severity:
         severity_result = evaluate_severity(
@@ -596,13 +626,12 @@ def evaluate(
         "min_heldout_samples": min_heldout_samples,
         "bootstrap_resamples": n_resamples,
         "calibration_bins": CALIBRATION_BINS,
-        **dict(settings or {}),
     }
     return EvaluationReport(
         task=resolved.as_dict(),
         selection=samples.selection.as_dict(),
         samples=summary,
-        settings=recorded,
+        settings={**recorded, **dict(settings or {})},
         schemes=results,
         severity=severity_result,
         audit=audit_result,
