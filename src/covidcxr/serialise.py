@@ -1,4 +1,5 @@
-"""One way to turn the package's frozen dataclasses into JSON-ready dicts and back.
+"""One way to turn the package's frozen dataclasses into JSON-ready dicts and back, and
+one way to read a JSON object from a file.
 
 ``to_dict(obj)`` gives plain JSON types: tuples become lists, ``NaN`` and infinities
 become ``None``, nested dataclasses become dicts. ``from_dict(cls, data)`` reverses it
@@ -10,15 +11,37 @@ does not know are ignored; missing keys take the field's default.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
+
+from covidcxr.errors import MetadataError
 
 T = TypeVar("T")
 
-__all__ = ["from_dict", "to_dict"]
+__all__ = ["from_dict", "read_json_object", "to_dict"]
+
+
+def read_json_object(path: str | Path, caller: str) -> dict[str, Any]:
+    """The JSON object in ``path``.
+
+    Raises:
+        MetadataError: naming ``caller`` and the file: it cannot be read, is not JSON,
+            or holds something other than an object.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MetadataError(f"{caller}: cannot read {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MetadataError(
+            f"{caller}: {str(path)!r} holds {type(data).__name__}, not a JSON object"
+        )
+    return data
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

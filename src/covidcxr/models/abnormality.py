@@ -22,7 +22,6 @@ P(COVID-19). Fitting and measurement: :mod:`covidcxr.models.abnormality_train`.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
 from covidcxr.models.coherence import NO_FINDING, PNEUMONIA_LABELS
 from covidcxr.models.lungs import LungSegmenter, letterbox_box
+from covidcxr.serialise import read_json_object
 
 FORMAT: Final = "covidcxr-lung-pneumonia/1"
 #: Side of the letterboxed image the zones are measured on (twice the segmenter's).
@@ -239,12 +239,7 @@ class PneumoniaModel:
             MissingExtraError: neither torch nor onnxruntime runs the segmenter.
         """
         where = f"PneumoniaModel.load: {str(path)!r}"
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise MetadataError(f"{where}: cannot read it: {exc}") from exc
-        if not isinstance(data, dict):
-            raise MetadataError(f"{where} holds {type(data).__name__}, not a JSON object")
+        data = read_json_object(path, "PneumoniaModel.load")
         if data.get("format") != FORMAT or data.get("features") != list(FEATURE_NAMES):
             raise MetadataError(
                 f"{where} is not a {FORMAT} file with this version's features; refit it "

@@ -36,6 +36,7 @@ from scipy import ndimage
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
 from covidcxr.models.lungs import Backend, LungSegmenter, letterbox_box
+from covidcxr.serialise import read_json_object
 
 GATE_ID: Final = "gate-lungs-v1"
 WEIGHTS_DIR: Final = Path(__file__).parent / "weights" / GATE_ID
@@ -316,16 +317,6 @@ class BoostedTrees:
 # --- the shipped gate ----------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MetadataError(f"LungGate.load: cannot read {str(path)!r}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise MetadataError(f"LungGate.load: {str(path)!r} holds no JSON object")
-    return data
-
-
 class LungGate:
     """A fitted lung gate: the segmenter, the classifier and the threshold it was
     measured at.
@@ -367,7 +358,7 @@ class LungGate:
                     f"LungGate.load: {str(path)!r} is missing; "
                     "train one with covidcxr train-gate --out DIR"
                 )
-        card = _read_json(card_path)
+        card = read_json_object(card_path, "LungGate.load")
         if card.get("format") != FORMAT or "threshold" not in card:
             raise MetadataError(
                 f"LungGate.load: {str(card_path)!r} has format {card.get('format')!r} "

@@ -329,12 +329,17 @@ class Estimate:
 
     def text(self, digits: int = 2) -> str:
         """``0.81 [0.74, 0.87]``, ``0.81`` without an interval, ``n/a`` when undefined."""
-        if not self.defined:
-            return "n/a"
-        value = f"{self.value:.{digits}f}"
-        if math.isfinite(self.low) and math.isfinite(self.high):
-            return f"{value} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-        return value
+        return interval_text(self.value, self.low, self.high, digits)
+
+
+def interval_text(value: float, low: float, high: float, digits: int = 2) -> str:
+    """``0.81 [0.74, 0.87]``; ``0.81`` when the interval is not finite; ``n/a`` when the
+    value is not."""
+    if not math.isfinite(value):
+        return "n/a"
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def constant_estimate(value: float, note: str) -> Estimate:

@@ -17,7 +17,7 @@ from covidcxr.models.bundle import SHIPPED_DIR
 from covidcxr.models.prognosis_cohort import CLINICAL_FEATURES, OUTCOMES
 from covidcxr.models.prognosis_stats import Interval
 from covidcxr.models.prognosis_values import check_values, has_clinical
-from covidcxr.serialise import from_dict
+from covidcxr.serialise import from_dict, read_json_object
 
 #: The shipped prognosis models: one ``OUTCOME.json`` per outcome, and a README card.
 SHIPPED_PROGNOSIS: Final = SHIPPED_DIR / "prognosis-v1"
@@ -32,11 +32,8 @@ def load_model(path: str | Path, command: str = "prognosis risk") -> prognosis.P
     Raises:
         MetadataError: the file cannot be read or is not a prognosis model.
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MetadataError(f"{command}: cannot read model {str(path)!r}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != prognosis.MODEL_FORMAT:
+    data = read_json_object(path, command)
+    if data.get("format") != prognosis.MODEL_FORMAT:
         raise MetadataError(
             f"{command}: {str(path)!r} is not a {prognosis.MODEL_FORMAT} file; "
             "make one with `covidcxr prognosis fit --out MODEL.json`"

@@ -12,6 +12,8 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.special import expit
 
+from covidcxr.models.metrics import interval_text
+
 Array = NDArray[np.float64]
 
 
@@ -113,11 +115,7 @@ class Interval:
 
     def text(self, digits: int = 2) -> str:
         """``0.71 [0.60, 0.81]``; ``n/a`` when undefined."""
-        if not math.isfinite(self.value):
-            return "n/a"
-        if not (math.isfinite(self.low) and math.isfinite(self.high)):
-            return f"{self.value:.{digits}f}"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return interval_text(self.value, self.low, self.high, digits)
 
 
 def bootstrap_metrics(y: Array, scores: Array, *, resamples: int, seed: int) -> dict[str, Interval]:

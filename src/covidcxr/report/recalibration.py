@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from covidcxr.errors import MetadataError
 from covidcxr.models.bundle import ModelBundle
 from covidcxr.models.rows import PredictionRow
+from covidcxr.serialise import read_json_object
 
 FORMAT: Final = "covidcxr-recalibration/1"
 
@@ -27,11 +27,8 @@ def load_recalibration(
             or a slope that is not positive.
     """
     file = Path(path)
-    try:
-        doc: Any = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise MetadataError(f"predict: cannot read recalibration file {file}: {exc}") from exc
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+    doc = read_json_object(file, "predict: recalibration file")
+    if doc.get("format") != FORMAT:
         raise MetadataError(
             f"predict: {file} is not a recalibration file (format {FORMAT}); write one with "
             "covidcxr validate-model"

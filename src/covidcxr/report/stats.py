@@ -13,6 +13,8 @@ from numpy.typing import NDArray
 from scipy.stats import norm
 from sklearn.metrics import brier_score_loss, roc_curve
 
+from covidcxr.models.metrics import interval_text
+
 Floats = NDArray[np.float64]
 
 #: Bootstrap resamples for every interval of the report.
@@ -43,11 +45,7 @@ class Estimate:
 
     def text(self, digits: int = 2) -> str:
         """``0.81 [0.72, 0.90]``, or ``n/a``."""
-        if not math.isfinite(self.value):
-            return "n/a"
-        if not (math.isfinite(self.low) and math.isfinite(self.high)):
-            return f"{self.value:.{digits}f}"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return interval_text(self.value, self.low, self.high, digits)
 
 
 #: The statistics :func:`patient_bootstrap` computes.
