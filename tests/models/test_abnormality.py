@@ -21,7 +21,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from covidcxr.errors import MetadataError
-from covidcxr.models import runtime
+from covidcxr.models import abnormality, runtime
 from covidcxr.models.abnormality import (
     FEATURE_NAMES,
     FORMAT,
@@ -375,3 +375,19 @@ def test_a_bundle_naming_a_missing_pneumonia_model_is_refused(tmp_path: Path) ->
     )
     with pytest.raises(MetadataError, match=r"abnormality\.json"):
         runtime.load_pneumonia_model(bundle, None)
+
+
+def test_features_reuse_the_lung_gates_segmentation_unchanged() -> None:
+    pytest.importorskip("onnxruntime")
+    from covidcxr.models import lung_gate
+    from covidcxr.models.lungs import LungSegmenter
+
+    segmenter = LungSegmenter.load(backend="onnx")
+    grey = np.full((180, 300), 200, dtype=np.uint8)
+    grey[40:150, 40:130] = 60  # two dark fields in a bright body
+    grey[40:150, 170:260] = 60
+    image = Image.fromarray(grey)
+    _, lungs = lung_gate.measure(segmenter, image)
+    assert lungs.shape == (segmenter.input_size, segmenter.input_size)
+    reused = abnormality.features(segmenter, image, lungs)
+    assert np.array_equal(reused, abnormality.features(segmenter, image))

@@ -121,14 +121,26 @@ def zone_features(pixels: NDArray[np.uint8], lung: NDArray[np.bool_]) -> NDArray
     return np.asarray(values, dtype=np.float64)
 
 
-def features(segmenter: LungSegmenter, image: Image.Image) -> NDArray[np.float64]:
+def features(
+    segmenter: LungSegmenter,
+    image: Image.Image,
+    lungs: NDArray[np.floating] | None = None,
+) -> NDArray[np.float64]:
     """:func:`zone_features` of a decoded image: the segmenter's mask (at its input
-    size, enlarged) over the image letterboxed to :data:`MEASURE_SIZE`."""
+    size, enlarged) over the image letterboxed to :data:`MEASURE_SIZE`.
+
+    Args:
+        lungs: the segmenter's letterboxed probability of this image, when already
+            computed (:func:`covidcxr.models.lung_gate.measure`); else it is computed.
+    """
     small_size = segmenter.input_size
     scale = MEASURE_SIZE // small_size
-    small = preprocess_image(image, small_size, crop="pad")
     big = preprocess_image(image, MEASURE_SIZE, crop="pad")
-    probability = segmenter.batch_probability(small[None])[0]
+    probability = (
+        segmenter.batch_probability(preprocess_image(image, small_size, crop="pad")[None])[0]
+        if lungs is None
+        else lungs
+    )
     lung = np.kron(probability >= 0.5, np.ones((scale, scale), dtype=bool))
     left, top, width, height = letterbox_box(image.width, image.height, MEASURE_SIZE)
     area = (slice(top, top + height), slice(left, left + width))
@@ -253,6 +265,6 @@ class PneumoniaModel:
             raise MetadataError(f"{where}: the model's arrays do not match its features")
         return cls(segmenter or LungSegmenter.load(), risk, data)
 
-    def probability(self, image: Image.Image) -> float:
-        """P(pneumonia) of one decoded image."""
-        return float(self.risk.probability(features(self.segmenter, image))[0])
+    def probability(self, image: Image.Image, lungs: NDArray[np.floating] | None = None) -> float:
+        """P(pneumonia) of one decoded image (``lungs``: see :func:`features`)."""
+        return float(self.risk.probability(features(self.segmenter, image, lungs))[0])

@@ -189,6 +189,14 @@ def features(segmenter: LungSegmenter, image: Image.Image) -> NDArray[np.float64
     """:data:`FEATURE_NAMES` of a decoded image: :func:`view_features` of the image and
     of its negative, both letterboxed to the segmenter's input size (black bars on
     both, as the segmenter saw in training)."""
+    return measure(segmenter, image)[0]
+
+
+def measure(
+    segmenter: LungSegmenter, image: Image.Image
+) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+    """:func:`features`, and the segmenter's lung probability of the image itself
+    (letterboxed, ``(S, S)``), which other lung models can reuse."""
     size = segmenter.input_size
     pixels = preprocess_image(image, size, crop="pad")
     left, top, width, height = letterbox_box(image.width, image.height, size)
@@ -197,7 +205,8 @@ def features(segmenter: LungSegmenter, image: Image.Image) -> NDArray[np.float64
     negative[area] = 255 - pixels[area]
     views = np.stack([pixels, negative])
     probability = segmenter.batch_probability(views)
-    return np.concatenate([view_features(probability[k][area], views[k][area]) for k in range(2)])
+    values = np.concatenate([view_features(probability[k][area], views[k][area]) for k in range(2)])
+    return values, probability[0]
 
 
 # --- the classifier ------------------------------------------------------------------
@@ -383,7 +392,11 @@ class LungGate:
 
     def probabilities(self, image: Image.Image) -> NDArray[np.float64]:
         """P(class) over :data:`CLASSES` for one decoded image."""
-        row: NDArray[np.float64] = self.classifier.predict_proba(
-            features(self.segmenter, image)[None]
-        )[0]
-        return row
+        return self.judge(image)[0]
+
+    def judge(self, image: Image.Image) -> tuple[NDArray[np.float64], NDArray[np.float32]]:
+        """:meth:`probabilities`, and the lung probability it was judged from (see
+        :func:`measure`)."""
+        values, lungs = measure(self.segmenter, image)
+        row: NDArray[np.float64] = self.classifier.predict_proba(values[None])[0]
+        return row, lungs

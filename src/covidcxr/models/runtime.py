@@ -151,6 +151,7 @@ class _Item:
     image: Image.Image | None
     verdict: gate.GateVerdict
     pixels: NDArray[np.uint8] | None = None
+    lungs: NDArray[np.float32] | None = None  # the lung gate's segmentation, reused
 
 
 @dataclass
@@ -388,22 +389,20 @@ class InferenceEngine(ABC):
         for item in items:
             if item.pixels is None or item.image is None:
                 continue
-            probabilities = self.lung_gate.probabilities(item.image)
+            probabilities, item.lungs = self.lung_gate.judge(item.image)
             item.verdict = gate.head_verdict(probabilities, lung_gate.CLASSES, rules, item.verdict)
             if not item.verdict.passed:
                 item.pixels = None
 
-    def _lungs_first(
-        self, probs: NDArray[np.float64], image: Image.Image | None
-    ) -> NDArray[np.float64]:
+    def _lungs_first(self, probs: NDArray[np.float64], item: _Item) -> NDArray[np.float64]:
         """With the bundle's lung-zone pneumonia model: P(No finding) from it, the kinds
         of pneumonia in the network's proportions (:func:`abnormality.combine`)."""
-        if self.pneumonia is None or image is None:
+        if self.pneumonia is None or item.image is None:
             return probs
         names = self.bundle.findings
         combined = abnormality.combine(
             dict(zip(names, probs.tolist(), strict=True)),
-            self.pneumonia.probability(image),
+            self.pneumonia.probability(item.image, item.lungs),
             names,
         )
         return np.asarray([combined[n] for n in names], dtype=np.float64)
@@ -433,7 +432,7 @@ class InferenceEngine(ABC):
             if item.verdict.passed:
                 probabilities[index] = self._lungs_first(
                     calibrated_probabilities(outputs.findings[k], self.bundle.temperatures),
-                    item.image,
+                    item,
                 )
         if request is not None and probabilities and outputs is not None and batch is not None:
             explained = self._heatmaps(position, probabilities, batch, outputs)
