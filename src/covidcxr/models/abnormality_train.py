@@ -16,6 +16,7 @@ Why: ``docs/decisions/0072-pneumonia-from-lung-zones.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,16 +61,8 @@ class ZoneData:
     path: NDArray[np.str_]
 
     def take(self, rows: NDArray[np.intp]) -> ZoneData:
-        """The rows at ``rows``."""
-        return ZoneData(
-            self.x[rows],
-            self.pneumonia[rows],
-            self.covid[rows],
-            self.source[rows],
-            self.group[rows],
-            self.patient[rows],
-            self.path[rows],
-        )
+        """The rows at ``rows`` (of every field)."""
+        return ZoneData(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
     def labelled(self, source: str | None = None) -> NDArray[np.intp]:
         """Rows with a known pneumonia label (of ``source``, when given)."""

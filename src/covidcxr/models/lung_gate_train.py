@@ -17,6 +17,7 @@ Why these choices: ``docs/decisions/0071-lung-gate.md``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -76,10 +77,8 @@ class GateData:
     kind: NDArray[np.str_]
 
     def take(self, rows: NDArray[np.intp]) -> GateData:
-        """The rows at ``rows``."""
-        return GateData(
-            self.x[rows], self.y[rows], self.source[rows], self.group[rows], self.kind[rows]
-        )
+        """The rows at ``rows`` (of every field)."""
+        return GateData(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
 
 def swap_views(x: NDArray[np.float64]) -> NDArray[np.float64]:
