@@ -391,3 +391,86 @@ def test_features_reuse_the_lung_gates_segmentation_unchanged() -> None:
     assert lungs.shape == (segmenter.input_size, segmenter.input_size)
     reused = abnormality.features(segmenter, image, lungs)
     assert np.array_equal(reused, abnormality.features(segmenter, image))
+
+
+# --- where in the lungs: zone shares of the log-odds and the zone map ----------------------
+
+
+def random_risk(seed: int = 0) -> LinearRisk:
+    rng = np.random.default_rng(seed)
+    n = len(FEATURE_NAMES)
+    return LinearRisk(rng.normal(size=n), rng.uniform(0.5, 2, n), rng.normal(size=n), -0.3)
+
+
+def test_zone_shares_and_whole_lung_terms_give_the_models_log_odds_exactly() -> None:
+    risk = random_risk()
+    x = np.random.default_rng(1).normal(size=len(FEATURE_NAMES))
+    shares = abnormality.zone_logits(risk, x)
+    assert shares.shape == (len(ZONES),)
+    whole_lung = slice(len(ZONES) * len(ZONE_MEASURES), None)
+    rest = float((risk.coef * (x - risk.mean) / risk.scale)[whole_lung].sum()) + risk.intercept
+    p = float(risk.probability(x)[0])
+    assert shares.sum() + rest == pytest.approx(math.log(p / (1 - p)))
+
+
+def test_zone_shares_refuse_a_row_of_other_features() -> None:
+    with pytest.raises(ValueError, match="expected 64 features"):
+        abnormality.zone_logits(random_risk(), np.zeros(len(FEATURE_NAMES) - 1))
+
+
+class _Segmenter:
+    """Only what the zone map reads when the lung probability is given."""
+
+    input_size = 128
+
+
+def model_raising(image: Image.Image, lungs: NDArray[np.float32], zone: str, logit: float) -> Any:
+    """A model for which this image's ``zone`` adds ``logit`` to the log-odds, and every
+    other feature sits at the training mean."""
+    x = abnormality.features(_Segmenter(), image, lungs)  # type: ignore[arg-type]
+    coef = np.zeros(len(FEATURE_NAMES))
+    index = FEATURE_NAMES.index(f"{zone}_mean")
+    coef[index] = logit
+    mean = x.copy()
+    mean[index] -= 1.0
+    risk = LinearRisk(mean, np.ones(len(FEATURE_NAMES)), coef, 0.0)
+    return PneumoniaModel(_Segmenter(), risk)  # type: ignore[arg-type]
+
+
+def lungs_and_image(width: int = 300, height: int = 200) -> tuple[Image.Image, Any]:
+    """A chest of any proportions and its lung probability, letterboxed at 128 px."""
+    pixels, lung = chest(side=256)
+    picture = Image.fromarray(pixels).resize((width, height))
+    probability = np.zeros((128, 128), dtype=np.float32)
+    left, top, w, h = abnormality.letterbox_box(width, height, 128)
+    small = Image.fromarray(lung.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
+    probability[top : top + h, left : left + w] = np.asarray(small) / 255.0
+    return picture, probability
+
+
+def test_the_zone_map_paints_only_the_zone_that_raised_pneumonia() -> None:
+    image, lungs = lungs_and_image()
+    heat = model_raising(image, lungs, "right_lower", 1.0).zone_map(image, lungs)
+    assert heat.shape == (200, 300)  # the whole image, in its proportions
+    assert heat.max() == pytest.approx(1.0 / abnormality.ZONE_MAP_FULL_LOGIT)
+    ys, xs = np.nonzero(heat)
+    assert xs.max() < 150  # the patient's right lung is on the image's left
+    assert ys.min() > 100  # its lower third
+    unrelated = model_raising(image, lungs, "left_upper", 1.0).zone_map(image, lungs)
+    assert not np.any((heat > 0) & (unrelated > 0))  # zones do not overlap
+
+
+def test_the_zone_map_is_clipped_to_full_heat_and_ignores_zones_that_lower_it() -> None:
+    image, lungs = lungs_and_image(256, 256)
+    strong = model_raising(image, lungs, "left_middle", 10.0).zone_map(image, lungs)
+    assert strong.max() == 1.0
+    lowering = model_raising(image, lungs, "left_middle", -3.0).zone_map(image, lungs)
+    assert not lowering.any()
+
+
+def test_the_zone_map_of_an_image_without_lungs_is_empty() -> None:
+    image, _ = lungs_and_image(256, 256)
+    model = model_raising(image, lungs_and_image(256, 256)[1], "left_middle", 3.0)
+    heat = model.zone_map(image, np.zeros((128, 128), dtype=np.float32))
+    assert heat.shape == (256, 256)
+    assert not heat.any()

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from covidcxr.cli import main
-from covidcxr.models import coherence, engines, gate, lung_model
+from covidcxr.models import abnormality, coherence, engines, gate, lung_model, saliency
 from covidcxr.models.abnormality_train import ZoneData, summary_lines
 from covidcxr.models.bundle import SHIPPED_DIR, ModelBundle, load_bundle
 from covidcxr.models.card import lung_dice_line, render_card
@@ -400,3 +400,20 @@ def test_an_onnx_engine_runs_the_lungs_first_model_without_importing_torch(tmp_p
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["onnx", "False"]
+
+
+def test_v2_heatmaps_lead_with_the_lung_zone_map_drawn_without_the_networks_square(
+    torch_v2: Any, tmp_path: Path
+) -> None:
+    image = chest()
+    (row,) = torch_v2.predict_arrays([image], heatmaps=True, heatmaps_dir=tmp_path)
+    labels = list(row.heatmaps)
+    assert labels[0] == abnormality.ZONE_MAP_LABEL
+    assert len(labels) >= 2  # and the network's map of what it called
+    zones = row.heatmaps[abnormality.ZONE_MAP_LABEL]
+    assert zones.shape == (image.height, image.width)
+    expected = torch_v2.pneumonia.zone_map(image.convert("L"))
+    np.testing.assert_array_equal(zones, expected)
+    zone_file = next(f for f in row.heatmap_files if "lung_zones" in f)
+    overlay = np.asarray(Image.open(zone_file).convert("RGB"))
+    assert not np.all(overlay == saliency.SEEN_COLOUR, axis=-1).any()  # no dashed square

@@ -121,6 +121,25 @@ def zone_features(pixels: NDArray[np.uint8], lung: NDArray[np.bool_]) -> NDArray
     return np.asarray(values, dtype=np.float64)
 
 
+def _measured_area(
+    segmenter: LungSegmenter, image: Image.Image, lungs: NDArray[np.floating] | None
+) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+    """The image letterboxed to :data:`MEASURE_SIZE`, cut to its own area (no bars),
+    and the segmenter's lung mask over it (at its input size, enlarged)."""
+    small_size = segmenter.input_size
+    scale = MEASURE_SIZE // small_size
+    big = preprocess_image(image, MEASURE_SIZE, crop="pad")
+    probability = (
+        segmenter.batch_probability(preprocess_image(image, small_size, crop="pad")[None])[0]
+        if lungs is None
+        else lungs
+    )
+    lung = np.kron(probability >= 0.5, np.ones((scale, scale), dtype=bool))
+    left, top, width, height = letterbox_box(image.width, image.height, MEASURE_SIZE)
+    area = (slice(top, top + height), slice(left, left + width))
+    return big[area], lung[area]
+
+
 def features(
     segmenter: LungSegmenter,
     image: Image.Image,
@@ -133,18 +152,7 @@ def features(
         lungs: the segmenter's letterboxed probability of this image, when already
             computed (:func:`covidcxr.models.lung_gate.measure`); else it is computed.
     """
-    small_size = segmenter.input_size
-    scale = MEASURE_SIZE // small_size
-    big = preprocess_image(image, MEASURE_SIZE, crop="pad")
-    probability = (
-        segmenter.batch_probability(preprocess_image(image, small_size, crop="pad")[None])[0]
-        if lungs is None
-        else lungs
-    )
-    lung = np.kron(probability >= 0.5, np.ones((scale, scale), dtype=bool))
-    left, top, width, height = letterbox_box(image.width, image.height, MEASURE_SIZE)
-    area = (slice(top, top + height), slice(left, left + width))
-    return zone_features(big[area], lung[area])
+    return zone_features(*_measured_area(segmenter, image, lungs))
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,31 @@ class LinearRisk:
             np.asarray(data["coef"], dtype=np.float64),
             float(data["intercept"]),
         )
+
+
+#: The label of :meth:`PneumoniaModel.zone_map` among a prediction's heatmaps.
+ZONE_MAP_LABEL: Final = "Pneumonia (lung zones)"
+#: A lung zone that adds this much to the log-odds of pneumonia is drawn at full heat
+#: by :meth:`PneumoniaModel.zone_map` (odds times e^2, about 7).
+ZONE_MAP_FULL_LOGIT: Final = 2.0
+
+
+def zone_logits(risk: LinearRisk, x: NDArray[np.floating]) -> NDArray[np.float64]:
+    """Each of the :data:`ZONES`' share of the log-odds of pneumonia: the sum over the
+    zone's :data:`ZONE_MEASURES` of ``coef * (x - mean) / scale``, relative to the
+    training images' mean. The four whole-lung features belong to no zone, so the six
+    shares plus theirs and the intercept give the model's log-odds exactly.
+
+    Raises:
+        ValueError: ``x`` is not one row of :data:`FEATURE_NAMES`.
+    """
+    row = np.asarray(x, dtype=np.float64)
+    if row.shape != (len(FEATURE_NAMES),):
+        raise ValueError(f"zone_logits: expected {len(FEATURE_NAMES)} features, got {row.shape}")
+    terms = risk.coef * (row - risk.mean) / risk.scale
+    zoned = len(ZONES) * len(ZONE_MEASURES)
+    shares: NDArray[np.float64] = terms[:zoned].reshape(len(ZONES), -1).sum(axis=1)
+    return shares
 
 
 def _floor(value: float | None) -> float:
@@ -268,3 +301,19 @@ class PneumoniaModel:
     def probability(self, image: Image.Image, lungs: NDArray[np.floating] | None = None) -> float:
         """P(pneumonia) of one decoded image (``lungs``: see :func:`features`)."""
         return float(self.risk.probability(features(self.segmenter, image, lungs))[0])
+
+    def zone_map(
+        self, image: Image.Image, lungs: NDArray[np.floating] | None = None
+    ) -> NDArray[np.float32]:
+        """Where in the lungs this model saw pneumonia: an ``(H, W)`` map of the whole
+        image, each lung zone painted with its :func:`zone_logits` over
+        :data:`ZONE_MAP_FULL_LOGIT` (clipped to [0, 1]; zones that lower P(pneumonia),
+        and everything outside the lungs, are 0). ``lungs``: see :func:`features`."""
+        pixels, lung = _measured_area(self.segmenter, image, lungs)
+        heat = np.zeros(lung.shape, dtype=np.float32)
+        if lung.sum() >= MIN_LUNG_PIXELS:
+            weights = np.clip(zone_logits(self.risk, zone_features(pixels, lung)), 0.0, None)
+            for zone, weight in zip(_zone_masks(lung), weights, strict=True):
+                heat[zone] = min(1.0, float(weight) / ZONE_MAP_FULL_LOGIT)
+        resized = Image.fromarray(heat, mode="F").resize(image.size, Image.Resampling.NEAREST)
+        return np.asarray(resized, dtype=np.float32)

@@ -525,6 +525,8 @@ class InferenceEngine(ABC):
     def _write_heatmaps(
         self, item: _Item, raw_maps: Mapping[str, NDArray[np.float32]], request: _HeatmapRequest
     ) -> tuple[list[str], dict[str, NDArray[np.float32]]]:
+        """Each explained finding's map on the whole image (kept and/or written as an
+        overlay), led by the lung-zone map of a lungs-first bundle's P(pneumonia)."""
         files: list[str] = []
         kept: dict[str, NDArray[np.float32]] = {}
         if item.image is None:
@@ -532,18 +534,24 @@ class InferenceEngine(ABC):
         width, height = item.image.size
         gray = grey_levels(item.image) if request.directory is not None else None
         stem = request.unique_stem(item.name, item.sha256) if request.directory else ""
+        maps: list[tuple[str, NDArray[np.float32], NDArray[np.float32] | None]] = []
+        if self.pneumonia is not None:
+            zones = self.pneumonia.zone_map(item.image, item.lungs)
+            maps.append((abnormality.ZONE_MAP_LABEL, zones, None))
         for label, raw in raw_maps.items():
             heat = saliency.upsample_to_image(saliency.normalise_map(raw), width, height)
+            maps.append((label, heat, raw))
+        for label, heat, network_map in maps:
             if request.keep_in_memory:
                 kept[label] = heat
             if request.directory is not None and gray is not None:
                 base = request.directory / f"{stem}.{_UNSAFE_NAME.sub('_', label)}"
                 png = base.with_name(base.name + ".png")
-                saliency.write_overlay(png, gray, heat)
+                saliency.write_overlay(png, gray, heat, seen_box=network_map is not None)
                 files.append(str(png))
-                if request.raw_maps:
+                if request.raw_maps and network_map is not None:
                     npy = base.with_name(base.name + ".npy")
-                    saliency.write_raw_map(npy, raw)
+                    saliency.write_raw_map(npy, network_map)
                     files.append(str(npy))
         return files, kept
 

@@ -215,10 +215,13 @@ def annotated_overlay(
     gray: NDArray[np.uint8],
     heat: NDArray[np.floating],
     lungs: NDArray[np.integer] | NDArray[np.bool_] | None = None,
+    *,
+    seen_box: bool = True,
 ) -> NDArray[np.uint8]:
     """:func:`overlay` with the lung outline (when ``lungs`` is given), a dashed border
-    around the centre square the network saw (when the image is not square), and a
-    legend in the bottom-left corner. Same size as the image.
+    around the centre square the network saw (when ``seen_box`` and the image is not
+    square; a map that is not the network's has no such square), and a legend in the
+    bottom-left corner. Same size as the image.
 
     Raises:
         ValueError: the image, the map and the mask differ in shape.
@@ -232,7 +235,7 @@ def annotated_overlay(
                 f"annotated_overlay: image {gray.shape} and lungs {lungs.shape} differ"
             )
         rgb[_outline(np.asarray(lungs) != 0, thickness)] = LUNG_COLOUR
-    border = _dashed_box(height, width, thickness)
+    border = _dashed_box(height, width, thickness) if seen_box else np.zeros_like(gray, bool)
     rgb[border] = SEEN_COLOUR
     if min(height, width) >= 64:  # no room for a legend on a thumbnail
         _draw_legend(rgb, lungs=lungs is not None, seen_box=bool(border.any()))
@@ -283,6 +286,8 @@ def write_overlay(
     gray: NDArray[np.uint8],
     heat: NDArray[np.floating],
     lungs: NDArray[np.integer] | NDArray[np.bool_] | Literal["auto"] | None = "auto",
+    *,
+    seen_box: bool = True,
 ) -> None:
     """Write :func:`annotated_overlay` as an RGB PNG (atomically: never half a file).
 
@@ -292,11 +297,13 @@ def write_overlay(
         heat: ``(H, W)`` map in [0, 1].
         lungs: a lung mask; ``"auto"`` segments ``gray`` with the shipped lung model
             when torch and its weights are there (no outline otherwise); None: none.
+        seen_box: draw the border of the square the network saw (see
+            :func:`annotated_overlay`).
     """
     if isinstance(lungs, str):
         segmenter = _shipped_segmenter()
         lungs = segmenter.segment(gray) if segmenter is not None else None
-    image = Image.fromarray(annotated_overlay(gray, heat, lungs))
+    image = Image.fromarray(annotated_overlay(gray, heat, lungs, seen_box=seen_box))
     with atomic_output(path) as temporary:
         image.save(temporary, format="PNG")
 

@@ -8,6 +8,7 @@ import anyio.to_thread
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse
 
+from covidcxr.models.abnormality import ZONE_MAP_LABEL
 from covidcxr.models.coherence import training_prevalence
 from covidcxr.models.engines import quality_note
 from covidcxr.models.prognosis_values import Values
@@ -160,6 +161,7 @@ async def predict_page(
             "bundle": bundle,
             "quality": quality_note(bundle),
             "legend_gradient": predicting.legend_gradient(),
+            "zone_map_label": ZONE_MAP_LABEL,
             "severity_headers": [
                 predicting.SEVERITY_TEXT.get(name, name) for name in bundle.severity
             ],
