@@ -5,13 +5,15 @@ lung bundle's operating points."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from numpy.typing import NDArray
+from PIL import Image
 
-from covidcxr.models import abnormality_train, metrics
+from covidcxr.models import abnormality_train, metrics, processing
 from covidcxr.models.abnormality import LinearRisk
 from covidcxr.models.abnormality_train import (
     ZoneData,
@@ -19,6 +21,7 @@ from covidcxr.models.abnormality_train import (
     fit,
     out_of_fold,
     prevalence,
+    processing_drift,
     source_probe,
     summary_lines,
     transfer,
@@ -278,3 +281,55 @@ def test_operating_points_take_no_finding_from_the_out_of_fold_scores() -> None:
     assert thresholds[fungal] == base.thresholds[fungal]
     assert "kept from the base" in record["Fungal pneumonia"]["on"]
     assert record["Fungal pneumonia"]["threshold"] == round(base.thresholds[fungal], 6)
+
+
+# --- processing drift -----------------------------------------------------------------------
+
+
+def brightness(image: Image.Image) -> float:
+    """A stand-in 'model': the image's mean grey level over 255."""
+    return float(np.asarray(image.convert("L"), dtype=np.float64).mean() / 255)
+
+
+def mid_grey_files(folder: Path, count: int = 3) -> list[str]:
+    paths = []
+    for k in range(count):
+        path = folder / f"chest-{k}.png"
+        Image.fromarray(np.full((32, 40), 100 + 4 * k, dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_processing_drift_reports_how_each_step_moves_the_probability(tmp_path: Path) -> None:
+    paths = mid_grey_files(tmp_path)
+    steps = {"brighter": processing.gamma(0.5), "darker": processing.gamma(2.0)}
+    drift = processing_drift(brightness, paths, steps)
+    assert drift["images"] == 3
+    assert drift["called_before"] == 0.0  # 100-108 of 255 is below 0.5
+    assert drift["brighter"]["mean_change"] > 0.1
+    assert drift["brighter"]["called_after"] == 1.0
+    assert drift["darker"]["mean_change"] < -0.1
+    assert drift["darker"]["mean_abs_change"] == pytest.approx(-drift["darker"]["mean_change"])
+    assert drift["darker"]["called_after"] == 0.0
+
+
+def test_processing_drift_refuses_no_images() -> None:
+    with pytest.raises(ValueError, match="no image"):
+        processing_drift(brightness, [])
+
+
+def test_summary_lines_list_the_processing_drift(evaluation: dict[str, Any]) -> None:
+    drift = {
+        "source": "a",
+        "images": 3,
+        "called_before": 0.1,
+        "histogram equalised": {"mean_change": 0.29, "mean_abs_change": 0.33, "called_after": 0.6},
+    }
+    lines = summary_lines({**evaluation, "processing_drift": drift})
+    assert "3 normal chests of a" in lines[-2]
+    assert "10% unprocessed" in lines[-2]
+    assert lines[-1] == (
+        "  - histogram equalised: P(pneumonia) +0.29 on average (mean |change| 0.33); "
+        "called pneumonia 60%"
+    )
+    assert not any("Processing" in line for line in summary_lines(evaluation))

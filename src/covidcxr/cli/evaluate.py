@@ -231,7 +231,7 @@ def evaluate_lungs(args: argparse.Namespace) -> int:
         )
         _progress("measuring the lung zones of every labelled frontal X-ray")
         zones = abnormality_train.evaluate(
-            abnormality_train.measure(store, segmenter), seed=args.seed
+            abnormality_train.measure(store, segmenter), seed=args.seed, segmenter=segmenter
         )
     print(f"\n== input gate (pass at P(frontal) >= {threshold:g})\n")
     print("\n".join(lung_gate_train.evaluation_lines(gate)))

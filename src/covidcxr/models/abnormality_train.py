@@ -10,6 +10,9 @@ it honestly.
 - :func:`source_probe`: how well the same features tell the sources apart (patient-
   grouped cross-validated AUC); high means a model fitted on several sources *could*
   learn the source, which is why this one is fitted on one.
+- :func:`processing_drift`: how P(pneumonia) of the same chests moves under the ordinary
+  processing steps of :mod:`covidcxr.models.processing` (equalisation, gamma,
+  sharpening, JPEG, ...), which differ between hospitals.
 
 Why: ``docs/decisions/0072-pneumonia-from-lung-zones.md``.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -29,8 +32,8 @@ from PIL import Image
 from covidcxr.dataset.samples import Selection, build_samples
 from covidcxr.dataset.splits import linked_patients
 from covidcxr.dataset.tasks import get_task
-from covidcxr.models import metrics
-from covidcxr.models.abnormality import LinearRisk, features
+from covidcxr.models import metrics, processing
+from covidcxr.models.abnormality import LinearRisk, PneumoniaModel, features
 from covidcxr.models.coherence import COVID, NO_FINDING
 from covidcxr.models.lungs import LungSegmenter
 from covidcxr.store.db import Store
@@ -42,6 +45,8 @@ log = logging.getLogger(__name__)
 C: Final = 0.1
 #: The source the shipped model is fitted on: normal and pneumonia from one hospital.
 DEFAULT_SOURCE: Final = "nih-cxr14-subset"
+#: How many of the training source's normal chests :func:`processing_drift` processes.
+DRIFT_IMAGES: Final = 200
 
 
 @dataclass
@@ -196,14 +201,76 @@ def source_probe(data: ZoneData, folds: int = 5, seed: int = 0) -> dict[str, Any
     return {"sources": names, "target": names[1]} | _auc(target, scores, part.group, seed)
 
 
-def evaluate(data: ZoneData, train_source: str = DEFAULT_SOURCE, seed: int = 0) -> dict[str, Any]:
-    """Every measurement of the module, for the model card."""
+def processing_drift(
+    probability: Callable[[Image.Image], float],
+    paths: Sequence[str],
+    steps: Mapping[str, processing.Step] = processing.PROCESSING,
+) -> dict[str, Any]:
+    """How a model's P(pneumonia) of the same chests moves when only their processing
+    changes: per step, the mean change and mean absolute change of P, and the share of
+    the images at or above 0.5 before and after.
+
+    Raises:
+        ValueError: no path is given.
+    """
+    if not paths:
+        raise ValueError("processing_drift: no image to process")
+    before: list[float] = []
+    after: dict[str, list[float]] = {name: [] for name in steps}
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+            before.append(probability(image))
+            for name, step in steps.items():
+                after[name].append(probability(step(image)))
+    start = np.asarray(before)
+    called = _rounded((start >= 0.5).mean())
+    result: dict[str, Any] = {"images": len(paths), "called_before": called}
+    for name, values in after.items():
+        change = np.asarray(values) - start
+        result[name] = {
+            "mean_change": _rounded(change.mean()),
+            "mean_abs_change": _rounded(np.abs(change).mean()),
+            "called_after": _rounded((np.asarray(values) >= 0.5).mean()),
+        }
+    return result
+
+
+def _rounded(value: Any) -> float:
+    return round(float(value), 4)
+
+
+def _drift_of_fitted(
+    data: ZoneData, train_source: str, segmenter: LungSegmenter, seed: int
+) -> dict[str, Any]:
+    """:func:`processing_drift` of the model fitted on ``train_source``, on up to
+    :data:`DRIFT_IMAGES` of its normal chests (drawn with ``seed``)."""
+    train = data.take(data.labelled(train_source))
+    model = PneumoniaModel(segmenter, fit(train.x, train.pneumonia))
+    normal = train.path[train.pneumonia == 0]
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(normal, size=min(DRIFT_IMAGES, len(normal)), replace=False))
+    return {"source": train_source} | processing_drift(model.probability, [str(p) for p in chosen])
+
+
+def evaluate(
+    data: ZoneData,
+    train_source: str = DEFAULT_SOURCE,
+    seed: int = 0,
+    segmenter: LungSegmenter | None = None,
+) -> dict[str, Any]:
+    """Every measurement of the module, for the model card; with ``segmenter``, also
+    the :func:`processing_drift` of the fitted model on the training source's normal
+    chests."""
     others = sorted(set(data.source.tolist()) - {train_source})
-    return {
+    result = {
         "within_source_cv": within_source_cv(data, train_source, seed=seed),
         "transfer": [transfer(data, train_source, other, seed) for other in others],
         "source_probe": source_probe(data, seed=seed),
     }
+    if segmenter is not None and (data.pneumonia[data.labelled(train_source)] == 0).any():
+        result["processing_drift"] = _drift_of_fitted(data, train_source, segmenter, seed)
+    return result
 
 
 def prevalence(data: ZoneData, train_source: str = DEFAULT_SOURCE) -> float:
@@ -238,4 +305,21 @@ def summary_lines(evaluation: dict[str, Any]) -> Sequence[str]:
         f"{probe['sources'][0]}): AUC {probe['auc']:.2f} [{probe['low']:.2f}, "
         f"{probe['high']:.2f}]"
     )
+    drift = evaluation.get("processing_drift")
+    return [*lines, *_drift_lines(drift)] if isinstance(drift, dict) else lines
+
+
+def _drift_lines(drift: dict[str, Any]) -> list[str]:
+    """The :func:`processing_drift` record as a bullet and one sub-bullet per step."""
+    steps = {k: v for k, v in drift.items() if isinstance(v, dict)}
+    lines = [
+        f"- Processing only, the chest unchanged ({drift['images']} normal chests of "
+        f"{drift['source']}, each processed and scored again by the fitted model; called "
+        f"pneumonia at 0.5: {100 * drift['called_before']:.0f}% unprocessed):"
+    ]
+    for name, row in steps.items():
+        lines.append(
+            f"  - {name}: P(pneumonia) {row['mean_change']:+.2f} on average (mean |change| "
+            f"{row['mean_abs_change']:.2f}); called pneumonia {100 * row['called_after']:.0f}%"
+        )
     return lines

@@ -169,8 +169,14 @@ class FittedPneumonia:
         }
 
 
-def fit_pneumonia(data: abnormality_train.ZoneData, source: str, seed: int) -> FittedPneumonia:
-    """Measure and fit the pneumonia model on ``source``.
+def fit_pneumonia(
+    data: abnormality_train.ZoneData,
+    source: str,
+    seed: int,
+    segmenter: LungSegmenter | None = None,
+) -> FittedPneumonia:
+    """Fit the pneumonia model on ``source`` and measure it (with ``segmenter``, also
+    under processing: :func:`abnormality_train.processing_drift`).
 
     Raises:
         MetadataError: ``data`` has no labelled image of ``source``.
@@ -185,7 +191,7 @@ def fit_pneumonia(data: abnormality_train.ZoneData, source: str, seed: int) -> F
     return FittedPneumonia(
         source,
         abnormality_train.fit(train.x, train.pneumonia),
-        abnormality_train.evaluate(data, source, seed),
+        abnormality_train.evaluate(data, source, seed, segmenter),
         oof_part,
         oof.mean(axis=0),
         abnormality_train.prevalence(data, source),
@@ -272,8 +278,9 @@ def build(
     missing = [n for n in (NO_FINDING, *PNEUMONIA_LABELS) if n not in base.findings]
     if missing:
         raise MetadataError(f"train-lung-model: base {base.model_id} lacks labels {missing}")
-    data = abnormality_train.measure(store, LungSegmenter.load())
-    fitted = fit_pneumonia(data, abnormality_train.DEFAULT_SOURCE, seed)
+    segmenter = LungSegmenter.load()
+    data = abnormality_train.measure(store, segmenter)
+    fitted = fit_pneumonia(data, abnormality_train.DEFAULT_SOURCE, seed, segmenter)
     folds = score_base_folds(store, base, data, fitted.risk)
     val_table, val_labels, _ = folds.fold("val")
     thresholds, points = operating_points(

@@ -1,0 +1,87 @@
+"""What hospitals do to their X-ray exports, as fixed Pillow steps: for measuring how a
+model's output moves when only the processing changes, not the chest.
+
+Each step in :data:`PROCESSING` takes a decoded image and returns a new greyscale
+(``L``) image; none is random, so a measurement repeats exactly. The strengths are
+ordinary ones (a viewer's equalisation, a gamma of 0.7 or 1.4, a radiology unsharp
+mask, a quality-40 JPEG, half the pixels), not extremes.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping
+from typing import Final
+
+from PIL import Image, ImageFilter, ImageOps
+
+Step = Callable[[Image.Image], Image.Image]
+
+
+def _grey(image: Image.Image) -> Image.Image:
+    return image if image.mode == "L" else image.convert("L")
+
+
+def gamma(value: float) -> Step:
+    """Grey level ``g`` becomes ``255 * (g / 255) ** value`` (< 1 brightens).
+
+    Raises:
+        ValueError: ``value`` is not positive.
+    """
+    if not value > 0:
+        raise ValueError(f"gamma: the exponent must be positive, got {value}")
+    table = [round(255 * (g / 255) ** value) for g in range(256)]
+    return lambda image: _grey(image).point(table)
+
+
+def equalise(image: Image.Image) -> Image.Image:
+    """Histogram equalisation (Pillow's ``ImageOps.equalize``)."""
+    return ImageOps.equalize(_grey(image))
+
+
+def sharpen(image: Image.Image) -> Image.Image:
+    """An unsharp mask of radius 1% of the shorter side, 150%, threshold 3."""
+    radius = max(1.0, min(image.size) / 100)
+    return _grey(image).filter(ImageFilter.UnsharpMask(radius=radius, percent=150, threshold=3))
+
+
+def blur(image: Image.Image) -> Image.Image:
+    """A Gaussian blur of radius 0.3% of the shorter side (at least 1 px)."""
+    return _grey(image).filter(ImageFilter.GaussianBlur(max(1.0, min(image.size) / 300)))
+
+
+def jpeg(quality: int) -> Step:
+    """Encode as JPEG at ``quality`` and decode again.
+
+    Raises:
+        ValueError: ``quality`` is outside 1..95.
+    """
+    if not 1 <= quality <= 95:
+        raise ValueError(f"jpeg: quality must lie in 1..95, got {quality}")
+
+    def step(image: Image.Image) -> Image.Image:
+        buffer = io.BytesIO()
+        _grey(image).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        with Image.open(buffer) as decoded:
+            return decoded.convert("L")
+
+    return step
+
+
+def half_size(image: Image.Image) -> Image.Image:
+    """Half the width and height (at least 1 px), Lanczos."""
+    width, height = image.size
+    return _grey(image).resize((max(1, width // 2), max(1, height // 2)), Image.Resampling.LANCZOS)
+
+
+#: The steps a measurement applies, by the name it reports them under.
+PROCESSING: Final[Mapping[str, Step]] = {
+    "histogram equalised": equalise,
+    "gamma 0.7": gamma(0.7),
+    "gamma 1.4": gamma(1.4),
+    "sharpened": sharpen,
+    "blurred": blur,
+    "JPEG quality 40": jpeg(40),
+    "half size": half_size,
+}
