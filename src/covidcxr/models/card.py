@@ -490,6 +490,7 @@ def _lung_model_lines(bundle: ModelBundle) -> list[str]:
     lung = bundle.metrics.get("lung_model")
     if not isinstance(lung, Mapping):
         return []
+    from covidcxr.models.abnormality import ZONE_MAP_FULL_LOGIT, ZONE_MAP_LABEL
     from covidcxr.models.abnormality_train import summary_lines
 
     base = bundle.training.get("base_model", {})
@@ -511,6 +512,13 @@ def _lung_model_lines(bundle: ModelBundle) -> list[str]:
         f"- COVID-19 prevalence these probabilities carry: "
         f"{bundle.training.get('covid_prevalence', 'n/a')} "
         f"({bundle.training.get('covid_prevalence_how', '')}).",
+        f"- **Heatmaps**: the first, `{ZONE_MAP_LABEL}`, colours each of the six lung zones "
+        "by how much its measurements raised P(pneumonia) (full colour: the odds times "
+        f"e^{ZONE_MAP_FULL_LOGIT:g}, about 7; zones that lowered it stay uncoloured; the four "
+        "whole-lung measures have no place on it). The others show where the network "
+        "looked for the kind of pneumonia it called.",
+        "- **Image processing moves P(pneumonia)**: see 'Processing only' below. Check "
+        "it on your own exports (`covidcxr validate-model`) before use.",
         "",
         "### The pneumonia model, measured",
         "",
