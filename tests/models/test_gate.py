@@ -169,3 +169,34 @@ def test_softmax_is_stable() -> None:
     assert np.allclose(probabilities.sum(axis=1), 1.0)
     assert probabilities[0, 0] == pytest.approx(1.0)
     assert np.allclose(probabilities[1], 1 / 3)
+
+
+# --- grey levels: histogram equalisation (lungs-first models) -----------------------------
+
+
+def passed_frontal() -> gate.GateVerdict:
+    return gate.GateVerdict(
+        "pass", "frontal", "ok", checks_passed=("decodable", "size", "greyscale", "frontal_view")
+    )
+
+
+def test_a_flat_histogram_is_refused_as_equalised_naming_the_check() -> None:
+    verdict = gate.grey_level_verdict(0.021, passed_frontal())
+    assert not verdict.passed
+    assert verdict.code == "equalised"
+    assert verdict.checks_failed == ("grey_levels",)
+    assert verdict.checks_passed == passed_frontal().checks_passed
+    assert "0.021 < 0.04" in verdict.reason
+    assert "unprocessed export" in verdict.reason
+
+
+def test_an_ordinary_histogram_passes_and_gains_the_check() -> None:
+    verdict = gate.grey_level_verdict(gate.EQUALISED_MAX_FLATNESS, passed_frontal())
+    assert verdict.passed
+    assert verdict.checks_passed[-1] == "grey_levels"
+    assert verdict.frontal_probability == passed_frontal().frontal_probability
+
+
+def test_the_grey_level_check_keeps_an_earlier_failure() -> None:
+    earlier = gate.GateVerdict("fail", "lateral", "lateral_xray", checks_failed=("frontal_view",))
+    assert gate.grey_level_verdict(0.0, earlier) is earlier

@@ -417,3 +417,22 @@ def test_v2_heatmaps_lead_with_the_lung_zone_map_drawn_without_the_networks_squa
     zone_file = next(f for f in row.heatmap_files if "lung_zones" in f)
     overlay = np.asarray(Image.open(zone_file).convert("RGB"))
     assert not np.all(overlay == saliency.SEEN_COLOUR, axis=-1).any()  # no dashed square
+
+
+@pytest.mark.shared_data
+def test_v2_refuses_an_equalised_export_of_a_chest_it_passes(torch_v2: Any) -> None:
+    if not REAL_CHEST.is_file():
+        pytest.skip(f"shared data not found at {REAL_CHEST}")
+    with Image.open(REAL_CHEST) as image:
+        grey = image.convert("L")
+    original, equalised = torch_v2.predict_arrays([grey, ImageOps.equalize(grey)])
+    assert original.gate.passed
+    assert original.gate.checks_passed[-1] == "grey_levels"
+    assert equalised.gate.code == "equalised"
+    assert equalised.gate.checks_failed == ("grey_levels",)
+    assert all(p is None for p in equalised.probabilities.values())
+
+
+def test_v1_has_no_grey_level_check(torch_v1: Any) -> None:
+    (row,) = torch_v1.predict_arrays([ImageOps.equalize(chest())])
+    assert "grey_levels" not in row.gate.checks_passed + row.gate.checks_failed

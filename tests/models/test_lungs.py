@@ -63,6 +63,35 @@ def test_mass_in_lungs_matches_a_hand_computation() -> None:
         lungs.mass_in_lungs(heat, np.ones((3, 2)))
 
 
+def two_lungs_and_a_speck() -> np.ndarray:
+    """A 60x60 probability map: two lung blocks (0.9), a far speck (0.8), faint haze (0.3)."""
+    probability = np.zeros((60, 60))
+    probability[10:50, 8:25] = 0.9  # left lung, 680 px
+    probability[10:48, 35:52] = 0.9  # right lung, 646 px
+    probability[55:58, 2:5] = 0.8  # a 9 px speck below, far from both
+    probability[0:5, 28:32] = 0.3  # below the threshold
+    return probability
+
+
+def test_clean_mask_keeps_two_lungs_and_drops_a_far_speck() -> None:
+    probability = two_lungs_and_a_speck()
+    mask = lungs.clean_mask(probability)
+    assert mask.dtype == np.uint8 and mask.shape == probability.shape
+    assert mask[10:50, 8:25].all() and mask[10:48, 35:52].all()  # both lungs kept
+    assert not mask[55:58, 2:5].any()  # the speck is gone
+    assert int(mask.sum()) == 680 + 646  # nothing else, haze below 0.5 included
+    # A lower threshold takes the haze in as one more component, which goes too.
+    assert int(lungs.clean_mask(probability, threshold=0.25).sum()) == 680 + 646
+
+
+def test_clean_mask_leaves_one_or_two_components_and_holes_alone() -> None:
+    one = np.zeros((20, 20))
+    one[5:15, 5:15] = 1.0
+    one[9:11, 9:11] = 0.0  # a hole: kept (hole filling lost Dice on validation)
+    assert int(lungs.clean_mask(one).sum()) == 100 - 4
+    assert not lungs.clean_mask(np.zeros((8, 8))).any()
+
+
 def test_letterbox_target_and_back_keep_the_geometry() -> None:
     mask = np.zeros((100, 50), dtype=np.uint8)
     mask[10:60, 5:20] = 255
@@ -124,6 +153,20 @@ def test_shipped_weights_segment_a_chest_like_image_into_two_lungs() -> None:
     assert centres[0][1] < picture.shape[1] / 2 < centres[1][1]  # one each side
     card = segmenter.card
     assert card["test_dice_full_size"]["n"] > 0 and card["split_membership_sha256"]
+
+
+def test_segment_averages_the_image_and_its_mirror_image() -> None:
+    # With flip test-time augmentation the mask of the mirrored image is the mirrored
+    # mask, exactly; a single pass of the network is not mirror-symmetric.
+    segmenter = lungs.LungSegmenter.load()
+    picture = chest_like(height=200, width=170)
+    picture[20:60, 10:50] = 255  # break the picture's own symmetry
+    mask = segmenter.segment(picture)
+    assert np.array_equal(segmenter.segment(picture[:, ::-1].copy()), mask[:, ::-1])
+    assert ndimage.label(mask)[1] <= 2  # through clean_mask
+    # probability(), whose 0.5 cut the trained lung models use, stays a single pass.
+    single = segmenter.probability(picture)
+    assert not np.array_equal(segmenter.probability(picture[:, ::-1].copy()), single[:, ::-1])
 
 
 def test_changed_weights_are_refused(tmp_path: Path) -> None:

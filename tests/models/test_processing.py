@@ -80,3 +80,34 @@ def test_gamma_refuses_an_exponent_that_is_not_positive(value: float) -> None:
 def test_jpeg_refuses_a_quality_outside_1_95(quality: int) -> None:
     with pytest.raises(ValueError, match=r"1\.\.95"):
         processing.jpeg(quality)
+
+
+def chest_like(seed: int = 0) -> Image.Image:
+    """A radiograph-like histogram: a shaded body and two darker, shaded lungs."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:200, 0:180].astype(np.float64)
+    body = ((y - 100) / 95) ** 2 + ((x - 90) / 80) ** 2 < 1
+    lungs = (((y - 95) / 55) ** 2 + ((np.abs(x - 90) - 35) / 22) ** 2) < 1
+    shade = y / 200  # soft tissue and lungs brighten towards the abdomen, as on film
+    grey = np.where(body, 150.0 + 80 * shade, 25.0 + 20 * shade)
+    grey = np.where(lungs, 40.0 + 70 * shade, grey) + rng.normal(0, 10, grey.shape)
+    return Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8))
+
+
+def test_equalisation_flattens_the_histogram_below_the_gates_limit() -> None:
+    from covidcxr.models.gate import EQUALISED_MAX_FLATNESS
+
+    image = chest_like()
+    assert processing.histogram_flatness(image) > 2 * EQUALISED_MAX_FLATNESS
+    assert processing.histogram_flatness(processing.equalise(image)) < EQUALISED_MAX_FLATNESS
+
+
+def test_histogram_flatness_ignores_letterbox_bars_and_colour() -> None:
+    image = chest_like()
+    wide = Image.new("L", (400, 200), 0)
+    wide.paste(image, (110, 0))
+    assert processing.histogram_flatness(image.convert("RGB")) == pytest.approx(
+        processing.histogram_flatness(image)
+    )
+    assert 0.0 <= processing.histogram_flatness(wide) <= 1.0
+    assert processing.histogram_flatness(Image.new("L", (50, 50), 128)) <= 1.0

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, cast
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
+from scipy import ndimage
 
 from covidcxr.atomic import atomic_output
 from covidcxr.dataset.loading import _padded_size, grey_levels, load_image, preprocess_image
@@ -117,6 +118,29 @@ def mass_in_lungs(
     if total == 0.0:
         return math.nan
     return float(values[np.asarray(lungs) != 0].sum()) / total
+
+
+def clean_mask(probability: NDArray[np.floating], threshold: float = 0.5) -> NDArray[np.uint8]:
+    """A lung mask from a probability map: ``probability >= threshold``, then only its
+    two largest connected components (4-connected), so specks away from the lungs go.
+
+    Chosen on the validation patients among thresholds, hole filling, small openings
+    and closings (``docs/decisions/0070-lung-segmentation.md``): hole filling and
+    morphology changed nothing or lost a little, so neither is done here.
+
+    Args:
+        probability: ``(H, W)`` lung probability.
+        threshold: the lung cut-off.
+
+    Returns:
+        ``(H, W)`` uint8, 1 lung, 0 elsewhere (all zero when nothing passes).
+    """
+    mask = np.asarray(probability) >= threshold
+    labels, count = ndimage.label(mask)
+    if count > 2:
+        sizes = np.bincount(labels.ravel())[1:]
+        mask = np.isin(labels, np.argsort(sizes)[::-1][:2] + 1)
+    return mask.astype(np.uint8)
 
 
 # --- geometry: letterbox and back ---------------------------------------------------
@@ -686,6 +710,13 @@ def _onnx_session(path: Path) -> Any:
         raise MetadataError(f"LungSegmenter.load: cannot load {str(path)!r}: {exc}") from exc
 
 
+def _picture(image: Image.Image | NDArray[np.uint8]) -> Image.Image:
+    """A Pillow image of a decoded image or of ``(H, W)`` uint8 grey levels."""
+    if isinstance(image, Image.Image):
+        return image
+    return Image.fromarray(np.asarray(image, dtype=np.uint8))
+
+
 class LungSegmenter:
     """A lung U-Net for whole images of any size (:meth:`load` reads the shipped one).
 
@@ -785,11 +816,7 @@ class LungSegmenter:
 
     def probability(self, image: Image.Image | NDArray[np.uint8]) -> NDArray[np.float32]:
         """Lung probability at the image's size, ``(H, W)`` float32 in [0, 1]."""
-        picture = (
-            image
-            if isinstance(image, Image.Image)
-            else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        )
+        picture = _picture(image)
         small = preprocess_image(picture, self.input_size, crop="pad")
         probability = self.batch_probability(small[None])[0]
         return unletterbox(probability, picture.width, picture.height)
@@ -797,10 +824,26 @@ class LungSegmenter:
     def segment(self, image: Image.Image | NDArray[np.uint8]) -> NDArray[np.uint8]:
         """The lung mask at the image's size: ``(H, W)`` uint8, 1 lung, 0 elsewhere.
 
+        The mean of :meth:`probability` of the image and of its mirror image (mirrored
+        back), through :func:`clean_mask`: on held-out patients this scores a higher
+        Dice than ``probability >= 0.5`` at about twice the network time. Only the
+        drawn and measured masks (heatmap outlines, the shortcut audit, Dice) come
+        from here; the lung gate and the pneumonia model compute their features from
+        :meth:`batch_probability`, which this does not change.
+
         Args:
             image: a decoded image (any Pillow mode) or ``(H, W)`` uint8 grey levels.
         """
-        return (self.probability(image) >= 0.5).astype(np.uint8)
+        picture = _picture(image)
+        mirrored = picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        views = [
+            preprocess_image(view, self.input_size, crop="pad") for view in (picture, mirrored)
+        ]
+        plain, flipped = (
+            unletterbox(p, picture.width, picture.height)
+            for p in self.batch_probability(np.stack(views))
+        )
+        return clean_mask((plain + flipped[:, ::-1]) / 2)
 
 
 def full_size_dice(

@@ -64,7 +64,7 @@ from PIL import Image
 from covidcxr.dataset import loading
 from covidcxr.errors import ImageError, MetadataError, MissingExtraError
 from covidcxr.imaging.decode import read_image_file, sniff_format
-from covidcxr.models import abnormality, coherence, gate, lung_gate, saliency
+from covidcxr.models import abnormality, coherence, gate, lung_gate, processing, saliency
 from covidcxr.models.bundle import ModelBundle
 from covidcxr.models.inputs import (
     as_image,
@@ -381,8 +381,9 @@ class InferenceEngine(ABC):
         return _Item(name, None, image, verdict, pixels)
 
     def _lung_gate_verdicts(self, items: list[_Item]) -> None:
-        """Decide the ``frontal_view`` check with the bundle's lung gate (images it
-        refuses never reach the network)."""
+        """Decide the ``frontal_view`` check with the bundle's lung gate, and with its
+        pneumonia model the ``grey_levels`` check (images either refuses never reach
+        the network)."""
         if self.lung_gate is None:
             return
         rules = replace(self.bundle.gate, min_frontal_probability=self.lung_gate.threshold)
@@ -391,6 +392,9 @@ class InferenceEngine(ABC):
                 continue
             probabilities, item.lungs = self.lung_gate.judge(item.image)
             item.verdict = gate.head_verdict(probabilities, lung_gate.CLASSES, rules, item.verdict)
+            if self.pneumonia is not None:
+                flatness = processing.histogram_flatness(item.image)
+                item.verdict = gate.grey_level_verdict(flatness, item.verdict)
             if not item.verdict.passed:
                 item.pixels = None
 
