@@ -62,6 +62,8 @@ def test_upload_a_collection_image_shows_verdict_and_heatmap(
     assert "Not analysed" in page.inner_text("#result-2 .verdict")
     heat = page.locator("#result-1 img.heat").first
     assert heat.is_visible()
+    assert heat.get_attribute("data-label") == "Pneumonia (lung zones)"  # the first question
+    assert "raised P(pneumonia)" in page.inner_text("#result-1 .legend")
     page.screenshot(path=str(SHOTS / "serve-results.png"), full_page=True)
     page.locator("#result-1 .heat-opacity").fill("20")
     assert heat.evaluate("img => img.style.opacity") == "0.2"
