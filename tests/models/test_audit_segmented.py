@@ -127,6 +127,45 @@ def test_a_segmenter_mask_of_the_wrong_size_is_refused() -> None:
         LungMasks(wrong, "stub-v0").mask_for(image, None)
 
 
+class MiddleThird:
+    """Marks the middle third of the columns of whatever it is given (so its answer
+    depends on the whole picture it sees)."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def segment(self, image: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        self.shapes.append(image.shape)
+        mask = np.zeros(image.shape, dtype=np.uint8)
+        width = image.shape[1]
+        mask[:, width // 3 : 2 * width // 3] = 1
+        return mask
+
+
+def test_with_its_original_the_whole_image_is_segmented_and_cut_as_the_input(
+    tmp_path: Path,
+) -> None:
+    from PIL import Image
+
+    from covidcxr.dataset.loading import preprocess_image
+
+    original = tmp_path / "wide.png"
+    Image.fromarray(np.full((100, 300), 90, dtype=np.uint8)).save(original)
+    image = preprocess_image(Image.open(original), SIDE, crop="center")
+    stub = MiddleThird()
+    mask, provenance = LungMasks(stub, "stub-v0").mask_for(image, None, original)
+    assert stub.shapes == [(100, 300)]  # the whole image, as the segmenter was trained
+    assert provenance == "segmented"
+    assert mask is not None and mask.all()  # its middle third is the centre square
+    alone, _ = LungMasks(stub, "stub-v0").mask_for(image, None)
+    assert alone is not None and not alone.all()  # the square alone: a band of it
+    masks, found = LungMasks(stub, "stub-v0").masks_for(
+        np.stack([image, image]), np.zeros((2, SIDE, SIDE)), [original, None]
+    )
+    assert np.array_equal(masks[0], mask) and np.array_equal(masks[1], alone)
+    assert list(found) == ["segmented", "segmented"]
+
+
 # --- the audit: counts and text ------------------------------------------------------------
 
 

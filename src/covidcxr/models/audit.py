@@ -48,6 +48,7 @@ models: one that reads a corner marker is flagged, one that reads the lungs is n
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -342,6 +343,7 @@ def shortcut_audit(
     groups: Sequence[Hashable] | ArrayLike,
     *,
     lung_masks: LungMasks | None = None,
+    originals: Sequence[str | os.PathLike[str] | None] | None = None,
     n_resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     batch_size: int = 64,
@@ -355,6 +357,8 @@ def shortcut_audit(
         lung_masks: masks for the images without a reference mask (default: none, so
             they are left out); see :meth:`LungMasks.mask_for`. Images left without a
             mask are counted.
+        originals: the N files the images were cut from, so that the segmenter sees
+            whole images as it was trained to (default: it segments ``images``).
         label_names: the L label names.
         labels: N x L labels (``NaN`` = unknown).
         groups: N patients.
@@ -367,7 +371,7 @@ def shortcut_audit(
     y = np.asarray(labels, dtype=np.float64)
     keys = np.asarray(groups, dtype=object).reshape(-1)
     source = lung_masks if lung_masks is not None else LungMasks()
-    masks, provenance = source.masks_for(images, np.asarray(masks))
+    masks, provenance = source.masks_for(images, np.asarray(masks), originals)
     has_mask = provenance != "none"
     images, masks, y, keys = images[has_mask], masks[has_mask], y[has_mask], keys[has_mask]
     predictions: dict[str, NDArray[np.float64]] = {}

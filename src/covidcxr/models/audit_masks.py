@@ -3,12 +3,14 @@ the lung segmenter's mask, each with its provenance (no torch at import)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
+from PIL import Image
 
 from covidcxr.errors import MetadataError
 
@@ -72,14 +74,21 @@ class LungMasks:
     note: str = "no lung segmenter given"
 
     def mask_for(
-        self, image: NDArray[np.uint8], reference: NDArray[Any] | None
+        self,
+        image: NDArray[np.uint8],
+        reference: NDArray[Any] | None,
+        original: str | os.PathLike[str] | None = None,
     ) -> tuple[NDArray[np.uint8] | None, Provenance]:
         """The lung mask of one image and where it came from.
 
         Args:
-            image: ``(H, W)`` uint8 grey levels, as the model sees them.
+            image: ``(H, W)`` uint8 grey levels, as the model sees them (its centre
+                square, resized).
             reference: the image's reference mask at the same size (``None`` or
                 all zero: it has none).
+            original: the file ``image`` was cut from. The segmenter was trained on
+                whole images, so with it the whole image is segmented and its mask cut
+                and resized as ``image`` was; without it, ``image`` itself is.
 
         Returns:
             ``(mask, "reference")`` when the reference mask has a lung pixel, else
@@ -92,7 +101,7 @@ class LungMasks:
             return (np.asarray(reference) != 0).astype(np.uint8), REFERENCE
         if self.segmenter is None:
             return None, NONE
-        mask = np.asarray(self.segmenter.segment(image))
+        mask = self._segmented(image, original)
         if mask.shape != image.shape:
             raise ValueError(
                 f"LungMasks.mask_for: segmenter {self.segmenter_id!r} gave a mask of shape "
@@ -100,15 +109,33 @@ class LungMasks:
             )
         return ((mask != 0).astype(np.uint8), SEGMENTED) if mask.any() else (None, NONE)
 
+    def _segmented(
+        self, image: NDArray[np.uint8], original: str | os.PathLike[str] | None
+    ) -> NDArray[Any]:
+        assert self.segmenter is not None
+        if original is None:
+            return np.asarray(self.segmenter.segment(image))
+        from covidcxr.dataset.loading import grey_levels, preprocess_image
+
+        with Image.open(original) as whole:
+            whole.load()
+            full = np.asarray(self.segmenter.segment(grey_levels(whole)))
+        picture = Image.fromarray(((full != 0) * 255).astype(np.uint8))
+        return preprocess_image(picture, image.shape[0], crop="center") > 127
+
     def masks_for(
-        self, images: NDArray[np.uint8], references: NDArray[Any]
+        self,
+        images: NDArray[np.uint8],
+        references: NDArray[Any],
+        originals: Sequence[str | os.PathLike[str] | None] | None = None,
     ) -> tuple[NDArray[np.uint8], NDArray[np.str_]]:
-        """:meth:`mask_for` over an ``(N, H, W)`` stack: the masks (zeros where none)
-        and the N provenances."""
+        """:meth:`mask_for` over an ``(N, H, W)`` stack (``originals``: the N files,
+        None where unknown): the masks (zeros where none) and the N provenances."""
         masks = np.zeros(images.shape, dtype=np.uint8)
         provenance = np.full(len(images), NONE, dtype="<U9")
+        files = list(originals) if originals is not None else [None] * len(images)
         for i, (image, reference) in enumerate(zip(images, references, strict=True)):
-            mask, provenance[i] = self.mask_for(image, reference)
+            mask, provenance[i] = self.mask_for(image, reference, files[i])
             if mask is not None:
                 masks[i] = mask
         return masks, provenance

@@ -435,6 +435,7 @@ def _image_audit(
         y,
         [c.patient_id for c in scored.cases],
         lung_masks=lung_masks,
+        originals=scored.paths,
         n_resamples=min(request.n_resamples, AUDIT_RESAMPLES),
         seed=request.seed,
     )
