@@ -50,9 +50,13 @@ class IngestRefusedError(CovidCxrError, RuntimeError):
 
 
 class MissingExtraError(CovidCxrError, ImportError):
-    """An optional dependency is not installed; the message names the extra."""
+    """An optional dependency is not installed; the message names the extra, or each of
+    several extras any one of which would do (``extra`` is then the first)."""
 
-    def __init__(self, package: str, extra: str) -> None:
-        super().__init__(f"{package} is not installed: pip install 'covidcxr[{extra}]'")
+    def __init__(self, package: str, extra: str | tuple[str, ...]) -> None:
+        extras = (extra,) if isinstance(extra, str) else extra
+        choices = " or ".join(f"'covidcxr[{name}]'" for name in extras)
+        super().__init__(f"{package} is not installed: pip install {choices}")
         self.package = package
-        self.extra = extra
+        self.extra = extras[0]
+        self.extras = extras

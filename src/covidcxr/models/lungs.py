@@ -689,14 +689,7 @@ def _pick_backend(backend: Backend) -> Literal["torch", "onnx"]:
         except ImportError:
             continue
         return cast("Literal['torch', 'onnx']", choice)
-    error = MissingExtraError("torch or onnxruntime", "runtime")
-    # MissingExtraError names one extra; either of two will do here.
-    error.msg = (
-        "LungSegmenter.load: neither torch nor onnxruntime is installed: "
-        "pip install 'covidcxr[runtime]' (onnxruntime) or 'covidcxr[ml]' (torch)"
-    )
-    error.args = (error.msg,)
-    raise error
+    raise MissingExtraError("LungSegmenter.load: torch or onnxruntime", ("runtime", "ml"))
 
 
 def _onnx_session(path: Path) -> Any:
