@@ -235,3 +235,13 @@ def test_covid_at_chance_names_a_model_whose_covid_answer_is_no_better_than_chan
     v1 = load_bundle("covidcxr-small-v1")  # cross-validated 0.56 [0.50, 0.63]: reaches 0.5
     assert (covid_at_chance(v1) or "").endswith("in cross-validation")
     assert covid_at_chance(dataclasses.replace(v1, metrics={})) is None  # unmeasured
+
+
+def test_every_refusal_the_gates_make_says_how_to_make_the_image_usable() -> None:
+    from covidcxr.models import gate, lung_gate
+
+    refusals = {name for name in lung_gate.CLASSES if name != gate.FRONTAL_CLASS}
+    refusals |= {"tiny", "colourful"}
+    refusals.add(gate.grey_level_verdict(0.0, gate.GateVerdict("pass", "", "ok")).code)
+    assert refusals - set(predicting.USABLE_IF) == set()
+    assert "without histogram equalisation" in predicting.USABLE_IF["equalised"]

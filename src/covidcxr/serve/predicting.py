@@ -70,6 +70,8 @@ USABLE_IF: Final[dict[str, str]] = {
     "ct": "This model reads chest X-rays only: upload a frontal chest radiograph.",
     "inverted": "Invert the grey levels (bone white, air black) and upload again.",
     "not_medical": "Upload a frontal chest X-ray.",
+    "equalised": "Export the image without histogram equalisation (the viewer's or PACS's "
+    "unprocessed or default export) and upload again.",
 }
 
 
