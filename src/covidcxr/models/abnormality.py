@@ -17,7 +17,8 @@ apart is what is in the lungs.
 logistic regression as plain numbers; :func:`combine` puts its P(pneumonia) together
 with the network's split of pneumonia into its kinds, so that P(COVID-19) <=
 P(viral pneumonia) <= P(pneumonia) and a chest the model calls normal gets a low
-P(COVID-19). Fitting and measurement: :mod:`covidcxr.models.abnormality_train`.
+P(COVID-19). :meth:`PneumoniaModel.zone_map` shows which zones raised P(pneumonia)
+(:func:`zone_logits`). Fitting and measurement: :mod:`covidcxr.models.abnormality_train`.
 """
 
 from __future__ import annotations
@@ -315,5 +316,5 @@ class PneumoniaModel:
             weights = np.clip(zone_logits(self.risk, zone_features(pixels, lung)), 0.0, None)
             for zone, weight in zip(_zone_masks(lung), weights, strict=True):
                 heat[zone] = min(1.0, float(weight) / ZONE_MAP_FULL_LOGIT)
-        resized = Image.fromarray(heat, mode="F").resize(image.size, Image.Resampling.NEAREST)
+        resized = Image.fromarray(heat).resize(image.size, Image.Resampling.NEAREST)
         return np.asarray(resized, dtype=np.float32)
