@@ -64,6 +64,12 @@ def test_upload_a_collection_image_shows_verdict_and_heatmap(
     assert heat.is_visible()
     assert heat.get_attribute("data-label") == "Pneumonia (lung zones)"  # the first question
     assert "raised P(pneumonia)" in page.inner_text("#result-1 .legend")
+    square = page.locator("#result-1 img.square")
+    if square.count():  # a non-square image: the network saw its centre square
+        assert not square.is_visible()  # not drawn over the lung-zone map
+        page.locator("#result-1 .heat-label").select_option(index=1)
+        assert square.is_visible()  # drawn over the network's map
+        page.locator("#result-1 .heat-label").select_option(index=0)
     page.screenshot(path=str(SHOTS / "serve-results.png"), full_page=True)
     page.locator("#result-1 .heat-opacity").fill("20")
     assert heat.evaluate("img => img.style.opacity") == "0.2"
@@ -93,7 +99,7 @@ def test_a_dicom_upload_shows_the_answer_and_the_lung_outline(
     answer = page.inner_text("#result-1 .answer")
     assert "Abnormal / pneumonia?" in answer and "prevalence of 5% (yours, as given)" in answer
     assert IDENTITY["PatientName"] not in page.content()
-    outline = page.locator("#result-1 img.lines")
+    outline = page.locator("#result-1 img.lines:not(.square)")
     assert outline.is_visible()
     page.screenshot(path=str(SHOTS / "serve-results-dicom.png"), full_page=True)
     page.locator("#result-1 .lines-toggle").uncheck()

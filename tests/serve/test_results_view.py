@@ -169,7 +169,13 @@ def test_heatmap_viewer_has_the_lung_outline_and_legend(
     pixels = np.asarray(lines)
     green = np.all(pixels == (0, 255, 0, 255), axis=-1)
     assert green.sum() > 200  # a lung outline is drawn
-    assert pixels[..., 3][~green].max() in (0, 255)  # lines, transparent elsewhere
+    assert pixels[..., 3][~green].max() == 0  # only the outline: the square has its layer
+    square_url = re.search(r'<img class="lines square" src="([^"]+)"', card)
+    assert square_url
+    square = np.asarray(_png(square_url.group(1)))
+    assert np.all(square == (255, 255, 255, 255), axis=-1).any()
+    assert not np.all(square == (0, 255, 0, 255), axis=-1).any()
+    assert 'data-own-map="Pneumonia (lung zones)"' in card  # the map the square is hidden for
     for text in ("heat-toggle", "heat-opacity", "lines-toggle", "lungs (segmented", "the square"):
         assert text in card
     assert "linear-gradient(to right, rgba(0, 0, 128, 0.00) 0%" in card
@@ -187,6 +193,9 @@ def test_line_layer_outlines_lungs_over_the_whole_image() -> None:
     assert white.any()  # the dashed square the network saw
     assert (layer[..., 3] == 0).sum() > 0.8 * layer[..., 0].size
     assert not saliency.line_layer(100, 100, None).any()  # square, no lungs: nothing to draw
+    outline_only = saliency.line_layer(100, 160, lungs, seen_box=False)
+    assert np.array_equal(outline_only[green], layer[green])
+    assert not np.all(outline_only == (255, 255, 255, 255), axis=-1).any()
 
 
 def test_line_layer_refuses_a_mask_of_another_size() -> None:

@@ -261,12 +261,16 @@ def lung_mask(gray: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
 
 
 def line_layer(
-    height: int, width: int, lungs: NDArray[np.integer] | NDArray[np.bool_] | None = None
+    height: int,
+    width: int,
+    lungs: NDArray[np.integer] | NDArray[np.bool_] | None = None,
+    *,
+    seen_box: bool = True,
 ) -> NDArray[np.uint8]:
     """The lines of :func:`annotated_overlay` alone, as an ``(H, W, 4)`` RGBA layer to
     lay over the image in a viewer: the lung outline (when ``lungs`` is given) and the
-    dashed border of the centre square the network saw (when the image is not square);
-    transparent elsewhere.
+    dashed border of the centre square the network saw (when ``seen_box`` and the image
+    is not square); transparent elsewhere.
 
     Raises:
         ValueError: ``lungs`` is not ``(height, width)``.
@@ -277,7 +281,8 @@ def line_layer(
     thickness = max(1, min(height, width) // 250)
     if lungs is not None:
         layer[_outline(np.asarray(lungs) != 0, thickness)] = (*LUNG_COLOUR, 255)
-    layer[_dashed_box(height, width, thickness)] = (*SEEN_COLOUR, 255)
+    if seen_box:
+        layer[_dashed_box(height, width, thickness)] = (*SEEN_COLOUR, 255)
     return layer
 
 

@@ -85,8 +85,10 @@ class Viewer:
 
     Attributes:
         preview: the whole image in grey, at most :data:`PREVIEW_SIDE` px a side.
-        lines: the lung outline and the border of the square the network saw
-            (transparent elsewhere), or None.
+        lines: the lung outline (transparent elsewhere), or None.
+        square: the border of the centre square the network saw (transparent
+            elsewhere), or None when the image is square; it belongs with the
+            network's maps, not with the lung-zone map.
         heatmaps: per explained finding, the colour map (transparent where cold).
         lungs: whether ``lines`` holds the lung outline.
         cropped: whether the network saw only a centre square (the image is not square).
@@ -94,6 +96,7 @@ class Viewer:
 
     preview: str | None = None
     lines: str | None = None
+    square: str | None = None
     heatmaps: Mapping[str, str] = field(default_factory=dict)
     lungs: bool = False
     cropped: bool = False
@@ -262,13 +265,16 @@ def make_viewer(path: Path, row: PredictionRow) -> Viewer:
         return Viewer(preview)
     levels = np.asarray(grey)
     lungs = saliency.lung_mask(levels)
-    lines = saliency.line_layer(grey.height, grey.width, lungs)
+    cropped = image.width != image.height
+    outline = saliency.line_layer(grey.height, grey.width, lungs, seen_box=False)
+    square = saliency.line_layer(grey.height, grey.width) if cropped else None
     return Viewer(
         preview=preview,
-        lines=png_data_url(Image.fromarray(lines, mode="RGBA")),
+        lines=None if lungs is None else png_data_url(Image.fromarray(outline, mode="RGBA")),
+        square=None if square is None else png_data_url(Image.fromarray(square, mode="RGBA")),
         heatmaps={label: heatmap_png(h, grey.size) for label, h in row.heatmaps.items()},
         lungs=lungs is not None,
-        cropped=image.width != image.height,
+        cropped=cropped,
     )
 
 
