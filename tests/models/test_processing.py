@@ -83,11 +83,12 @@ def test_jpeg_refuses_a_quality_outside_1_95(quality: int) -> None:
 
 
 def chest_like(seed: int = 0) -> Image.Image:
-    """A radiograph-like histogram: a shaded body and two darker, shaded lungs."""
+    """A radiograph-like histogram: a shaded body, two darker shaded lungs, air around;
+    256 px a side, the size flatness is measured at (no resampling)."""
     rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:200, 0:180].astype(np.float64)
-    body = ((y - 100) / 95) ** 2 + ((x - 90) / 80) ** 2 < 1
-    lungs = (((y - 95) / 55) ** 2 + ((np.abs(x - 90) - 35) / 22) ** 2) < 1
+    y, x = np.mgrid[0:256, 0:256].astype(np.float64) * (200 / 256)
+    body = ((y - 100) / 95) ** 2 + ((x - 100) / 85) ** 2 < 1
+    lungs = (((y - 95) / 55) ** 2 + ((np.abs(x - 100) - 38) / 24) ** 2) < 1
     shade = y / 200  # soft tissue and lungs brighten towards the abdomen, as on film
     grey = np.where(body, 150.0 + 80 * shade, 25.0 + 20 * shade)
     grey = np.where(lungs, 40.0 + 70 * shade, grey) + rng.normal(0, 10, grey.shape)
@@ -110,4 +111,15 @@ def test_histogram_flatness_ignores_letterbox_bars_and_colour() -> None:
         processing.histogram_flatness(image)
     )
     assert 0.0 <= processing.histogram_flatness(wide) <= 1.0
-    assert processing.histogram_flatness(Image.new("L", (50, 50), 128)) <= 1.0
+    assert processing.histogram_flatness(Image.new("L", (50, 50), 128)) == 1.0  # not judged
+
+
+def test_the_darkest_and_brightest_levels_do_not_hide_an_equalised_image() -> None:
+    from covidcxr.models.gate import EQUALISED_MAX_FLATNESS
+
+    framed = np.asarray(chest_like()).copy()
+    framed[:, :40] = framed[:, -40:] = 0  # wide black borders
+    framed[:16, 60:180] = 255  # and a burned-in white label, both there before equalising
+    equalised = processing.equalise(Image.fromarray(framed))
+    assert processing.histogram_flatness(Image.fromarray(framed)) > 2 * EQUALISED_MAX_FLATNESS
+    assert processing.histogram_flatness(equalised) < EQUALISED_MAX_FLATNESS

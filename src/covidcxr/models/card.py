@@ -506,8 +506,8 @@ def _lung_model_lines(bundle: ModelBundle) -> list[str]:
         f"- **Input check**: the lung gate `{bundle.extra['lung_gate']['gate_id']}` "
         "(its card: weights/" + f"{bundle.extra['lung_gate']['gate_id']}/MODEL_CARD.md); "
         "then images whose grey-level histogram is as flat as after histogram equalisation "
-        f"(flatness < {EQUALISED_MAX_FLATNESS:g}) are refused: 0.1% of NIH's and 0.5% of the "
-        "collection's frontal images, 78-80% of their equalised copies.",
+        f"(flatness < {EQUALISED_MAX_FLATNESS:g}) are refused: 0.4% of NIH's and 0.5% of the "
+        "collection's frontal images, 85-88% of their equalised copies.",
         "- **Pneumonia at all?**: a logistic regression on standardised grey levels, "
         "blob and edge strength in six lung zones, fitted on "
         f"{bundle.extra['abnormality']['train_source']} (normal and pneumonia frontal "

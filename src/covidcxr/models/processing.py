@@ -95,18 +95,26 @@ PROCESSING: Final[Mapping[str, Step]] = {
 
 #: Side of the letterboxed copy :func:`histogram_flatness` is measured on.
 FLATNESS_SIZE: Final = 256
+#: Fewer pixels than this between the darkest and brightest level: not judged.
+MIN_FLATNESS_PIXELS: Final = 100
 
 
 def histogram_flatness(image: Image.Image) -> float:
     """How far the image's grey-level histogram is from flat: the largest distance
-    between its cumulative distribution and a uniform one over the 1st-99th percentile
-    range of grey levels, measured on the image letterboxed to :data:`FLATNESS_SIZE` px
-    (bars excluded). Histogram equalisation makes it small (median 0.02 on equalised
-    NIH and collection images); unprocessed radiographs are rarely below 0.06
-    (``docs/decisions/0072-pneumonia-from-lung-zones.md``)."""
+    between the cumulative distribution of its grey levels and a uniform one over their
+    1st-99th percentile range. Measured on the image letterboxed to
+    :data:`FLATNESS_SIZE` px (bars excluded), leaving out its darkest and brightest
+    level (black borders, burned-in white text), which equalisation does not spread.
+    Equalisation makes it small (median about 0.02 on equalised NIH and collection
+    images); unprocessed radiographs are rarely below 0.05
+    (``docs/decisions/0072-pneumonia-from-lung-zones.md``). An image with fewer than
+    :data:`MIN_FLATNESS_PIXELS` pixels between its extremes gives 1 (not flat)."""
     big = preprocess_image(image, FLATNESS_SIZE, crop="pad")
     left, top, width, height = letterbox_box(image.width, image.height, FLATNESS_SIZE)
     values = big[top : top + height, left : left + width].ravel()
+    values = values[(values > values.min()) & (values < values.max())]
+    if values.size < MIN_FLATNESS_PIXELS:
+        return 1.0
     cdf = np.cumsum(np.bincount(values, minlength=256)) / values.size
     low, high = np.percentile(values, [1, 99])
     levels = np.arange(256)
