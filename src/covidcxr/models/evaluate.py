@@ -285,11 +285,9 @@ def _predict_variants(
     """The audit's predictions of the test images with a lung mask, reference or
     segmented (``full`` is the plain one)."""
     assert collector.lung_masks is not None
-    # Whole images for the segmenter where the blobs are here (a prepared cache may
-    # stand in for them: then the model's input square is segmented).
-    paths = [run.samples.image_path(run.samples.samples[i]) for i in rows]
-    originals = [path if path.is_file() else None for path in paths]
-    masks, provenance = collector.lung_masks.masks_for(pixels.images, pixels.masks, originals)
+    # The model's input square is segmented, not the whole image: an evaluation from a
+    # prepared cache alone (no blobs) must give the same report as one with the blobs.
+    masks, provenance = collector.lung_masks.masks_for(pixels.images, pixels.masks)
     collector.provenance[rows] = provenance
     masked = np.flatnonzero(provenance != NONE)
     if not masked.size:
