@@ -42,6 +42,7 @@ from covidcxr.models.coherence import (
     summarise,
     training_prevalence,
 )
+from covidcxr.models.lungs import letterbox_box
 
 SIDE = 160
 LABELS = (*PNEUMONIA_LABELS, NO_FINDING, "Extra finding")
@@ -442,7 +443,7 @@ def lungs_and_image(width: int = 300, height: int = 200) -> tuple[Image.Image, A
     pixels, lung = chest(side=256)
     picture = Image.fromarray(pixels).resize((width, height))
     probability = np.zeros((128, 128), dtype=np.float32)
-    left, top, w, h = abnormality.letterbox_box(width, height, 128)
+    left, top, w, h = letterbox_box(width, height, 128)
     small = Image.fromarray(lung.astype(np.uint8) * 255).resize((w, h), Image.Resampling.NEAREST)
     probability[top : top + h, left : left + w] = np.asarray(small) / 255.0
     return picture, probability

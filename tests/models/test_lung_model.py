@@ -436,3 +436,21 @@ def test_v2_refuses_an_equalised_export_of_a_chest_it_passes(torch_v2: Any) -> N
 def test_v1_has_no_grey_level_check(torch_v1: Any) -> None:
     (row,) = torch_v1.predict_arrays([ImageOps.equalize(chest())])
     assert "grey_levels" not in row.gate.checks_passed + row.gate.checks_failed
+
+
+def test_overlays_of_one_image_share_one_lung_outline_from_the_engines_segmenter(
+    torch_v2: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    segmenter = torch_v2.lung_gate.segmenter
+    calls: list[tuple[int, ...]] = []
+    segment = segmenter.segment
+
+    def counted(image: Any) -> Any:
+        calls.append(np.asarray(image).shape)
+        return segment(image)
+
+    monkeypatch.setattr(segmenter, "segment", counted)
+    image = chest()
+    (row,) = torch_v2.predict_arrays([image], heatmaps_dir=tmp_path)
+    assert len([f for f in row.heatmap_files if f.endswith(".png")]) >= 2
+    assert calls == [(image.height, image.width)]  # one outline for all its overlays

@@ -277,3 +277,17 @@ def test_write_overlay_keeps_the_image_size(tmp_path: Path) -> None:
     with Image.open(tmp_path / "auto.png") as auto, Image.open(tmp_path / "none.png") as plain:
         assert auto.size == plain.size == (100, 120)
         assert np.asarray(auto).tolist() != np.asarray(plain).tolist()  # the outline
+
+
+def test_letterbox_area_cuts_a_letterboxed_array_to_the_image() -> None:
+    from PIL import Image
+
+    from covidcxr.dataset.loading import preprocess_image
+    from covidcxr.models.lungs import letterbox_area
+
+    wide = Image.fromarray(np.full((50, 200), 200, dtype=np.uint8))
+    square = preprocess_image(wide, 64, crop="pad")
+    rows, columns = letterbox_area(200, 50, 64)
+    assert (rows.stop - rows.start, columns.stop - columns.start) == (16, 64)
+    assert (square[rows, columns] > 0).all()  # the image
+    assert not square[: rows.start].any() and not square[rows.stop :].any()  # the bars

@@ -37,7 +37,7 @@ from scipy import ndimage
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
 from covidcxr.models.coherence import NO_FINDING, PNEUMONIA_LABELS
-from covidcxr.models.lungs import LungSegmenter, letterbox_box
+from covidcxr.models.lungs import LungSegmenter, letterbox_area
 from covidcxr.serialise import read_json_object
 
 FORMAT: Final = "covidcxr-lung-pneumonia/1"
@@ -136,8 +136,7 @@ def _measured_area(
         else lungs
     )
     lung = np.kron(probability >= 0.5, np.ones((scale, scale), dtype=bool))
-    left, top, width, height = letterbox_box(image.width, image.height, MEASURE_SIZE)
-    area = (slice(top, top + height), slice(left, left + width))
+    area = letterbox_area(image.width, image.height, MEASURE_SIZE)
     return big[area], lung[area]
 
 

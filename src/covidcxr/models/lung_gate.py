@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
-from covidcxr.models.lungs import Backend, LungSegmenter, letterbox_box
+from covidcxr.models.lungs import Backend, LungSegmenter, letterbox_area
 from covidcxr.serialise import read_json_object
 
 GATE_ID: Final = "gate-lungs-v1"
@@ -199,8 +199,7 @@ def measure(
     (letterboxed, ``(S, S)``), which other lung models can reuse."""
     size = segmenter.input_size
     pixels = preprocess_image(image, size, crop="pad")
-    left, top, width, height = letterbox_box(image.width, image.height, size)
-    area = (slice(top, top + height), slice(left, left + width))
+    area = letterbox_area(image.width, image.height, size)
     negative = np.zeros_like(pixels)
     negative[area] = 255 - pixels[area]
     views = np.stack([pixels, negative])

@@ -153,6 +153,13 @@ def letterbox_box(width: int, height: int, size: int) -> tuple[int, int, int, in
     return (size - out_width) // 2, (size - out_height) // 2, out_width, out_height
 
 
+def letterbox_area(width: int, height: int, size: int) -> tuple[slice, slice]:
+    """The (rows, columns) of the ``size`` square that hold the image itself (no bars):
+    :func:`letterbox_box` as slices, to cut a letterboxed array to the image."""
+    left, top, out_width, out_height = letterbox_box(width, height, size)
+    return slice(top, top + out_height), slice(left, left + out_width)
+
+
 def letterbox_target(mask: NDArray[np.uint8], size: int) -> NDArray[np.uint8]:
     """A reference mask's grey levels as a ``size x size`` training target.
 

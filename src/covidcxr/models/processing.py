@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from covidcxr.dataset.loading import preprocess_image
-from covidcxr.models.lungs import letterbox_box
+from covidcxr.models.lungs import letterbox_area
 
 Step = Callable[[Image.Image], Image.Image]
 
@@ -110,8 +110,7 @@ def histogram_flatness(image: Image.Image) -> float:
     (``docs/decisions/0072-pneumonia-from-lung-zones.md``). An image with fewer than
     :data:`MIN_FLATNESS_PIXELS` pixels between its extremes gives 1 (not flat)."""
     big = preprocess_image(image, FLATNESS_SIZE, crop="pad")
-    left, top, width, height = letterbox_box(image.width, image.height, FLATNESS_SIZE)
-    values = big[top : top + height, left : left + width].ravel()
+    values = big[letterbox_area(image.width, image.height, FLATNESS_SIZE)].ravel()
     values = values[(values > values.min()) & (values < values.max())]
     if values.size < MIN_FLATNESS_PIXELS:
         return 1.0

@@ -537,6 +537,7 @@ class InferenceEngine(ABC):
             return files, kept
         width, height = item.image.size
         gray = grey_levels(item.image) if request.directory is not None else None
+        lungs = self._lung_outline(gray) if gray is not None else None  # once per image
         stem = request.unique_stem(item.name, item.sha256) if request.directory else ""
         maps: list[tuple[str, NDArray[np.float32], NDArray[np.float32] | None]] = []
         if self.pneumonia is not None:
@@ -551,13 +552,20 @@ class InferenceEngine(ABC):
             if request.directory is not None and gray is not None:
                 base = request.directory / f"{stem}.{_UNSAFE_NAME.sub('_', label)}"
                 png = base.with_name(base.name + ".png")
-                saliency.write_overlay(png, gray, heat, seen_box=network_map is not None)
+                saliency.write_overlay(png, gray, heat, lungs, seen_box=network_map is not None)
                 files.append(str(png))
                 if request.raw_maps and network_map is not None:
                     npy = base.with_name(base.name + ".npy")
                     saliency.write_raw_map(npy, network_map)
                     files.append(str(npy))
         return files, kept
+
+    def _lung_outline(self, gray: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
+        """The lung mask drawn on overlays: by the lung gate's segmenter when the bundle
+        has one (the engine's backend), else by the shipped one when it can run."""
+        if self.lung_gate is not None:
+            return self.lung_gate.segmenter.segment(gray)
+        return saliency.lung_mask(gray)
 
     def _check_outputs(self, outputs: NetworkOutputs, n: int) -> None:
         bundle = self.bundle

@@ -306,8 +306,7 @@ def write_overlay(
             :func:`annotated_overlay`).
     """
     if isinstance(lungs, str):
-        segmenter = _shipped_segmenter()
-        lungs = segmenter.segment(gray) if segmenter is not None else None
+        lungs = lung_mask(gray)
     image = Image.fromarray(annotated_overlay(gray, heat, lungs, seen_box=seen_box))
     with atomic_output(path) as temporary:
         image.save(temporary, format="PNG")
