@@ -78,7 +78,7 @@ def test_samples_carry_paths_severity_mask_and_metadata(store: Store) -> None:
     result = s.build_samples(store, get_task("severity"))
     (sample,) = result.samples
     assert sample.labels == (4.5, 3.0) and sample.severity == (4.5, 3.0)
-    assert sample.mask_sha256 is not None
+    assert sample.mask_sha256 is not None and sample.mask_annotator == "lungVAE"
     assert result.image_path(sample).is_file()
     mask = result.mask_path(sample)
     assert mask is not None and mask.is_file()
@@ -183,3 +183,13 @@ def test_core_imports_without_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_the_preferred_mask_is_v7_labs_and_says_who_made_it() -> None:
+    def mask(annotator: str) -> dict[str, str]:
+        return {"kind": "lung_mask", "annotator": annotator, "mask_sha256": f"sha-{annotator}"}
+
+    both = [mask("lungVAE"), mask("v7labs"), {"kind": "severity", "annotator": "x"}]
+    assert s._mask(both) == ("v7labs", "sha-v7labs")
+    assert s._mask([mask("zeta"), mask("alpha")]) == ("alpha", "sha-alpha")
+    assert s._mask([{"kind": "severity", "annotator": "x"}]) is None

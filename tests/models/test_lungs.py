@@ -237,7 +237,7 @@ def test_train_lungs_command_writes_loadable_weights(
     out = tmp_path / "lungs-tiny"
     options = ["--size", "32", "--base-channels", "4", "--epochs", "1", "--threads", "1"]
     assert main(["train-lungs", *store_options, "--out", str(out), *options]) == 0
-    assert "held-out patients" in capsys.readouterr().out
+    assert "all references" in capsys.readouterr().out
     segmenter = lungs.LungSegmenter.load(out)
     assert segmenter.input_size == 32
     assert segmenter.card["split_membership_sha256"]

@@ -7,12 +7,11 @@ without it.
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from covidcxr import __version__
 from covidcxr.cli.collection import add_store_options, store_from
@@ -46,8 +45,100 @@ def register(subparsers: Any) -> None:
         help="reuse (or write) the letterboxed images and masks here, e.g. /tmp/lungs.npz",
     )
     parser.set_defaults(handler=cmd_train_lungs)
+    _register_evaluate(subparsers)
     _register_gate(subparsers)
     _register_lung_model(subparsers)
+
+
+def _register_evaluate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "evaluate-lungs",
+        help="score a lung segmenter on the held-out patients of its own split",
+        description="Dice of a lung segmenter (default: the shipped one) at each image's "
+        "full size, on the patients its split.csv holds out, over all reference masks and "
+        "per annotator (V7 Labs' masks are drawn by people, lungVAE's by a model), and "
+        "the two annotators' agreement with each other. Patients ingested after the "
+        "split was made are left out and counted.",
+    )
+    add_store_options(parser)
+    parser.add_argument(
+        "--weights", metavar="DIR", help="a folder train-lungs wrote (default: the shipped one)"
+    )
+    parser.add_argument("--fold", default="test", help="the split's fold to score (test)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(handler=cmd_evaluate_lungs)
+
+
+def cmd_evaluate_lungs(args: argparse.Namespace) -> int:
+    """covidcxr evaluate-lungs: Dice on the weights' own held-out patients."""
+    from covidcxr.dataset.split_file import load_split
+    from covidcxr.models import lung_dice, lungs
+
+    segmenter = lungs.LungSegmenter.load(args.weights, backend="onnx")
+    folder = Path(args.weights) if args.weights else lungs.WEIGHTS_DIR
+    split = load_split(folder / "split.csv")
+    with store_from(args) as store:
+        sample_set = lungs.masked_sample_set(store)
+        chosen, unknown = lung_dice.held_out(sample_set, split, args.fold)
+        if not chosen:
+            print(
+                f"covidcxr evaluate-lungs: error: no image of the store's masked frontal "
+                f"X-rays belongs to a {args.fold!r} patient of {folder / 'split.csv'}; "
+                "ingest the source it was trained on",
+                file=sys.stderr,
+            )
+            return 2
+        agreement = lung_dice.reference_agreement(store, sample_set)
+    scores = lung_dice.dice_by_reference(segmenter, sample_set, chosen)
+    model_id = str(segmenter.card.get("model_id", folder.name))
+    report = {
+        "model_id": model_id,
+        "fold": args.fold,
+        "left_out_unknown_patients": unknown,
+        **scores,
+        "reference_agreement": agreement,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(render_dice(model_id, args.fold, scores, agreement, unknown))
+    return 0
+
+
+def render_dice(
+    model_id: str,
+    fold: str,
+    scores: dict[str, Any],
+    agreement: dict[str, dict[str, float]],
+    unknown: int = 0,
+) -> str:
+    """The Dice table of ``evaluate-lungs`` and ``train-lungs``."""
+    from covidcxr.models.lung_dice import GOAL, MADE_BY
+
+    rows = [("all references", scores["all"])]
+    rows += [
+        (f"{name} ({MADE_BY.get(name, 'unknown maker')})", values)
+        for name, values in scores["by_reference"].items()
+    ]
+    lines = [
+        f"{model_id}: Dice at each image's full size, {fold} patients of its split",
+        f"{'reference masks':<44} {'images':>6} {'mean':>6} {'median':>6} {'p10':>6} "
+        f"{'min':>6} {'>=' + str(GOAL):>7}  mean's 95% interval (patients resampled)",
+    ]
+    for name, v in rows:
+        low, high = v.get("mean_ci95", ("nan", "nan"))
+        lines.append(
+            f"{name:<44} {v['n']:>6} {v['mean']:>6.3f} {v['median']:>6.3f} {v['p10']:>6.3f} "
+            f"{v['min']:>6.3f} {v['share_at_goal']:>7.0%}  [{low}, {high}]"
+        )
+    for pair, v in agreement.items():
+        lines.append(
+            f"the annotators against each other, {pair} ({v['n']} images with both): "
+            f"Dice mean {v['mean']:.3f}, median {v['median']:.3f}"
+        )
+    if unknown:
+        lines.append(f"left out: {unknown} image(s) of patients the split does not know")
+    return "\n".join(lines)
 
 
 def _register_gate(subparsers: Any) -> None:
@@ -104,7 +195,7 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 
 def cmd_train_lungs(args: argparse.Namespace) -> int:
     """covidcxr train-lungs: train, measure Dice on held-out patients, save."""
-    from covidcxr.models import lungs
+    from covidcxr.models import lung_dice, lungs
 
     settings = lungs.TrainSettings(
         base_channels=args.base_channels,
@@ -116,6 +207,7 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
     )
     with store_from(args) as store:
         sample_set, split = lungs.masked_samples(store)
+        agreement = lung_dice.reference_agreement(store, sample_set)
         cached = Path(args.arrays) if args.arrays else None
         if cached is not None and cached.is_file():
             data = lungs.LungData.load(cached)
@@ -131,9 +223,8 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
         )
         return 2
     model, result = lungs.train_lungs(data, settings)
-    test = [s for s in sample_set.samples if split.fold_of(s.patient) == "test"]
-    segmenter = lungs.LungSegmenter(model, args.size)
-    full = lungs.full_size_dice(segmenter, sample_set, test)
+    test, _ = lung_dice.held_out(sample_set, split, "test")
+    scores = lung_dice.dice_by_reference(lungs.LungSegmenter(model, args.size), sample_set, test)
     test_images, test_targets = data.subset("test")
     small = lungs.mean_dice(lungs.predict_probability(model, test_images), test_targets)
     out = Path(args.out)
@@ -151,31 +242,18 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
         "split_membership_sha256": split.membership_sha256,
         "images": {fold: int((data.folds == fold).sum()) for fold in split.folds},
         "patients": {fold: len(split.patients_in(fold)) for fold in split.folds},
-        "test_dice_full_size": _stats(full),
+        "test_dice_full_size": scores["all"],
+        "test_dice_full_size_by_reference": scores["by_reference"],
+        "reference_agreement": agreement,
         "test_dice_input_size": round(small, 4),
         "command": _command(args),
     }
     lungs.save_weights(model, out, card)
-    summary = card["test_dice_full_size"]
     print(
-        f"wrote {out}: {result.epochs} epochs in {result.seconds:.0f} s "
-        f"(best {result.best_epoch}); "
-        f"held-out patients {card['patients']['test']} ({card['images']['test']} images): "
-        f"Dice mean {summary['mean']:.4f}, median {summary['median']:.4f}, "
-        f"min {summary['min']:.4f}"
+        f"wrote {out}: {result.epochs} epochs in {result.seconds:.0f} s (best {result.best_epoch})"
     )
+    print(render_dice(card["model_id"], "test", scores, agreement))
     return 0
-
-
-def _stats(values: list[float]) -> dict[str, float]:
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "n": len(values),
-        "mean": round(float(array.mean()), 4),
-        "median": round(float(np.median(array)), 4),
-        "p10": round(float(np.percentile(array, 10)), 4),
-        "min": round(float(array.min()), 4),
-    }
 
 
 def _command(args: argparse.Namespace) -> str:

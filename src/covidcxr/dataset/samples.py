@@ -122,6 +122,9 @@ class Sample:
         labels: the task's label vector (NaN = unknown).
         severity: (geographic extent 0-8, opacity 0-6) when scored.
         mask_sha256: the preferred lung mask's blob, when there is one.
+        mask_annotator: who made that mask (``v7labs``, ``lungVAE``, ...), when there is
+            one: V7 Labs' masks are drawn by people, lungVAE's by a segmentation model,
+            and the two draw the lung behind the heart differently.
         metadata: view, modality, sex, age, offset, finding, location, license, doi.
     """
 
@@ -132,6 +135,7 @@ class Sample:
     labels: Labels
     severity: tuple[float, float] | None = None
     mask_sha256: str | None = None
+    mask_annotator: str | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -234,12 +238,13 @@ def _severity(annotations: Sequence[Mapping[str, Any]]) -> dict[str, float] | No
     }
 
 
-def _mask(annotations: Sequence[Mapping[str, Any]]) -> str | None:
+def _mask(annotations: Sequence[Mapping[str, Any]]) -> tuple[str, str] | None:
+    """The preferred lung mask as ``(annotator, mask sha256)``, or None."""
     masks = {a["annotator"]: a["mask_sha256"] for a in annotations if a["kind"] == "lung_mask"}
-    for annotator in MASK_PREFERENCE:
+    for annotator in (*MASK_PREFERENCE, *sorted(masks)):
         if annotator in masks:
-            return str(masks[annotator])
-    return str(next(iter(sorted(masks.items())))[1]) if masks else None
+            return str(annotator), str(masks[annotator])
+    return None
 
 
 def _records_with_annotations(
@@ -293,6 +298,7 @@ def _sample(
     severity: Mapping[str, float] | None,
     annotations: Sequence[Mapping[str, Any]],
 ) -> Sample:
+    annotator, mask = _mask(annotations) or (None, None)
     return Sample(
         record_id=row["record_id"],
         image_sha256=sha,
@@ -300,6 +306,7 @@ def _sample(
         source=row["source"],
         labels=labels,
         severity=(severity["geographic_mean"], severity["opacity_mean"]) if severity else None,
-        mask_sha256=_mask(annotations),
+        mask_sha256=mask,
+        mask_annotator=annotator,
         metadata={k: row[k] for k in METADATA_KEYS},
     )

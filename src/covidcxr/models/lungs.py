@@ -308,8 +308,21 @@ def _read_grey(path: Path) -> NDArray[np.uint8]:
 
 
 def masked_samples(store: Store) -> tuple[SampleSet, Split]:
-    """The frontal X-rays with a non-empty lung mask, split by patient (holdout 70/15/15,
-    seed 0; duplicate-linked patients kept together by :func:`make_split`)."""
+    """:func:`masked_sample_set`, split by patient (holdout 70/15/15, seed 0;
+    duplicate-linked patients kept together by :func:`make_split`).
+
+    The split depends on everything in the store: to score weights again after more
+    sources were ingested, use the ``split.csv`` saved with them
+    (:func:`covidcxr.models.lung_dice.held_out`).
+    """
+    sample_set = masked_sample_set(store)
+    with store.read() as conn:
+        split = make_split(sample_set, conn, scheme="holdout", seed=0)
+    return sample_set, split
+
+
+def masked_sample_set(store: Store) -> SampleSet:
+    """The frontal X-rays with a non-empty lung mask (the preferred annotator's)."""
     sample_set = build_samples(store, get_task("findings"), Selection(views=("frontal",)))
     kept: list[Sample] = []
     for sample in sample_set.samples:
@@ -318,9 +331,7 @@ def masked_samples(store: Store) -> tuple[SampleSet, Split]:
             kept.append(sample)
     sample_set.excluded["no lung mask (or an empty one)"] += len(sample_set.samples) - len(kept)
     sample_set.samples = kept
-    with store.read() as conn:
-        split = make_split(sample_set, conn, scheme="holdout", seed=0)
-    return sample_set, split
+    return sample_set
 
 
 def prepare_lung_data(store: Store, size: int = INPUT_SIZE) -> LungData:
