@@ -158,3 +158,33 @@ def test_duplicates_across_patients_in_the_real_collection(june_store) -> None: 
         ("covid-chestxray:201", "covid-chestxray:78"),
     } <= cross
     assert sum(1 for g in near if g.crosses_patients) >= 6
+
+
+def test_the_shipped_segmenter_on_its_held_out_patients(june_store) -> None:  # type: ignore[no-untyped-def]
+    """Dice on the test patients of the shipped segmenter's own split, per annotator:
+    the goal (0.95) on the masks people drew, and the numbers its model.json records."""
+    pytest.importorskip("onnxruntime")
+    from covidcxr.dataset.split_file import load_split
+    from covidcxr.models import lung_dice, lungs
+
+    store, _ = june_store
+    segmenter = lungs.LungSegmenter.load(backend="onnx")
+    sample_set = lungs.masked_sample_set(store)
+    chosen, unknown = lung_dice.held_out(
+        sample_set, load_split(lungs.WEIGHTS_DIR / "split.csv"), "test"
+    )
+    assert unknown == 0 and len(chosen) == 72
+    scores = lung_dice.dice_by_reference(segmenter, sample_set, chosen)
+    card = segmenter.card
+    for measured, recorded in (
+        (scores["all"], card["test_dice_full_size"]),
+        *(
+            (scores["by_reference"][k], v)
+            for k, v in card["test_dice_full_size_by_reference"].items()
+        ),
+    ):
+        assert measured["n"] == recorded["n"]
+        assert measured["mean"] == pytest.approx(recorded["mean"], abs=2e-3)  # ONNX vs torch
+    assert scores["by_reference"]["v7labs"]["mean"] >= lung_dice.GOAL
+    agreement = lung_dice.reference_agreement(store, sample_set)["lungVAE vs v7labs"]
+    assert agreement["mean"] < 0.9  # the two annotators draw different lungs

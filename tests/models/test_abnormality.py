@@ -24,6 +24,7 @@ from covidcxr.errors import MetadataError
 from covidcxr.models import abnormality, runtime
 from covidcxr.models.abnormality import (
     FEATURE_NAMES,
+    FITTED_BEFORE_PINNING,
     FORMAT,
     MIN_LUNG_PIXELS,
     ZONE_MEASURES,
@@ -347,6 +348,31 @@ def test_a_file_without_a_usable_model_entry_is_refused(tmp_path: Path, model: o
         path.write_text(json.dumps(card), encoding="utf-8")
     with pytest.raises(MetadataError, match=r"abnormality\.json"):
         PneumoniaModel.load(path)
+
+
+def test_a_file_loads_the_segmenter_it_was_fitted_on(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from covidcxr.models import lungs
+
+    older = PneumoniaModel.load(model_file(tmp_path))  # names none: fitted before pinning
+    assert lungs.segmenter_record(older.segmenter) == FITTED_BEFORE_PINNING
+    shipped = lungs.LungSegmenter.load(backend="onnx")
+    named = model_file(tmp_path, segmenter=lungs.segmenter_record(shipped))
+    assert PneumoniaModel.load(named).segmenter.card["model_id"] == lungs.MODEL_ID
+    assert PneumoniaModel.load(named, shipped).segmenter is shipped
+
+
+def test_a_file_refuses_a_segmenter_it_was_not_fitted_on(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from covidcxr.models import lungs
+
+    shipped = lungs.LungSegmenter.load(backend="onnx")
+    assert lungs.segmenter_record(shipped) != FITTED_BEFORE_PINNING
+    with pytest.raises(MetadataError, match=r"abnormality\.json.* was fitted on lung segmenter"):
+        PneumoniaModel.load(model_file(tmp_path), shipped)
+    unknown = {"model_id": "lungs-unet-v9", "weights_sha256": "ab" * 32}
+    with pytest.raises(MetadataError, match="'lungs-unet-v9', not shipped"):
+        PneumoniaModel.load(model_file(tmp_path, segmenter=unknown))
 
 
 def test_a_good_file_loads_and_gives_a_probability(tmp_path: Path) -> None:

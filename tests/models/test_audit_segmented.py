@@ -20,6 +20,7 @@ from covidcxr.models import audit_masks
 from covidcxr.models.audit import AuditResult, shortcut_audit
 from covidcxr.models.audit_masks import LungMasks, MaskProvenance, shipped_lung_masks
 from covidcxr.models.evaluate import evaluate
+from covidcxr.models.lungs import MODEL_ID
 from covidcxr.report import validation
 from covidcxr.report.labels import Case
 from covidcxr.report.validation import ValidationRequest
@@ -263,11 +264,11 @@ def test_evaluate_uses_the_shipped_segmenter_by_default(store: Store) -> None:
     report = evaluate(store, FakeFit(), **EVALUATE)
     audit = report.audit
     assert audit is not None and audit.masks is not None
-    assert audit.masks.segmenter == "lungs-unet-v1"
+    assert audit.masks.segmenter == MODEL_ID
     assert audit.masks.n_reference == _reference_count(store)[0]
     assert audit.masks.n_segmented + audit.n_without_mask == _reference_count(store)[1]
     dice = shipped_lung_masks().segmenter_dice
-    assert f"lungs-unet-v1, held-out Dice {dice:.3f}" in audit.verdict
+    assert f"{MODEL_ID}, held-out Dice {dice:.3f}" in audit.verdict
 
 
 # --- validate-model ------------------------------------------------------------------------
@@ -345,17 +346,17 @@ def _drawn_chest(side: int = 128) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]
     return image, lungs
 
 
-def test_the_shipped_segmenter_masks_a_drawn_chest() -> None:
+def test_the_shipped_segmenter_masks_an_image_without_a_reference() -> None:
+    """Plumbing only: how well it finds lungs is measured on real X-rays
+    (``tests/integration``); lungs-unet-v2 finds none in drawn cartoons."""
     pytest.importorskip("torch")
     masks = shipped_lung_masks()
-    assert masks.segmenter_id == "lungs-unet-v1"
+    assert masks.segmenter_id == MODEL_ID
     assert masks.segmenter_dice is not None and masks.segmenter_dice > 0.9
-    image, lungs = _drawn_chest()
+    image, _ = _drawn_chest()
     mask, provenance = masks.mask_for(image, None)
     assert provenance == "segmented" and mask is not None
     assert mask.shape == image.shape and set(np.unique(mask)) <= {0, 1}
-    dice = 2 * (lungs & (mask == 1)).sum() / (lungs.sum() + mask.sum())
-    assert dice > 0.5
     reference = np.zeros_like(image)
     reference[10:20, 10:20] = 1
     kept, provenance = masks.mask_for(image, reference)

@@ -15,7 +15,8 @@ from sklearn.dummy import DummyClassifier
 from sklearn.ensemble import GradientBoostingClassifier
 
 from covidcxr.errors import MetadataError
-from covidcxr.models import lung_gate
+from covidcxr.models import lung_gate, lungs
+from covidcxr.models.abnormality import FITTED_BEFORE_PINNING
 from covidcxr.models.lung_gate import (
     CLASSES,
     FEATURE_NAMES,
@@ -333,6 +334,7 @@ def write_gate(folder: Path, **card_changes: Any) -> Path:
         "gate_id": "gate-test",
         "threshold": 0.5,
         "trees_sha256": hashlib.sha256(data).hexdigest(),
+        "segmenter": dict(FITTED_BEFORE_PINNING),
         **card_changes,
     }
     (folder / "model.json").write_text(json.dumps(card), encoding="utf-8")
@@ -379,6 +381,38 @@ def test_load_names_a_model_json_that_is_not_json(tmp_path: Path) -> None:
     (folder / "model.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(MetadataError, match=r"model\.json"):
         LungGate.load(folder)
+
+
+@pytest.mark.parametrize(
+    ("segmenter", "reason"),
+    [
+        (None, "must name the lung segmenter it was fitted on"),
+        ({"model_id": "lungs-unet-v1"}, "must name the lung segmenter it was fitted on"),
+        (
+            {"model_id": "lungs-unet-v9", "weights_sha256": "ab" * 32},
+            "'lungs-unet-v9', not shipped",
+        ),
+        ({"model_id": "../lungs-unet-v1", "weights_sha256": "ab" * 32}, "not shipped"),
+        (
+            {"model_id": "lungs-unet-v1", "weights_sha256": "ab" * 32},
+            r"fitted on lungs-unet-v1 with weights sha256 abababababab\.\.\., but the shipped",
+        ),
+    ],
+)
+def test_load_refuses_a_gate_without_its_own_segmenter(
+    tmp_path: Path, segmenter: Any, reason: str
+) -> None:
+    pytest.importorskip("onnxruntime")
+    folder = write_gate(tmp_path / "gate", segmenter=segmenter)
+    with pytest.raises(MetadataError, match=rf"LungGate.load: .*gate: .*{reason}"):
+        LungGate.load(folder, backend="onnx")
+
+
+def test_a_gate_runs_on_the_segmenter_it_names_not_the_default(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    gate = LungGate.load(write_gate(tmp_path / "gate"), backend="onnx")
+    assert gate.segmenter.card["model_id"] == FITTED_BEFORE_PINNING["model_id"]
+    assert gate.segmenter.card["model_id"] != lungs.MODEL_ID
 
 
 def test_a_good_folder_loads_and_scores_an_image(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from covidcxr.models import gate_data, lung_gate_train
+from covidcxr.models.abnormality import FITTED_BEFORE_PINNING
 from covidcxr.models.lung_gate import CLASSES, FEATURE_NAMES, FORMAT, WEIGHTS_DIR, LungGate
 from covidcxr.models.lung_gate_train import (
     CT,
@@ -212,7 +213,7 @@ def card_of(data: GateData, evaluation: dict[str, Any]) -> dict[str, Any]:
         "classes": list(CLASSES),
         "features": list(FEATURE_NAMES),
         "threshold": 0.5,
-        "segmenter": {"model_id": "lungs-unet-v1"},
+        "segmenter": dict(FITTED_BEFORE_PINNING),
         "data": lung_gate_train.counts(data),
         "evaluation": evaluation,
         "command": "covidcxr train-gate --out gate-test",

@@ -218,12 +218,12 @@ def register(subparsers: Any) -> None:
 def evaluate_lungs(args: argparse.Namespace) -> int:
     """covidcxr evaluate --lungs: the measurements of ``train-gate`` and
     ``train-lung-model``, without writing a model."""
-    from covidcxr.models import abnormality_train, lung_gate_train, lungs
+    from covidcxr.models import abnormality_train, lung_gate_train
     from covidcxr.models.card import lung_dice_line
     from covidcxr.models.lung_gate import LungGate
 
-    segmenter = lungs.LungSegmenter.load()
-    threshold = LungGate.load().threshold
+    shipped = LungGate.load()  # the shipped gate's own segmenter and threshold
+    segmenter, threshold = shipped.segmenter, shipped.threshold
     with store_from(args) as store:
         _progress("measuring the gate's images with the lung segmenter")
         gate = lung_gate_train.evaluate_gate(
@@ -237,7 +237,7 @@ def evaluate_lungs(args: argparse.Namespace) -> int:
     print("\n".join(lung_gate_train.evaluation_lines(gate)))
     print("\n== pneumonia at all? (lung-zone model)\n")
     print("\n".join(abnormality_train.summary_lines(zones)))
-    print("\n" + lung_dice_line())
+    print("\n" + lung_dice_line(str(segmenter.card.get("model_id"))))
     if args.out:
         data = {"format": "covidcxr-lung-evaluation/1", "gate": gate, "pneumonia_model": zones}
         try:

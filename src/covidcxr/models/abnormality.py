@@ -37,10 +37,16 @@ from scipy import ndimage
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
 from covidcxr.models.coherence import NO_FINDING, PNEUMONIA_LABELS
-from covidcxr.models.lungs import LungSegmenter, letterbox_area
+from covidcxr.models.lungs import LungSegmenter, letterbox_area, pinned_segmenter, segmenter_record
 from covidcxr.serialise import read_json_object
 
 FORMAT: Final = "covidcxr-lung-pneumonia/1"
+#: The lung segmenter of pneumonia models written before files named theirs
+#: (``covidcxr-small-v2``'s ``abnormality.json``).
+FITTED_BEFORE_PINNING: Final = {
+    "model_id": "lungs-unet-v1",
+    "weights_sha256": "c987f37c66e54975e37ce2ceca6f58d8132cd3718d9a08cab7ebc2ff58a197ea",
+}
 #: Side of the letterboxed image the zones are measured on (twice the segmenter's).
 MEASURE_SIZE: Final = 256
 ZONES: Final[tuple[str, ...]] = tuple(
@@ -276,11 +282,15 @@ class PneumoniaModel:
 
     @classmethod
     def load(cls, path: Path, segmenter: LungSegmenter | None = None) -> PneumoniaModel:
-        """Read a file written by :func:`covidcxr.models.abnormality_train.save`.
+        """Read a file written by :func:`covidcxr.models.lung_model.build`, with the lung
+        segmenter it was fitted on: ``segmenter`` (the lung gate's, which must be that
+        one) or the shipped one it names (a file that names none was fitted on
+        :data:`FITTED_BEFORE_PINNING`).
 
         Raises:
             MetadataError: the file is missing, unreadable or of another format, or its
-                features are not :data:`FEATURE_NAMES`.
+                features are not :data:`FEATURE_NAMES`; ``segmenter`` is not the one it
+                was fitted on, or that one is not shipped.
             MissingExtraError: neither torch nor onnxruntime runs the segmenter.
         """
         where = f"PneumoniaModel.load: {str(path)!r}"
@@ -296,7 +306,15 @@ class PneumoniaModel:
             raise MetadataError(f"{where} has no usable 'model' entry: {exc!r}") from exc
         if not len(risk.coef) == len(risk.mean) == len(risk.scale) == len(FEATURE_NAMES):
             raise MetadataError(f"{where}: the model's arrays do not match its features")
-        return cls(segmenter or LungSegmenter.load(), risk, data)
+        record = data.get("segmenter", FITTED_BEFORE_PINNING)
+        if segmenter is None:
+            segmenter = pinned_segmenter(record, "auto", where)
+        elif segmenter_record(segmenter) != record:
+            raise MetadataError(
+                f"{where} was fitted on lung segmenter {record!r}, but is given "
+                f"{segmenter_record(segmenter)!r}"
+            )
+        return cls(segmenter, risk, data)
 
     def probability(self, image: Image.Image, lungs: NDArray[np.floating] | None = None) -> float:
         """P(pneumonia) of one decoded image (``lungs``: see :func:`features`)."""

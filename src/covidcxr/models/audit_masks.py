@@ -154,7 +154,8 @@ class LungMasks:
 
 
 def shipped_lung_masks() -> LungMasks:
-    """Reference masks, else the shipped lung segmenter's (``lungs-unet-v1``).
+    """Reference masks, else the default shipped lung segmenter's
+    (:data:`~covidcxr.models.lungs.MODEL_ID`).
 
     Without torch or onnxruntime, or with its weights missing or altered, the result
     has no segmenter and its note says why: the audit then covers only images with a

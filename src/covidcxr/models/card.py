@@ -560,22 +560,55 @@ def _lung_model_lines(bundle: ModelBundle) -> list[str]:
             f"same images: P(pneumonia) AUC {_fmt(oof.get('base_pneumonia_auc'), 2)}; "
             f"normal chests' P(COVID-19) median {_fmt(oof.get('base_normal_covid_median'), 2)}",
         ]
-    lung_dice = lung_dice_line()
+    lung_dice = lung_dice_line(_gate_segmenter(bundle))
     return [*lines, "", lung_dice, ""] if lung_dice else [*lines, ""]
 
 
-def lung_dice_line() -> str:
-    from covidcxr.models.lungs import WEIGHTS_DIR
+def _gate_segmenter(bundle: ModelBundle) -> str | None:
+    """The lung segmenter id the bundle's lung gate names (None: unknown)."""
+    from covidcxr.models.lung_gate import WEIGHTS_DIR
 
+    gate_id = bundle.extra.get("lung_gate", {}).get("gate_id")
     try:
-        card = json.loads((WEIGHTS_DIR / "model.json").read_text(encoding="utf-8"))
+        card = json.loads((WEIGHTS_DIR.parent / str(gate_id) / "model.json").read_text("utf-8"))
+        return str(card["segmenter"]["model_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def lung_dice_line(model_id: str | None = None) -> str:
+    """What the lung segmenter ``model_id`` (default: the shipped default) measured on
+    its held-out patients, over all reference masks and per annotator; ``""`` when its
+    ``model.json`` cannot be read."""
+    from covidcxr.dataset.samples import MASK_PREFERENCE
+    from covidcxr.models.lung_dice import MADE_BY
+    from covidcxr.models.lungs import WEIGHTS_DIR, WEIGHTS_ROOT
+
+    folder = WEIGHTS_DIR if model_id is None else WEIGHTS_ROOT / model_id
+    try:
+        card = json.loads((folder / "model.json").read_text(encoding="utf-8"))
         dice = card["test_dice_full_size"]
     except (OSError, ValueError, KeyError):
         return ""
+    by_reference = card.get("test_dice_full_size_by_reference", {})
+    order = [*(n for n in MASK_PREFERENCE if n in by_reference), *sorted(by_reference)]
+    per_annotator = [
+        f"{name} masks ({MADE_BY.get(name, 'unknown maker')}, {v['n']} images) mean "
+        f"{_fmt(v['mean'], 3)}"
+        for name, v in ((n, by_reference[n]) for n in dict.fromkeys(order))
+    ]
+    agreement = [
+        f"the two annotators agree with each other at Dice {_fmt(v['mean'], 3)} ({pair}, "
+        f"{v['n']} images with both)"
+        for pair, v in card.get("reference_agreement", {}).items()
+    ]
     return (
         f"Lung segmenter {card.get('model_id')}: Dice on {dice['n']} images of held-out "
         f"patients mean {_fmt(dice['mean'], 3)}, median {_fmt(dice['median'], 3)}, 10th "
-        f"percentile {_fmt(dice['p10'], 3)} (goal 0.95)."
+        f"percentile {_fmt(dice['p10'], 3)} (goal 0.95)"
+        + "".join(f"; against {part}" for part in per_annotator)
+        + "".join(f"; {part}" for part in agreement)
+        + "."
     )
 
 

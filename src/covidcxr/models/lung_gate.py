@@ -35,7 +35,7 @@ from scipy import ndimage
 
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError
-from covidcxr.models.lungs import Backend, LungSegmenter, letterbox_area
+from covidcxr.models.lungs import Backend, LungSegmenter, letterbox_area, pinned_segmenter
 from covidcxr.serialise import read_json_object
 
 GATE_ID: Final = "gate-lungs-v1"
@@ -351,12 +351,14 @@ class LungGate:
     @classmethod
     def load(cls, weights_dir: str | Path | None = None, backend: Backend = "auto") -> LungGate:
         """Load ``model.json`` and ``trees.json`` (default: the shipped gate), with the
-        segmenter on ``backend`` (:meth:`LungSegmenter.load`).
+        segmenter it was trained on (:func:`~covidcxr.models.lungs.pinned_segmenter`)
+        on ``backend``.
 
         Raises:
             MissingExtraError: neither torch nor onnxruntime runs the segmenter.
             MetadataError: a file is missing, of another format, or its sha256 is not
-                the one ``model.json`` records.
+                the one ``model.json`` records; the segmenter it names is not shipped
+                or its weights differ.
         """
         folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
         card_path, trees_path = folder / "model.json", folder / "trees.json"
@@ -386,7 +388,7 @@ class LungGate:
             raise MetadataError(
                 f"LungGate.load: {str(trees_path)!r} is not a tree ensemble: {exc!r}"
             ) from exc
-        segmenter = LungSegmenter.load(backend=backend)
+        segmenter = pinned_segmenter(card.get("segmenter"), backend, f"LungGate.load: {folder}")
         return cls(segmenter, classifier, float(card["threshold"]), card)
 
     def probabilities(self, image: Image.Image) -> NDArray[np.float64]:

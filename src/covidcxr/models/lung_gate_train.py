@@ -42,7 +42,7 @@ from covidcxr.models.lung_gate import (
     BoostedTrees,
     features,
 )
-from covidcxr.models.lungs import LungSegmenter
+from covidcxr.models.lungs import LungSegmenter, segmenter_record
 from covidcxr.models.sample_sets import gate_samples
 from covidcxr.store.db import Store
 from covidcxr.store.duplicates import duplicate_groups
@@ -346,10 +346,7 @@ def train_gate(
         "classes": list(CLASSES),
         "features": list(FEATURE_NAMES),
         "threshold": evaluation["threshold"],
-        "segmenter": {
-            "model_id": segmenter.card.get("model_id"),
-            "weights_sha256": segmenter.card.get("weights_sha256"),
-        },
+        "segmenter": segmenter_record(segmenter),
         "classifier": {"kind": "GradientBoostingClassifier", **BOOSTING, "random_state": seed},
         "data": counts(data),
         "evaluation": evaluation,

@@ -29,11 +29,11 @@ from numpy.typing import NDArray
 from covidcxr.atomic import atomic_output
 from covidcxr.dataset.split_file import load_split
 from covidcxr.errors import MetadataError
-from covidcxr.models import abnormality, abnormality_train, metrics
+from covidcxr.models import abnormality, abnormality_train, lung_gate, metrics
 from covidcxr.models.bundle import ModelBundle, write_bundle
 from covidcxr.models.calibration import youden_threshold
 from covidcxr.models.coherence import COVID, NO_FINDING, PNEUMONIA_LABELS, summarise
-from covidcxr.models.lungs import LungSegmenter
+from covidcxr.models.lungs import LungSegmenter, segmenter_record
 from covidcxr.store.db import Store
 
 ABNORMALITY_FILE: Final = "abnormality.json"
@@ -146,6 +146,8 @@ class FittedPneumonia:
         oof_part: the labelled images of ``source``; ``oof``: their out-of-fold
             P(pneumonia) (mean over repeats).
         prevalence: the share of pneumonia among them (the prior ``risk`` carries).
+        segmenter: the lung segmenter whose output it was fitted on
+            (:func:`~covidcxr.models.lungs.segmenter_record`), when known.
     """
 
     source: str
@@ -154,6 +156,7 @@ class FittedPneumonia:
     oof_part: abnormality_train.ZoneData
     oof: NDArray[np.float64]
     prevalence: float
+    segmenter: dict[str, Any] | None = None
 
     def as_file(self) -> dict[str, Any]:
         """The content of ``abnormality.json``."""
@@ -166,6 +169,7 @@ class FittedPneumonia:
             "pneumonia_prevalence": self.prevalence,
             "C": abnormality_train.C,
             "evaluation": self.evaluation,
+            **({"segmenter": self.segmenter} if self.segmenter else {}),
         }
 
 
@@ -195,6 +199,7 @@ def fit_pneumonia(
         oof_part,
         oof.mean(axis=0),
         abnormality_train.prevalence(data, source),
+        None if segmenter is None else segmenter_record(segmenter),
     )
 
 
@@ -278,7 +283,8 @@ def build(
     missing = [n for n in (NO_FINDING, *PNEUMONIA_LABELS) if n not in base.findings]
     if missing:
         raise MetadataError(f"train-lung-model: base {base.model_id} lacks labels {missing}")
-    segmenter = LungSegmenter.load()
+    # The gate's own segmenter: the runtime gives the pneumonia model the gate's.
+    segmenter = lung_gate.LungGate.load(lung_gate.WEIGHTS_DIR.parent / gate_id).segmenter
     data = abnormality_train.measure(store, segmenter)
     fitted = fit_pneumonia(data, abnormality_train.DEFAULT_SOURCE, seed, segmenter)
     folds = score_base_folds(store, base, data, fitted.risk)

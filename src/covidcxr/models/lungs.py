@@ -2,7 +2,7 @@
 
 The network sees the whole image letterboxed to ``INPUT_SIZE`` px (``crop="pad"`` of
 :mod:`covidcxr.dataset.loading`), so its mask maps back onto every pixel of the image.
-:class:`LungSegmenter` loads the shipped weights (``weights/lungs-unet-v1``) and runs
+:class:`LungSegmenter` loads the shipped weights (default ``weights/lungs-unet-v2``) and runs
 them on torch or, without torch, on their ONNX export with onnxruntime;
 :func:`train_lungs` makes them again (``covidcxr train-lungs``). :func:`dice` and
 :func:`mass_in_lungs` are plain numpy. Torch is imported where it is used.
@@ -41,8 +41,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MODEL_ID: Final = "lungs-unet-v1"
-WEIGHTS_DIR: Final = Path(__file__).parent / "weights" / MODEL_ID
+#: The shipped segmenter that draws and measures masks (``LungSegmenter.load()``).
+#: Models fitted on a segmenter's output (lung gates, pneumonia models) name theirs
+#: and load it with :func:`pinned_segmenter`, whatever this default is.
+MODEL_ID: Final = "lungs-unet-v2"
+WEIGHTS_ROOT: Final = Path(__file__).parent / "weights"
+WEIGHTS_DIR: Final = WEIGHTS_ROOT / MODEL_ID
 INPUT_SIZE: Final = 128
 #: Target value of pixels the loss and Dice skip (V7 Labs' grey 127, "ignore").
 IGNORE: Final = 2
@@ -763,7 +767,7 @@ class LungSegmenter:
         cls, weights_dir: str | Path | None = None, backend: Backend = "auto"
     ) -> LungSegmenter:
         """Load ``model.json`` and ``weights.pt`` (torch) or ``model.onnx`` (onnxruntime)
-        (default folder: the shipped ``lungs-unet-v1``).
+        (default folder: the shipped :data:`MODEL_ID`).
 
         Args:
             weights_dir: the folder :func:`save_weights` wrote.
@@ -855,6 +859,46 @@ class LungSegmenter:
             for p in self.batch_probability(np.stack(views))
         )
         return clean_mask((plain + flipped[:, ::-1]) / 2)
+
+
+def segmenter_record(segmenter: LungSegmenter) -> dict[str, Any]:
+    """What a model fitted on ``segmenter``'s output stores to load it again
+    (:func:`pinned_segmenter`): its ``model_id`` and ``weights_sha256``."""
+    return {
+        "model_id": segmenter.card.get("model_id"),
+        "weights_sha256": segmenter.card.get("weights_sha256"),
+    }
+
+
+def pinned_segmenter(record: Any, backend: Backend, where: str) -> LungSegmenter:
+    """The shipped segmenter a fitted model names (:func:`segmenter_record`): a lung
+    gate or pneumonia model given another segmenter's output would misjudge images
+    without any error, so the weights must be the very ones it was fitted on.
+
+    Raises:
+        MetadataError: ``record`` is not ``{"model_id", "weights_sha256"}``, names no
+            shipped segmenter, or the shipped weights of that id differ.
+        MissingExtraError: the backend's package is not installed.
+    """
+    if not isinstance(record, Mapping) or not all(
+        isinstance(record.get(k), str) for k in ("model_id", "weights_sha256")
+    ):
+        raise MetadataError(
+            f"{where}: its 'segmenter' entry {record!r} must name the lung segmenter it was "
+            "fitted on ({'model_id': ..., 'weights_sha256': ...}); refit it"
+        )
+    model_id = str(record["model_id"])
+    folder = WEIGHTS_ROOT / model_id
+    if "/" in model_id or not (folder / "model.json").is_file():
+        raise MetadataError(f"{where}: it was fitted on lung segmenter {model_id!r}, not shipped")
+    segmenter = LungSegmenter.load(folder, backend)
+    if segmenter.card.get("weights_sha256") != record["weights_sha256"]:
+        raise MetadataError(
+            f"{where}: it was fitted on {model_id} with weights sha256 "
+            f"{str(record['weights_sha256'])[:12]}..., but the shipped {model_id} has "
+            f"{str(segmenter.card.get('weights_sha256'))[:12]}...; refit it"
+        )
+    return segmenter
 
 
 def full_size_dice(
