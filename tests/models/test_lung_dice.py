@@ -152,6 +152,58 @@ def test_annotators_masks_of_another_size_are_refused(store: Store, tmp_path: Pa
         lung_dice.reference_agreement(store, moved)
 
 
+def blobs(*boxes: tuple[int, int, int, int]) -> np.ndarray:
+    """A 100 x 100 mask with a filled box (top, bottom, left, right) per argument."""
+    mask = np.zeros((100, 100), dtype=np.uint8)
+    for top, bottom, left, right in boxes:
+        mask[top:bottom, left:right] = 1
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (blobs((20, 80, 10, 40), (20, 80, 60, 90)), True),
+        (blobs((20, 80, 10, 90)), False),  # one region across the midline
+        (blobs((20, 80, 5, 20), (20, 80, 25, 45)), False),  # both on one side
+        (blobs((20, 80, 10, 40), (20, 25, 60, 65)), False),  # a speck: 25 px < 4%
+        (blobs((20, 80, 10, 40), (20, 40, 60, 80)), True),  # 400 px = 4%
+        (blobs(), False),
+    ],
+)
+def test_two_lungs_wants_two_large_regions_one_each_side(mask: np.ndarray, expected: bool) -> None:
+    assert lungs.two_lungs(mask) is expected
+    assert lungs.two_lungs(mask.astype(bool)) is expected
+
+
+class DrawsOne:
+    """A stand-in segmenter whose mask is one region across the whole chest."""
+
+    def segment(self, image: Any) -> np.ndarray:
+        mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+        mask[20:70, 10:70] = 1
+        return mask
+
+
+class DrawsTwo:
+    """A stand-in segmenter whose mask is two lungs, one each side."""
+
+    def segment(self, image: Any) -> np.ndarray:
+        mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+        mask[20:70, 5:35] = mask[20:70, 45:75] = 1
+        return mask
+
+
+def test_masks_that_are_not_two_lungs_are_counted_per_source(store: Store) -> None:
+    frontal = lungs.frontal_sample_set(store)
+    assert len(frontal) == 10
+    plausible = lung_dice.not_two_lungs(DrawsTwo(), frontal)  # type: ignore[arg-type]
+    assert plausible == {"tiny": {"images": 10, "not_two_lungs": 0, "examples": [], "share": 0.0}}
+    one = lung_dice.not_two_lungs(DrawsOne(), frontal)["tiny"]  # type: ignore[arg-type]
+    assert (one["images"], one["not_two_lungs"], one["share"]) == (10, 10, 1.0)
+    assert one["examples"] == [s.image_sha256[:12] for s in frontal.samples][:10]
+
+
 def test_held_out_keeps_the_split_and_counts_patients_it_does_not_know(store: Store) -> None:
     sample_set, split = lungs.masked_samples(store)
     test, unknown = lung_dice.held_out(sample_set, split, "test")
@@ -207,6 +259,12 @@ def test_evaluate_lungs_scores_the_weights_own_held_out_patients(
     assert main(["evaluate-lungs", *store_options(root), "--weights", str(trained)]) == 0
     table = capsys.readouterr().out
     assert "all references" in table and "lungVAE vs v7labs (3 images with both)" in table
+    assert "segmented as something other than two lungs" not in table
+    options = [*store_options(root), "--weights", str(trained), "--all-frontal"]
+    assert main(["evaluate-lungs", *options]) == 0
+    assert "tiny: " in capsys.readouterr().out
+    assert main(["evaluate-lungs", *options, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["not_two_lungs"]["tiny"]["images"] == 10
 
 
 def test_evaluate_lungs_refuses_a_store_without_the_split_patients(

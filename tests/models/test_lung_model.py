@@ -456,3 +456,23 @@ def test_overlays_of_one_image_share_one_lung_outline_from_the_engines_segmenter
     (row,) = torch_v2.predict_arrays([image], heatmaps_dir=tmp_path)
     assert len([f for f in row.heatmap_files if f.endswith(".png")]) >= 2
     assert calls == [(image.height, image.width)]  # one outline for all its overlays
+
+
+def test_an_outline_that_is_not_two_lungs_is_not_drawn(
+    torch_v2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from covidcxr.models import saliency
+
+    gray = np.full((60, 80), 128, dtype=np.uint8)
+    one = np.zeros(gray.shape, dtype=np.uint8)
+    one[10:50, 10:70] = 1  # one region across the midline: an arm, or both lungs merged
+    two = np.zeros(gray.shape, dtype=np.uint8)
+    two[10:50, 5:35] = two[10:50, 45:75] = 1
+    segmenter = torch_v2.lung_gate.segmenter
+    monkeypatch.setattr(segmenter, "segment", lambda image: one)
+    assert torch_v2._lung_outline(gray) is None
+    monkeypatch.setattr(segmenter, "segment", lambda image: two)
+    outline = torch_v2._lung_outline(gray)
+    assert outline is not None and np.array_equal(outline, two)
+    assert saliency.drawable_lungs(one) is None
+    assert saliency.drawable_lungs(two) is two

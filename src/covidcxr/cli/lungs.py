@@ -65,6 +65,12 @@ def _register_evaluate(subparsers: Any) -> None:
         "--weights", metavar="DIR", help="a folder train-lungs wrote (default: the shipped one)"
     )
     parser.add_argument("--fold", default="test", help="the split's fold to score (test)")
+    parser.add_argument(
+        "--all-frontal",
+        action="store_true",
+        help="also segment every labelled frontal X-ray of every source (no mask needed) "
+        "and count, per source, the masks that are not two lungs, one on each side",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(handler=cmd_evaluate_lungs)
 
@@ -89,7 +95,9 @@ def cmd_evaluate_lungs(args: argparse.Namespace) -> int:
             )
             return 2
         agreement = lung_dice.reference_agreement(store, sample_set)
+        frontal = lungs.frontal_sample_set(store) if args.all_frontal else None
     scores = lung_dice.dice_by_reference(segmenter, sample_set, chosen)
+    plausibility = None if frontal is None else lung_dice.not_two_lungs(segmenter, frontal)
     model_id = str(segmenter.card.get("model_id", folder.name))
     report = {
         "model_id": model_id,
@@ -97,11 +105,19 @@ def cmd_evaluate_lungs(args: argparse.Namespace) -> int:
         "left_out_unknown_patients": unknown,
         **scores,
         "reference_agreement": agreement,
+        **({"not_two_lungs": plausibility} if plausibility is not None else {}),
     }
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(render_dice(model_id, args.fold, scores, agreement, unknown))
+        return 0
+    print(render_dice(model_id, args.fold, scores, agreement, unknown))
+    for source, row in (plausibility or {}).items():
+        print(
+            f"{source}: {row['not_two_lungs']} of {row['images']} frontal X-rays "
+            f"({row['share']:.1%}) segmented as something other than two lungs, one on "
+            f"each side, each >= {lungs.MIN_LUNG_SHARE:.0%} of the image"
+            + (f"; first: {', '.join(row['examples'])}" if row["examples"] else "")
+        )
     return 0
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from covidcxr.dataset.samples import MASK_PREFERENCE, Sample, SampleSet
 from covidcxr.dataset.splits import Split
 from covidcxr.errors import MetadataError
-from covidcxr.models.lungs import LungSegmenter, dice, full_size_dice
+from covidcxr.models.lungs import LungSegmenter, dice, full_size_dice, two_lungs
 from covidcxr.store import queries
 from covidcxr.store.blobs import blob_path
 
@@ -157,3 +157,26 @@ def reference_agreement(store: Store, sample_set: SampleSet) -> dict[str, dict[s
             ignore = ((reference >= 64) & (reference < 192)) | ((levels >= 64) & (levels < 192))
             scores[f"{other} vs {preferred}"].append(dice(levels >= 192, reference >= 192, ignore))
     return {pair: summarise(values) for pair, values in sorted(scores.items())}
+
+
+def not_two_lungs(segmenter: LungSegmenter, sample_set: SampleSet) -> dict[str, dict[str, Any]]:
+    """Segment every sample and count, per source, the masks that are not two lungs
+    (:func:`~covidcxr.models.lungs.two_lungs`): ``images``, ``not_two_lungs``,
+    ``share``, and the first ten such images' sha256 prefixes, to look at.
+
+    Raises:
+        OSError: an image cannot be read (Pillow's errors).
+    """
+    counts: dict[str, dict[str, Any]] = {}
+    for sample in sample_set.samples:
+        row = counts.setdefault(sample.source, {"images": 0, "not_two_lungs": 0, "examples": []})
+        with Image.open(sample_set.image_path(sample)) as image:
+            plausible = two_lungs(segmenter.segment(image))
+        row["images"] += 1
+        if not plausible:
+            row["not_two_lungs"] += 1
+            if len(row["examples"]) < 10:
+                row["examples"].append(sample.image_sha256[:12])
+    for row in counts.values():
+        row["share"] = round(row["not_two_lungs"] / row["images"], 4)
+    return dict(sorted(counts.items()))

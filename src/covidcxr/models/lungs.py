@@ -53,6 +53,8 @@ IGNORE: Final = 2
 #: A reference mask with less lung than this share of the image is an empty mask
 #: (V7 Labs ships empty masks for CT and lateral images).
 MIN_LUNG_FRACTION: Final = 0.02
+#: :func:`two_lungs`: the smallest share of the image each of the two lungs must cover.
+MIN_LUNG_SHARE: Final = 0.04
 #: The ONNX graph's input, ``(N, 1, S, S)`` float32 grey levels / 255, and output,
 #: ``(N, 1, S, S)`` lung probability (standardisation and sigmoid are in the graph).
 ONNX_INPUT: Final = "image"
@@ -122,6 +124,22 @@ def mass_in_lungs(
     if total == 0.0:
         return math.nan
     return float(values[np.asarray(lungs) != 0].sum()) / total
+
+
+def two_lungs(mask: NDArray[np.integer] | NDArray[np.bool_]) -> bool:
+    """Whether a frontal lung mask looks like two lungs: its two largest connected
+    components each cover at least :data:`MIN_LUNG_SHARE` of the image, with their
+    centres on either side of the vertical midline. A check that needs no reference
+    mask; it cannot see a lung that is too small or an arm kept in its place."""
+    labelled, count = ndimage.label(np.asarray(mask) != 0)
+    if count < 2:
+        return False
+    sizes = np.bincount(labelled.ravel())[1:]
+    largest = np.argsort(sizes)[::-1][:2] + 1
+    if sizes[largest - 1].min() < MIN_LUNG_SHARE * labelled.size:
+        return False
+    columns = [ndimage.center_of_mass(labelled == k)[1] for k in largest]
+    return bool(min(columns) < labelled.shape[1] / 2 < max(columns))
 
 
 def clean_mask(probability: NDArray[np.floating], threshold: float = 0.5) -> NDArray[np.uint8]:
@@ -325,9 +343,14 @@ def masked_samples(store: Store) -> tuple[SampleSet, Split]:
     return sample_set, split
 
 
+def frontal_sample_set(store: Store) -> SampleSet:
+    """The frontal X-rays with a findings label, masked or not."""
+    return build_samples(store, get_task("findings"), Selection(views=("frontal",)))
+
+
 def masked_sample_set(store: Store) -> SampleSet:
     """The frontal X-rays with a non-empty lung mask (the preferred annotator's)."""
-    sample_set = build_samples(store, get_task("findings"), Selection(views=("frontal",)))
+    sample_set = frontal_sample_set(store)
     kept: list[Sample] = []
     for sample in sample_set.samples:
         mask = sample_set.mask_path(sample)

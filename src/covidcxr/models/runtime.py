@@ -562,9 +562,10 @@ class InferenceEngine(ABC):
 
     def _lung_outline(self, gray: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
         """The lung mask drawn on overlays: by the lung gate's segmenter when the bundle
-        has one (the engine's backend), else by the shipped one when it can run."""
+        has one (the engine's backend), else by the shipped one when it can run; None
+        when it is not two lungs (:func:`saliency.drawable_lungs`)."""
         if self.lung_gate is not None:
-            return self.lung_gate.segmenter.segment(gray)
+            return saliency.drawable_lungs(self.lung_gate.segmenter.segment(gray))
         return saliency.lung_mask(gray)
 
     def _check_outputs(self, outputs: NetworkOutputs, n: int) -> None:

@@ -254,10 +254,22 @@ def _shipped_segmenter() -> LungSegmenter | None:
 
 
 def lung_mask(gray: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
-    """The shipped lung segmenter's mask of a whole ``(H, W)`` grey image (1 lung), or
-    None when it cannot run (no torch, or no weights)."""
+    """The shipped lung segmenter's mask of a whole ``(H, W)`` grey image (1 lung) to
+    draw (:func:`drawable_lungs`), or None when it cannot run (no torch, or no weights)."""
     segmenter = _shipped_segmenter()
-    return None if segmenter is None else segmenter.segment(gray)
+    return None if segmenter is None else drawable_lungs(segmenter.segment(gray))
+
+
+def drawable_lungs(mask: NDArray[np.uint8]) -> NDArray[np.uint8] | None:
+    """``mask`` when it holds two lungs, one on each side
+    (:func:`covidcxr.models.lungs.two_lungs`), else None: an overlay then draws no
+    outline, rather than call an arm or half a chest "lungs"."""
+    from covidcxr.models.lungs import two_lungs
+
+    if two_lungs(mask):
+        return mask
+    log.info("heatmap overlay without the lung outline: the segmenter found no two lungs")
+    return None
 
 
 def line_layer(
