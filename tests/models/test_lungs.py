@@ -265,18 +265,40 @@ def test_annotated_overlay_draws_the_lungs_the_seen_square_and_a_legend() -> Non
         saliency.annotated_overlay(gray, heat, mask[:10])
 
 
-def test_write_overlay_keeps_the_image_size(tmp_path: Path) -> None:
+class FixedSegmenter:
+    """Stands in for the shipped segmenter: always the same mask."""
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+
+    def segment(self, image: object) -> np.ndarray:
+        return self.mask
+
+
+def test_write_overlay_keeps_the_image_size_and_outlines_only_two_lungs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from PIL import Image
 
     from covidcxr.models import saliency
 
     gray = chest_like(120, 100)
     heat = np.linspace(0, 1, gray.size, dtype=np.float32).reshape(gray.shape)
-    saliency.write_overlay(tmp_path / "auto.png", gray, heat)  # segments when it can
+    two = np.zeros(gray.shape, dtype=np.uint8)
+    two[30:90, 10:40] = two[30:90, 60:90] = 1
+    one = np.zeros(gray.shape, dtype=np.uint8)
+    one[30:90, 10:90] = 1
     saliency.write_overlay(tmp_path / "none.png", gray, heat, lungs=None)
-    with Image.open(tmp_path / "auto.png") as auto, Image.open(tmp_path / "none.png") as plain:
-        assert auto.size == plain.size == (100, 120)
-        assert np.asarray(auto).tolist() != np.asarray(plain).tolist()  # the outline
+    drawn = {}
+    for name, mask in (("two", two), ("one", one)):
+        monkeypatch.setattr(saliency, "_shipped_segmenter", lambda m=mask: FixedSegmenter(m))
+        saliency.write_overlay(tmp_path / f"{name}.png", gray, heat)  # segments when it can
+        with Image.open(tmp_path / f"{name}.png") as picture:
+            assert picture.size == (100, 120)
+            drawn[name] = np.asarray(picture)
+    with Image.open(tmp_path / "none.png") as plain:
+        assert not np.array_equal(drawn["two"], np.asarray(plain))  # the outline
+        assert np.array_equal(drawn["one"], np.asarray(plain))  # not two lungs: none
 
 
 def test_letterbox_area_cuts_a_letterboxed_array_to_the_image() -> None:
