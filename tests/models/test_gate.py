@@ -200,3 +200,16 @@ def test_an_ordinary_histogram_passes_and_gains_the_check() -> None:
 def test_the_grey_level_check_keeps_an_earlier_failure() -> None:
     earlier = gate.GateVerdict("fail", "lateral", "lateral_xray", checks_failed=("frontal_view",))
     assert gate.grey_level_verdict(0.0, earlier) is earlier
+
+
+def test_an_image_without_two_lung_fields_is_refused_naming_the_check() -> None:
+    prior = gate.grey_level_verdict(0.5, passed_frontal())
+    verdict = gate.lung_fields_verdict(False, prior)
+    assert not verdict.passed and verdict.code == "not_two_lungs"
+    assert verdict.checks_failed == ("two_lungs",)
+    assert verdict.checks_passed == prior.checks_passed
+    assert "whited out" in verdict.reason and "cannot judge this image" in verdict.reason
+    passed = gate.lung_fields_verdict(True, prior)
+    assert passed.passed and passed.checks_passed == (*prior.checks_passed, "two_lungs")
+    earlier = gate.GateVerdict("fail", "lateral", "lateral_xray", checks_failed=("frontal_view",))
+    assert gate.lung_fields_verdict(False, earlier) is earlier

@@ -4,6 +4,7 @@ command lines, and the out-of-fold answers of :mod:`covidcxr.models.lung_model`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
@@ -429,7 +430,7 @@ def test_v2_refuses_an_equalised_export_of_a_chest_it_passes(torch_v2: Any) -> N
         grey = image.convert("L")
     original, equalised = torch_v2.predict_arrays([grey, ImageOps.equalize(grey)])
     assert original.gate.passed
-    assert original.gate.checks_passed[-1] == "grey_levels"
+    assert original.gate.checks_passed[-2:] == ("grey_levels", "two_lungs")
     assert equalised.gate.code == "equalised"
     assert equalised.gate.checks_failed == ("grey_levels",)
     assert all(p is None for p in equalised.probabilities.values())
@@ -476,3 +477,45 @@ def test_an_outline_that_is_not_two_lungs_is_not_drawn(
     assert outline is not None and np.array_equal(outline, two)
     assert saliency.drawable_lungs(one) is None
     assert saliency.drawable_lungs(two) is two
+
+
+def test_an_image_without_two_lung_fields_is_refused_before_any_probability(
+    torch_v2: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judge = torch_v2.lung_gate.judge
+    (passed,) = torch_v2.predict_arrays([chest()])
+    assert passed.gate.passed and passed.gate.checks_passed[-1] == "two_lungs"
+
+    def one_lung(image: Any) -> Any:
+        probabilities, lungs = judge(image)
+        lungs = lungs.copy()
+        lungs[:, lungs.shape[1] // 2 :] = 0.0  # the right half of the image: no lung
+        return probabilities, lungs
+
+    monkeypatch.setattr(torch_v2.lung_gate, "judge", one_lung)
+    (row,) = torch_v2.predict_arrays([chest()])
+    assert not row.gate.passed and row.gate.code == "not_two_lungs"
+    assert row.gate.checks_failed == ("two_lungs",)
+    assert all(p is None for p in row.probabilities.values()) and row.summary is None
+
+
+def test_a_fitted_pneumonia_file_names_its_segmenter_and_loads_it(tmp_path: Path) -> None:
+    import json
+    from types import SimpleNamespace
+
+    from covidcxr.models import abnormality, lungs
+    from covidcxr.models.lung_model import FittedPneumonia
+
+    shipped = lungs.LungSegmenter.load(backend="onnx")
+    n = len(abnormality.FEATURE_NAMES)
+    risk = abnormality.LinearRisk(np.zeros(n), np.ones(n), np.zeros(n), 0.0)
+    part = SimpleNamespace(x=np.zeros((3, n)))
+    record = lungs.segmenter_record(shipped)
+    fitted = FittedPneumonia("nih", risk, {}, part, np.zeros(3), 0.5, record)  # type: ignore[arg-type]
+    path = tmp_path / "abnormality.json"
+    path.write_text(json.dumps(fitted.as_file()), encoding="utf-8")
+    assert json.loads(path.read_text(encoding="utf-8"))["segmenter"]["model_id"] == lungs.MODEL_ID
+    loaded = abnormality.PneumoniaModel.load(path)
+    assert lungs.segmenter_record(loaded.segmenter) == lungs.segmenter_record(shipped)
+    unnamed = dataclasses.replace(fitted, segmenter=None).as_file()
+    assert "segmenter" not in unnamed

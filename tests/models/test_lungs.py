@@ -301,6 +301,21 @@ def test_write_overlay_keeps_the_image_size_and_outlines_only_two_lungs(
         assert np.array_equal(drawn["one"], np.asarray(plain))  # not two lungs: none
 
 
+def test_found_two_lungs_looks_only_at_the_image_inside_the_letterbox() -> None:
+    # a 200 x 100 image letterboxed to 64 px fills rows 16-47; its lungs are in there
+    probability = np.zeros((64, 64), dtype=np.float32)
+    probability[20:44, 5:28] = probability[20:44, 36:59] = 0.9
+    assert lungs.found_two_lungs(probability, 200, 100)
+    one = probability.copy()
+    one[20:44, 36:59] = 0.2  # below the 0.5 cut: one lung
+    assert not lungs.found_two_lungs(one, 200, 100)
+    # lungs of 3.5% of the square each, 7% of the image: the share is of the image
+    small = np.zeros((64, 64), dtype=np.float32)
+    small[24:36, 8:20] = small[24:36, 40:52] = 0.9
+    assert lungs.found_two_lungs(small, 200, 100)
+    assert not lungs.two_lungs(small >= 0.5)
+
+
 def test_letterbox_area_cuts_a_letterboxed_array_to_the_image() -> None:
     from PIL import Image
 

@@ -78,6 +78,22 @@ def test_upload_a_collection_image_shows_verdict_and_heatmap(
 
 
 @pytest.mark.shared_data
+def test_a_chest_without_two_lung_fields_is_not_analysed_and_says_read_it(
+    page: Any, nih_dir: Path
+) -> None:
+    # NIH 00001986_005: the right hemithorax is whited out; NIH labels it No Finding
+    page.goto("/")
+    page.set_input_files("input[type=file]", str(nih_dir / "images" / "00001986_005.jpg"))
+    page.click("button[type=submit]")
+    page.wait_for_selector("section.result")
+    verdict = page.inner_text("#result-1")
+    assert "Not analysed" in verdict and "did not find two lung fields" in verdict
+    assert "Read this image yourself" in verdict
+    assert "No finding" not in verdict
+    page.screenshot(path=str(SHOTS / "serve-not-two-lungs.png"), full_page=True)
+
+
+@pytest.mark.shared_data
 def test_a_dicom_upload_shows_the_answer_and_the_lung_outline(
     page: Any, covid_dir: Path, tmp_path: Path
 ) -> None:

@@ -252,5 +252,7 @@ def test_every_refusal_the_gates_make_says_how_to_make_the_image_usable() -> Non
     refusals = {name for name in lung_gate.CLASSES if name != gate.FRONTAL_CLASS}
     refusals |= {"tiny", "colourful"}
     refusals.add(gate.grey_level_verdict(0.0, gate.GateVerdict("pass", "", "ok")).code)
+    refusals.add(gate.lung_fields_verdict(False, gate.GateVerdict("pass", "", "ok")).code)
     assert refusals - set(predicting.USABLE_IF) == set()
+    assert "a lung may be whited out" in predicting.USABLE_IF["not_two_lungs"]
     assert "without histogram equalisation" in predicting.USABLE_IF["equalised"]

@@ -16,6 +16,10 @@ Checks, in order (the first failure decides the verdict and its reason):
 5. ``grey_levels`` (models that look at the lungs first only): the grey-level histogram
    is not as flat as after histogram equalisation (:func:`grey_level_verdict`), which
    makes their pneumonia model call normal chests pneumonia.
+6. ``two_lungs`` (the same models): the lung gate's segmenter found two lung fields, one
+   on each side (:func:`lung_fields_verdict`). Their pneumonia model measures the lungs
+   it is shown; a whited-out hemithorax is not one of them, and it called most such
+   chests normal.
 
 Checks 1-3 are rules on the pixels and run before the network; check 4 needs the
 forward pass that also gives the findings, which an image failing it does not get.
@@ -259,3 +263,24 @@ def grey_level_verdict(
             prior.checks_passed,
         )
     return replace(prior, checks_passed=(*prior.checks_passed, "grey_levels"))
+
+
+def lung_fields_verdict(two_lungs: bool, prior: GateVerdict) -> GateVerdict:
+    """The ``two_lungs`` check of a lungs-first model, after ``grey_levels``: an image in
+    which the lung gate's segmenter did not find two lung fields, one on each side
+    (:func:`covidcxr.models.lungs.two_lungs`), is refused, because the pneumonia model
+    judges only the lung it finds. A failed ``prior`` is returned unchanged; a pass gains
+    the check."""
+    if not prior.passed:
+        return prior
+    if not two_lungs:
+        return _fail(
+            "not_two_lungs",
+            "the lung segmenter did not find two lung fields, one on each side: one lung "
+            "may be whited out (effusion, collapse, consolidation, pneumonectomy) or the "
+            "image is one it cannot read; the pneumonia model judges only the lungs it "
+            "finds, so it cannot judge this image",
+            "two_lungs",
+            prior.checks_passed,
+        )
+    return replace(prior, checks_passed=(*prior.checks_passed, "two_lungs"))

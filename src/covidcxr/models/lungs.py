@@ -142,6 +142,15 @@ def two_lungs(mask: NDArray[np.integer] | NDArray[np.bool_]) -> bool:
     return bool(min(columns) < labelled.shape[1] / 2 < max(columns))
 
 
+def found_two_lungs(
+    probability: NDArray[np.floating], width: int, height: int, threshold: float = 0.5
+) -> bool:
+    """:func:`two_lungs` of a letterboxed lung probability (``(S, S)``, as the segmenter
+    gave it for a ``width x height`` image), on the image's own area."""
+    rows, columns = letterbox_area(width, height, probability.shape[0])
+    return two_lungs(probability[rows, columns] >= threshold)
+
+
 def clean_mask(probability: NDArray[np.floating], threshold: float = 0.5) -> NDArray[np.uint8]:
     """A lung mask from a probability map: ``probability >= threshold``, then only its
     two largest connected components (4-connected), so specks away from the lungs go.

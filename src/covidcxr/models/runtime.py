@@ -73,7 +73,7 @@ from covidcxr.models.inputs import (
     not_a_regular_file,
     preprocess,
 )
-from covidcxr.models.lungs import Backend
+from covidcxr.models.lungs import Backend, found_two_lungs
 from covidcxr.models.rows import (
     NetworkOutputs,
     SeverityScore,
@@ -382,8 +382,8 @@ class InferenceEngine(ABC):
 
     def _lung_gate_verdicts(self, items: list[_Item]) -> None:
         """Decide the ``frontal_view`` check with the bundle's lung gate, and with its
-        pneumonia model the ``grey_levels`` check (images either refuses never reach
-        the network)."""
+        pneumonia model the ``grey_levels`` and ``two_lungs`` checks (images any of them
+        refuses never reach the network)."""
         if self.lung_gate is None:
             return
         rules = replace(self.bundle.gate, min_frontal_probability=self.lung_gate.threshold)
@@ -395,6 +395,8 @@ class InferenceEngine(ABC):
             if self.pneumonia is not None:
                 flatness = processing.histogram_flatness(item.image)
                 item.verdict = gate.grey_level_verdict(flatness, item.verdict)
+                found = found_two_lungs(item.lungs, item.image.width, item.image.height)
+                item.verdict = gate.lung_fields_verdict(found, item.verdict)
             if not item.verdict.passed:
                 item.pixels = None
 

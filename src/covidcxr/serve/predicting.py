@@ -72,6 +72,8 @@ USABLE_IF: Final[dict[str, str]] = {
     "not_medical": "Upload a frontal chest X-ray.",
     "equalised": "Export the image without histogram equalisation (the viewer's or PACS's "
     "unprocessed or default export) and upload again.",
+    "not_two_lungs": "Read this image yourself: a lung may be whited out. If both lungs are "
+    "plainly visible, upload the unprocessed PA or AP export.",
 }
 
 
