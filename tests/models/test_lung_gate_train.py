@@ -187,6 +187,35 @@ def test_leave_one_kind_out_trains_without_the_held_out_kind(
         assert 0.0 <= result[kind]["share"] <= 1.0
 
 
+def test_the_two_lungs_check_adds_to_what_the_gate_refuses(data: GateData) -> None:
+    # every third row's segmentation is not two lungs; the gate's own figures stay
+    two = np.arange(len(data.y)) % 3 != 0
+    measured = GateData(data.x, data.y, data.source, data.group, data.kind, two)
+    plain = lung_gate_train.leave_one_source_out(data, "b", threshold=0.5)
+    both = lung_gate_train.leave_one_source_out(measured, "b", threshold=0.5)
+    assert "frontal_refused_with_two_lungs_check" not in plain
+    assert both["frontal_refused"] == plain["frontal_refused"]
+    frontal = (data.source == "b") & (data.y == FRONTAL)
+    at_least = float((~two[frontal]).mean())
+    combined = both["frontal_refused_with_two_lungs_check"]
+    assert combined["n"] == plain["frontal_refused"]["n"]
+    assert max(at_least, plain["frontal_refused"]["share"]) <= combined["share"]
+    assert combined["share"] <= at_least + plain["frontal_refused"]["share"]
+    kinds = lung_gate_train.leave_one_kind_out(measured, threshold=0.5)
+    for kind in KINDS:
+        row = kinds[kind]
+        assert row["share"] <= row["caught_with_two_lungs_check"]["share"]
+    lines = lung_gate_train.evaluation_lines(lung_gate_train.evaluate_gate(measured, threshold=0.5))
+    assert "two-lungs check after it" in lines[2]
+    shown = next(line for line in lines if line.startswith("| b |"))
+    assert shown.endswith(f"{100 * combined['share']:.1f}% of {combined['n']} |")
+    assert "not measured" in "\n".join(
+        lung_gate_train.evaluation_lines(lung_gate_train.evaluate_gate(data, threshold=0.5))
+    )
+    taken = measured.take(np.asarray([0, 1]))
+    assert taken.two_lungs is not None and taken.two_lungs.tolist() == [False, True]
+
+
 # --- evaluate_gate and its card -----------------------------------------------------
 
 
@@ -333,3 +362,15 @@ def test_choose_threshold_without_a_passing_candidate_takes_the_best_worst_recal
     # comes at 0.65
     data, values = _scored([fr, ct, ct, ct], [0.99, 0.97, 0.2, 0.6])
     assert lung_gate_train.choose_threshold(data, values) == 0.65
+
+
+@pytest.mark.parametrize("segmenter", ["lungs-unet-v9", "../lungs-unet-v1"])
+def test_train_gate_refuses_a_segmenter_that_is_not_shipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], segmenter: str
+) -> None:
+    from covidcxr.cli import main
+
+    options = ["--out", str(tmp_path / "gate"), "--data-dir", str(tmp_path / "data")]
+    assert main(["train-gate", *options, "--segmenter", segmenter]) == 2
+    assert f"no shipped lung segmenter {segmenter!r}" in capsys.readouterr().err
+    assert not (tmp_path / "gate").exists()

@@ -175,6 +175,12 @@ def _register_gate(subparsers: Any) -> None:
         help="pass when P(frontal chest X-ray) reaches this (default: the lowest at which "
         "lateral, CT and inverted images each reach 95%% recall in patient-grouped CV)",
     )
+    parser.add_argument(
+        "--segmenter",
+        metavar="ID",
+        help="the shipped lung segmenter to measure with (default: the default one, "
+        "lungs.MODEL_ID); gate-lungs-v1 was made with lungs-unet-v1",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(handler=cmd_train_gate)
 
@@ -192,12 +198,20 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     given = [] if args.threshold is None else ["--threshold", str(args.threshold)]
+    given += [] if args.segmenter is None else ["--segmenter", args.segmenter]
     options = ["--out", str(out), *given, "--seed", str(args.seed)]
+    folder = None if args.segmenter is None else lungs.WEIGHTS_ROOT / args.segmenter
+    if folder is not None and ("/" in args.segmenter or not (folder / "model.json").is_file()):
+        print(
+            f"covidcxr train-gate: error: no shipped lung segmenter {args.segmenter!r}",
+            file=sys.stderr,
+        )
+        return 2
     command = "covidcxr " + shlex.join(["train-gate", *options])
     with store_from(args) as store:
         card = lung_gate_train.train_gate(
             store,
-            lungs.LungSegmenter.load(),
+            lungs.LungSegmenter.load(folder),
             out,
             threshold=args.threshold,
             seed=args.seed,

@@ -17,7 +17,6 @@ Why these choices: ``docs/decisions/0071-lung-gate.md``.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -40,9 +39,9 @@ from covidcxr.models.lung_gate import (
     FORMAT,
     GATE_ID,
     BoostedTrees,
-    features,
 )
-from covidcxr.models.lungs import LungSegmenter, segmenter_record
+from covidcxr.models.lung_gate import measure as lung_measure
+from covidcxr.models.lungs import LungSegmenter, found_two_lungs, segmenter_record
 from covidcxr.models.sample_sets import gate_samples
 from covidcxr.store.db import Store
 from covidcxr.store.duplicates import duplicate_groups
@@ -67,7 +66,10 @@ class GateData:
     """Feature rows with their class, source, patient group and (drawn pictures) kind.
 
     ``group`` joins patients that share a picture; drawn pictures have source
-    ``drawn`` and their own group each.
+    ``drawn`` and their own group each. ``two_lungs``, when measured: whether the
+    segmenter found two lung fields, one on each side (:func:`lungs.found_two_lungs`),
+    the check lungs-first bundles make after the gate; inverted copies are not
+    measured and hold True, so no figure counts them as caught by it.
     """
 
     x: NDArray[np.float64]
@@ -75,10 +77,14 @@ class GateData:
     source: NDArray[np.str_]
     group: NDArray[np.str_]
     kind: NDArray[np.str_]
+    two_lungs: NDArray[np.bool_] | None = None
 
     def take(self, rows: NDArray[np.intp]) -> GateData:
         """The rows at ``rows`` (of every field)."""
-        return GateData(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
+        two = None if self.two_lungs is None else self.two_lungs[rows]
+        return GateData(
+            self.x[rows], self.y[rows], self.source[rows], self.group[rows], self.kind[rows], two
+        )
 
 
 def swap_views(x: NDArray[np.float64]) -> NDArray[np.float64]:
@@ -94,11 +100,13 @@ def measure(store: Store, segmenter: LungSegmenter, seed: int = 0) -> GateData:
     with store.read() as conn:
         groups = linked_patients(samples.patients, duplicate_groups(conn))
     group_of = {patient: members[0] for members in groups for patient in members}
-    rows, classes, sources, patient_groups = [], [], [], []
+    rows, classes, sources, patient_groups, two = [], [], [], [], []
     for number, sample in enumerate(samples.samples, 1):
         with Image.open(samples.image_path(sample)) as image:
             image.load()
-            rows.append(features(segmenter, image))
+            row, probability = lung_measure(segmenter, image)
+            rows.append(row)
+            two.append(found_two_lungs(probability, image.width, image.height))
         classes.append(int(np.nanargmax(np.asarray(sample.labels, dtype=float))))
         sources.append(sample.source)
         patient_groups.append(group_of.get(sample.patient, sample.patient))
@@ -110,17 +118,24 @@ def measure(store: Store, segmenter: LungSegmenter, seed: int = 0) -> GateData:
         np.asarray(sources),
         np.asarray(patient_groups),
         np.full(len(rows), ""),
+        np.asarray(two, dtype=bool),
     )
     frontal = np.flatnonzero(measured.y == FRONTAL)
     inverted = measured.take(frontal)
     inverted.x, inverted.y = swap_views(inverted.x), np.full(len(frontal), INVERTED)
+    inverted.two_lungs = np.ones(len(frontal), dtype=bool)  # not measured
     return _join([measured, inverted, _drawn(segmenter, seed)])
 
 
 def _drawn(segmenter: LungSegmenter, seed: int) -> GateData:
     kinds = gate_data.NOT_MEDICAL_KINDS
     pictures = gate_data.not_medical_images(NOT_MEDICAL_COUNT, 128, np.random.default_rng(seed))
-    x = np.asarray([features(segmenter, Image.fromarray(p)) for p in pictures])
+    measured = [lung_measure(segmenter, Image.fromarray(p)) for p in pictures]
+    x = np.asarray([row for row, _ in measured])
+    two = [
+        found_two_lungs(lungs, p.shape[1], p.shape[0])
+        for (_, lungs), p in zip(measured, pictures, strict=True)
+    ]
     kind = np.asarray([kinds[i % len(kinds)] for i in range(len(pictures))])
     return GateData(
         x,
@@ -128,6 +143,7 @@ def _drawn(segmenter: LungSegmenter, seed: int) -> GateData:
         np.full(len(pictures), "drawn"),
         np.asarray([f"drawn:{i}" for i in range(len(pictures))]),
         kind,
+        np.asarray(two, dtype=bool),
     )
 
 
@@ -138,6 +154,9 @@ def _join(parts: Sequence[GateData]) -> GateData:
         np.concatenate([p.source for p in parts]).astype(str),
         np.concatenate([p.group for p in parts]).astype(str),
         np.concatenate([p.kind for p in parts]).astype(str),
+        None
+        if any(p.two_lungs is None for p in parts)
+        else np.concatenate([p.two_lungs for p in parts if p.two_lungs is not None]),
     )
 
 
@@ -179,11 +198,23 @@ def leave_one_source_out(
     trees = fit_classifier(data.take(np.flatnonzero(~held)), seed)
     frontal = held & (data.y == FRONTAL)
     inverted = held & (data.y == INVERTED)
+    refused = _refused(trees, data.x[frontal], threshold)
     return {
         "held_out_source": source,
-        "frontal_refused": _share(_refused(trees, data.x[frontal], threshold)),
+        "frontal_refused": _share(refused),
         "inverted_caught": _share(_refused(trees, data.x[inverted], threshold)),
+        **_with_two_lungs("frontal_refused", refused, data, frontal),
     }
+
+
+def _with_two_lungs(
+    name: str, refused: NDArray[np.bool_], data: GateData, rows: NDArray[np.bool_]
+) -> dict[str, Any]:
+    """``{name}_with_two_lungs_check``: the share refused by the gate or by the
+    two-lungs check after it (empty when ``data`` did not measure it)."""
+    if data.two_lungs is None:
+        return {}
+    return {f"{name}_with_two_lungs_check": _share(refused | ~data.two_lungs[rows])}
 
 
 def grouped_cv_scores(
@@ -253,12 +284,14 @@ def choose_threshold(data: GateData, scores: NDArray[np.float64]) -> float:
 
 
 def leave_one_kind_out(data: GateData, threshold: float, seed: int = 0) -> dict[str, Any]:
-    """Per kind of drawn picture: the share caught by a gate trained without that kind."""
+    """Per kind of drawn picture: the share caught by a gate trained without that kind
+    (and, when measured, by it or the two-lungs check after it)."""
     result = {}
     for kind in gate_data.NOT_MEDICAL_KINDS:
         held = data.kind == kind
         trees = fit_classifier(data.take(np.flatnonzero(~held)), seed)
-        result[kind] = _share(_refused(trees, data.x[held], threshold))
+        caught = _refused(trees, data.x[held], threshold)
+        result[kind] = {**_share(caught), **_with_two_lungs("caught", caught, data, held)}
     return result
 
 
@@ -365,19 +398,21 @@ def _pct(share: Mapping[str, Any]) -> str:
 def evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
     """:func:`evaluate_gate`'s measurements as Markdown."""
     cv = evaluation["grouped_cv"]
+    both = "with_two_lungs_check"
     lines = [
         "## Frontal X-rays of a source the gate never trained on",
         "",
-        "| held-out source | frontal refused | inverted copies caught |",
-        "|---|---|---|",
+        "| held-out source | frontal refused | inverted copies caught | frontal refused by "
+        "the gate or the two-lungs check after it (lungs-first bundles) |",
+        "|---|---|---|---|",
     ]
     for row in evaluation["leave_one_source_out"]:
         lines.append(
             f"| {row['held_out_source']} | {_pct(row['frontal_refused'])} | "
-            f"{_pct(row['inverted_caught'])} |"
+            f"{_pct(row['inverted_caught'])} | {_pct_or_na(row, f'frontal_refused_{both}')} |"
         )
     for source, why in evaluation["leave_one_source_out_not_run"].items():
-        lines.append(f"| {source} | not run: {why} | |")
+        lines.append(f"| {source} | not run: {why} | | |")
     return [
         *lines,
         "",
@@ -390,10 +425,17 @@ def evaluation_lines(evaluation: Mapping[str, Any]) -> list[str]:
         "",
         "## Pictures that are not medical, each kind unseen in training",
         "",
-        "| kind | caught |",
-        "|---|---|",
-        *(f"| {k} | {_pct(v)} |" for k, v in evaluation["leave_one_kind_out"].items()),
+        "| kind | caught | caught by the gate or the two-lungs check after it |",
+        "|---|---|---|",
+        *(
+            f"| {k} | {_pct(v)} | {_pct_or_na(v, f'caught_{both}')} |"
+            for k, v in evaluation["leave_one_kind_out"].items()
+        ),
     ]
+
+
+def _pct_or_na(row: Mapping[str, Any], key: str) -> str:
+    return _pct(row[key]) if key in row else "not measured"
 
 
 def render_card(card: Mapping[str, Any]) -> str:
