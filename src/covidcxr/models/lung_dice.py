@@ -19,15 +19,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
+from numpy.typing import NDArray
 from PIL import Image
 
 from covidcxr.dataset.samples import MASK_PREFERENCE, Sample, SampleSet
 from covidcxr.dataset.splits import Split
 from covidcxr.errors import MetadataError
-from covidcxr.models.lungs import LungSegmenter, dice, full_size_dice, two_lungs
+from covidcxr.models.lungs import (
+    LungSegmenter,
+    dice,
+    full_size_dice,
+    reference_lung,
+    two_lungs,
+)
 from covidcxr.store import queries
 from covidcxr.store.blobs import blob_path
 
@@ -122,7 +130,7 @@ def dice_by_reference(
     }
 
 
-def _mask_levels(root: Any, sha256: str) -> np.ndarray[Any, np.dtype[np.uint8]]:
+def _mask_levels(root: Path, sha256: str) -> NDArray[np.uint8]:
     with Image.open(blob_path(root, sha256)) as image:
         return np.asarray(image.convert("L"))
 
@@ -154,8 +162,8 @@ def reference_agreement(store: Store, sample_set: SampleSet) -> dict[str, dict[s
                     f"reference_agreement: image {image_sha[:12]}: the {other} mask is "
                     f"{levels.shape[::-1]} px, the {preferred} mask {reference.shape[::-1]} px"
                 )
-            ignore = ((reference >= 64) & (reference < 192)) | ((levels >= 64) & (levels < 192))
-            scores[f"{other} vs {preferred}"].append(dice(levels >= 192, reference >= 192, ignore))
+            (lung, ignore), (other_lung, other_ignore) = map(reference_lung, (reference, levels))
+            scores[f"{other} vs {preferred}"].append(dice(other_lung, lung, ignore | other_ignore))
     return {pair: summarise(values) for pair, values in sorted(scores.items())}
 
 

@@ -933,6 +933,12 @@ def pinned_segmenter(record: Any, backend: Backend, where: str) -> LungSegmenter
     return segmenter
 
 
+def reference_lung(levels: NDArray[np.uint8]) -> tuple[NDArray[np.bool_], NDArray[np.bool_]]:
+    """A reference mask's grey levels as ``(lung, ignore)``: lung from 192 up, V7 Labs'
+    "ignore" grey (127) from 64 to 191, background below."""
+    return levels >= 192, (levels >= 64) & (levels < 192)
+
+
 def full_size_dice(
     segmenter: LungSegmenter, sample_set: SampleSet, samples: Sequence[Sample]
 ) -> list[float]:
@@ -951,6 +957,6 @@ def full_size_dice(
                 f"full_size_dice: image {sample.image_sha256[:12]} is {predicted.shape[::-1]} px "
                 f"but its lung mask is {reference.shape[::-1]} px; re-ingest the annotations"
             )
-        ignore = (reference >= 64) & (reference < 192)
-        scores.append(dice(predicted, reference >= 192, ignore))
+        lung, ignore = reference_lung(reference)
+        scores.append(dice(predicted, lung, ignore))
     return scores
