@@ -165,11 +165,11 @@ def test_the_shipped_segmenter_on_its_held_out_patients(june_store) -> None:  # 
     the goal (0.95) on the masks people drew, and the numbers its model.json records."""
     pytest.importorskip("onnxruntime")
     from covidcxr.dataset.split_file import load_split
-    from covidcxr.models import lung_dice, lungs
+    from covidcxr.models import lung_dice, lungs, lungs_training
 
     store, _ = june_store
     segmenter = lungs.LungSegmenter.load(backend="onnx")
-    sample_set = lungs.masked_sample_set(store)
+    sample_set = lungs_training.masked_sample_set(store)
     chosen, unknown = lung_dice.held_out(
         sample_set, load_split(lungs.WEIGHTS_DIR / "split.csv"), "test"
     )

@@ -14,7 +14,7 @@ from conftest import encode, upstream_row, write_metadata, xray_like
 from covidcxr.dataset.samples import SampleSet
 from covidcxr.errors import MetadataError
 from covidcxr.ingest.pipeline import ingest_source
-from covidcxr.models import lung_dice, lungs
+from covidcxr.models import lung_dice, lungs, lungs_training
 from covidcxr.store.db import Store, open_store
 
 HEIGHT, WIDTH = 96, 80
@@ -96,14 +96,14 @@ def test_summarise_refuses_no_values_and_a_patient_list_of_another_length() -> N
 
 
 def test_samples_say_which_annotator_drew_their_mask(store: Store) -> None:
-    sample_set, _ = lungs.masked_samples(store)
+    sample_set, _ = lungs_training.masked_samples(store)
     annotators = {s.patient: s.mask_annotator for s in sample_set.samples}
     assert annotators["tiny:4"] == "v7labs"  # both: V7 Labs preferred
     assert annotators["tiny:8"] == "lungVAE" and annotators["tiny:0"] == "v7labs"
 
 
 def test_dice_is_reported_per_annotator(store: Store) -> None:
-    sample_set, _ = lungs.masked_samples(store)
+    sample_set, _ = lungs_training.masked_samples(store)
     chosen = [s for s in sample_set.samples if s.patient in {"tiny:0", "tiny:1", "tiny:8"}]
     scores = lung_dice.dice_by_reference(DrawsVae(), sample_set, chosen)  # type: ignore[arg-type]
     assert list(scores["by_reference"]) == ["v7labs", "lungVAE"]
@@ -114,7 +114,7 @@ def test_dice_is_reported_per_annotator(store: Store) -> None:
 
 
 def test_the_annotators_are_scored_against_each_other(store: Store) -> None:
-    sample_set, _ = lungs.masked_samples(store)
+    sample_set, _ = lungs_training.masked_samples(store)
     agreement = lung_dice.reference_agreement(store, sample_set)
     assert list(agreement) == ["lungVAE vs v7labs"]
     pair = agreement["lungVAE vs v7labs"]
@@ -122,7 +122,7 @@ def test_the_annotators_are_scored_against_each_other(store: Store) -> None:
 
 
 def test_annotators_masks_of_another_size_are_refused(store: Store, tmp_path: Path) -> None:
-    sample_set, _ = lungs.masked_samples(store)
+    sample_set, _ = lungs_training.masked_samples(store)
     blobs = tmp_path / "blobs"
     for sample in sample_set.samples:  # copy the blobs, then shrink one lungVAE mask
         for sha in (sample.image_sha256, sample.mask_sha256):
@@ -195,7 +195,7 @@ class DrawsTwo:
 
 
 def test_masks_that_are_not_two_lungs_are_counted_per_source(store: Store) -> None:
-    frontal = lungs.frontal_sample_set(store)
+    frontal = lungs_training.frontal_sample_set(store)
     assert len(frontal) == 10
     plausible = lung_dice.not_two_lungs(DrawsTwo(), frontal)  # type: ignore[arg-type]
     assert plausible == {"tiny": {"images": 10, "not_two_lungs": 0, "examples": [], "share": 0.0}}
@@ -205,7 +205,7 @@ def test_masks_that_are_not_two_lungs_are_counted_per_source(store: Store) -> No
 
 
 def test_held_out_keeps_the_split_and_counts_patients_it_does_not_know(store: Store) -> None:
-    sample_set, split = lungs.masked_samples(store)
+    sample_set, split = lungs_training.masked_samples(store)
     test, unknown = lung_dice.held_out(sample_set, split, "test")
     assert unknown == 0 and {s.patient for s in test} == set(split.patients_in("test"))
     dropped = {p: f for p, f in split.assignment.items() if p != test[0].patient}

@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from conftest import encode, upstream_row, write_metadata, xray_like
 from covidcxr.ingest.pipeline import ingest_source
-from covidcxr.models import lungs
+from covidcxr.models import lungs, lungs_training
 from covidcxr.store.db import Store, open_store
 
 torch = pytest.importorskip("torch")
@@ -96,9 +96,9 @@ def test_letterbox_target_and_back_keep_the_geometry() -> None:
     mask = np.zeros((100, 50), dtype=np.uint8)
     mask[10:60, 5:20] = 255
     mask[70:80, 30:40] = 127
-    target = lungs.letterbox_target(mask, 20)
+    target = lungs_training.letterbox_target(mask, 20)
     # 100x50 becomes 20x10, pasted at x 5..15: columns outside are padding (0).
-    assert set(np.unique(target)) == {0, 1, lungs.IGNORE}
+    assert set(np.unique(target)) == {0, 1, lungs_training.IGNORE}
     assert not target[:, :5].any() and not target[:, 15:].any()
     back = lungs.unletterbox((target == 1).astype(np.float32), 50, 100)
     assert back.shape == (100, 50)
@@ -122,19 +122,19 @@ def test_two_training_steps_lower_the_loss() -> None:
     targets = np.zeros_like(images)
     targets[:, 8:24, 4:14] = 1
     targets[:, 8:24, 18:28] = 1
-    settings = lungs.TrainSettings(batch_size=4, learning_rate=1e-2, seed=0)
+    settings = lungs_training.TrainSettings(batch_size=4, learning_rate=1e-2, seed=0)
     model = lungs.build_unet(base_channels=4, levels=3)
     before = _loss_of(model, images, targets)
-    lungs.train_steps(model, images, targets, steps=2, settings=settings)
+    lungs_training.train_steps(model, images, targets, steps=2, settings=settings)
     assert _loss_of(model, images, targets) < before
 
 
 def _loss_of(model: torch.nn.Module, images: np.ndarray, targets: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
-        x = lungs._standardise_tensor(torch, torch.from_numpy(images / 255.0).float()[:, None])
+        x = lungs.standardise_tensor(torch, torch.from_numpy(images / 255.0).float()[:, None])
         y = torch.from_numpy(targets.astype(np.float32))[:, None]
-        return float(lungs._loss(torch, model(x), y))
+        return float(lungs_training._loss(torch, model(x), y))
 
 
 # -- the shipped weights ------------------------------------------------------------------
@@ -171,7 +171,9 @@ def test_segment_averages_the_image_and_its_mirror_image() -> None:
 
 def test_changed_weights_are_refused(tmp_path: Path) -> None:
     folder = tmp_path / "lungs"
-    lungs.save_weights(lungs.build_unet(4, 2), folder, {"input_size": 16, "base_channels": 4})
+    lungs_training.save_weights(
+        lungs.build_unet(4, 2), folder, {"input_size": 16, "base_channels": 4}
+    )
     (folder / "weights.pt").write_bytes(b"changed")
     with pytest.raises(lungs.MetadataError, match="sha256"):
         lungs.LungSegmenter.load(folder)
@@ -217,7 +219,7 @@ def masked_store(masked_root: Path) -> Iterator[Store]:
 def test_split_of_masked_images_keeps_patients_and_duplicates_on_one_side(
     masked_store: Store,
 ) -> None:
-    sample_set, split = lungs.masked_samples(masked_store)
+    sample_set, split = lungs_training.masked_samples(masked_store)
     patients = {s.patient for s in sample_set.samples}
     assert "tiny:3" not in patients  # its mask is empty
     by_fold = {fold: set(split.patients_in(fold)) for fold in split.folds}

@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import xray_like
 from covidcxr.dataset.loading import preprocess_image
 from covidcxr.errors import MetadataError, MissingExtraError
-from covidcxr.models import lungs
+from covidcxr.models import lungs, lungs_training
 
 pytest.importorskip("onnxruntime")
 
@@ -128,7 +128,7 @@ def test_a_segmenter_needs_exactly_one_network() -> None:
 
 def test_save_weights_writes_an_onnx_file_that_loads(tmp_path: Path) -> None:
     pytest.importorskip("torch")
-    folder = lungs.save_weights(
+    folder = lungs_training.save_weights(
         lungs.build_unet(4, 2),
         tmp_path / "tiny",
         {"input_size": 16, "base_channels": 4, "levels": 2},

@@ -78,13 +78,13 @@ def _register_evaluate(subparsers: Any) -> None:
 def cmd_evaluate_lungs(args: argparse.Namespace) -> int:
     """covidcxr evaluate-lungs: Dice on the weights' own held-out patients."""
     from covidcxr.dataset.split_file import load_split
-    from covidcxr.models import lung_dice, lungs
+    from covidcxr.models import lung_dice, lungs, lungs_training
 
     segmenter = lungs.LungSegmenter.load(args.weights, backend="onnx")
     folder = Path(args.weights) if args.weights else lungs.WEIGHTS_DIR
     split = load_split(folder / "split.csv")
     with store_from(args) as store:
-        sample_set = lungs.masked_sample_set(store)
+        sample_set = lungs_training.masked_sample_set(store)
         chosen, unknown = lung_dice.held_out(sample_set, split, args.fold)
         if not chosen:
             print(
@@ -95,7 +95,7 @@ def cmd_evaluate_lungs(args: argparse.Namespace) -> int:
             )
             return 2
         agreement = lung_dice.reference_agreement(store, sample_set)
-        frontal = lungs.frontal_sample_set(store) if args.all_frontal else None
+        frontal = lungs_training.frontal_sample_set(store) if args.all_frontal else None
     scores = lung_dice.dice_by_reference(segmenter, sample_set, chosen)
     plausibility = None if frontal is None else lung_dice.not_two_lungs(segmenter, frontal)
     model_id = str(segmenter.card.get("model_id", folder.name))
@@ -225,9 +225,9 @@ def cmd_train_gate(args: argparse.Namespace) -> int:
 
 def cmd_train_lungs(args: argparse.Namespace) -> int:
     """covidcxr train-lungs: train, measure Dice on held-out patients, save."""
-    from covidcxr.models import lung_dice, lungs
+    from covidcxr.models import lung_dice, lungs, lungs_training
 
-    settings = lungs.TrainSettings(
+    settings = lungs_training.TrainSettings(
         base_channels=args.base_channels,
         batch_size=args.batch_size,
         minutes=args.minutes,
@@ -236,13 +236,13 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     with store_from(args) as store:
-        sample_set, split = lungs.masked_samples(store)
+        sample_set, split = lungs_training.masked_samples(store)
         agreement = lung_dice.reference_agreement(store, sample_set)
         cached = Path(args.arrays) if args.arrays else None
         if cached is not None and cached.is_file():
-            data = lungs.LungData.load(cached)
+            data = lungs_training.LungData.load(cached)
         else:
-            data = lungs.prepare_lung_data(store, args.size)
+            data = lungs_training.prepare_lung_data(store, args.size)
             if cached is not None:
                 data.save(cached)
     if data.split_sha256 != split.membership_sha256 or data.images.shape[1] != args.size:
@@ -252,11 +252,11 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    model, result = lungs.train_lungs(data, settings)
+    model, result = lungs_training.train_lungs(data, settings)
     test, _ = lung_dice.held_out(sample_set, split, "test")
     scores = lung_dice.dice_by_reference(lungs.LungSegmenter(model, args.size), sample_set, test)
     test_images, test_targets = data.subset("test")
-    small = lungs.mean_dice(lungs.predict_probability(model, test_images), test_targets)
+    small = lungs_training.mean_dice(lungs.predict_probability(model, test_images), test_targets)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     split.save(out / "split.csv")
@@ -278,7 +278,7 @@ def cmd_train_lungs(args: argparse.Namespace) -> int:
         "test_dice_input_size": round(small, 4),
         "command": _command(args),
     }
-    lungs.save_weights(model, out, card)
+    lungs_training.save_weights(model, out, card)
     print(
         f"wrote {out}: {result.epochs} epochs in {result.seconds:.0f} s (best {result.best_epoch})"
     )

@@ -9,7 +9,7 @@ so that a mean over mixed references is not read as the segmenter's own error.
 
 :func:`held_out` picks the patients of a weights folder's own ``split.csv``, so a
 measurement made after more sources were ingested scores the same patients as the
-training run did (a fresh :func:`covidcxr.models.lungs.masked_samples` split of a
+training run did (a fresh :func:`covidcxr.models.lungs_training.masked_samples` split of a
 larger store is another split).
 
 Why: ``docs/decisions/0070-lung-segmentation.md``.
