@@ -117,16 +117,17 @@ def dice_by_reference(
     """
     masked = [s for s in samples if s.mask_sha256 is not None]
     scores = full_size_dice(segmenter, sample_set, masked)
-    groups: dict[str, list[tuple[float, str]]] = defaultdict(list)
-    for sample, score in zip(masked, scores, strict=True):
-        groups[sample.mask_annotator or "unknown"].append((score, sample.patient))
-    order = [
-        *[n for n in MASK_PREFERENCE if n in groups],
-        *sorted(set(groups) - set(MASK_PREFERENCE)),
-    ]
+    rows: dict[str, list[int]] = defaultdict(list)  # annotator -> positions in masked
+    for position, sample in enumerate(masked):
+        rows[sample.mask_annotator or "unknown"].append(position)
+    order = [*(n for n in MASK_PREFERENCE if n in rows), *sorted(set(rows) - set(MASK_PREFERENCE))]
+
+    def of(positions: list[int]) -> dict[str, Any]:
+        return summarise([scores[i] for i in positions], [masked[i].patient for i in positions])
+
     return {
-        "all": summarise(scores, [s.patient for s in masked]),
-        "by_reference": {name: summarise(*zip(*groups[name], strict=True)) for name in order},
+        "all": of(list(range(len(masked)))),
+        "by_reference": {name: of(rows[name]) for name in order},
     }
 
 
